@@ -1,0 +1,252 @@
+"""Loading, checking and (re)exporting models. onnx-graphsurgeon is the IR.
+
+`load_model` is the one door a user's file comes through: every way it can be wrong becomes a
+ModelError naming the problem and the fix. The file itself is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from .errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnx_graphsurgeon as gs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # numpy dtype
+
+
+@dataclass
+class LoadedModel:
+    """The base model: static shapes, inferred value infos, unique node names."""
+
+    path: Path | None
+    proto: "onnx.ModelProto"
+    sha256: str
+    inputs: list[InputSpec]
+    output_names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def graph(self) -> "gs.Graph":
+        """A fresh gs.Graph of the base model (callers may edit it)."""
+        return import_graph(self.proto)
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'input=1x3x224x224' -> ('input', (1, 3, 224, 224))."""
+    name, sep, dims = text.rpartition("=")
+    if not sep or not name:
+        raise UsageError(f"--shape {text!r}: expected NAME=D1xD2x..., e.g. input=1x3x224x224")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--shape {text!r}: dimensions must be integers, e.g. input=1x3x224x224") from None
+    if any(d <= 0 for d in shape):
+        raise UsageError(f"--shape {text!r}: dimensions must be positive")
+    return name, shape
+
+
+def load_model(path: str | Path, shapes: Mapping[str, tuple[int, ...]] | None = None,
+               check_runtime: bool = True) -> LoadedModel:
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory; pass the path of an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror}") from None
+    if not data:
+        raise ModelError(f"{path} is empty; export the model again")
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)}); "
+                         "is the file truncated or not ONNX? Export it again with torch.onnx.export") from None
+    if path.parent and any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as e:
+            raise ModelError(f"{path}: external weight data could not be loaded ({_first_line(e)}); "
+                             "keep the .data file next to the model") from None
+    return load_proto(proto, shapes=shapes, sha256=hashlib.sha256(data).hexdigest(), path=path,
+                      check_runtime=check_runtime)
+
+
+def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] | None = None,
+               sha256: str | None = None, path: Path | None = None,
+               check_runtime: bool = True) -> LoadedModel:
+    import onnx
+
+    where = str(path) if path else "model"
+    proto_in = proto
+    proto = onnx.ModelProto()
+    proto.CopyFrom(proto_in)  # never edit the caller's object
+    if len(proto.graph.node) == 0:
+        raise ModelError(f"{where} has no nodes (graph is empty, or this is not an ONNX model)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ModelError(f"{where} fails onnx.checker: {_first_line(e)}") from None
+
+    notes: list[str] = []
+    _fix_input_shapes(proto, dict(shapes or {}), where)
+    _name_nodes(proto)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:
+        notes.append(f"shape inference incomplete: {_first_line(e)}")
+
+    inputs = graph_inputs(proto)
+    if check_runtime:
+        _check_onnxruntime(proto, where)
+    if sha256 is None:
+        sha256 = hashlib.sha256(proto_in.SerializeToString(deterministic=True)).hexdigest()
+    return LoadedModel(path=path, proto=proto, sha256=sha256, inputs=inputs,
+                       output_names=[o.name for o in proto.graph.output], notes=notes)
+
+
+def graph_inputs(proto: "onnx.ModelProto") -> list[InputSpec]:
+    import onnx
+
+    inits = {i.name for i in proto.graph.initializer}
+    specs = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> None:
+    inits = {i.name for i in proto.graph.initializer}
+    real_inputs = [vi for vi in proto.graph.input if vi.name not in inits]
+    names = [vi.name for vi in real_inputs]
+    for name in shapes:
+        if name not in names:
+            raise UsageError(f"--shape names input {name!r}, but the model's inputs are {names}")
+    for vi in real_inputs:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            if vi.name not in shapes:
+                raise ModelError(f"input {vi.name!r} has no declared shape; give one with "
+                                 f"--shape {vi.name}=D1xD2x...")
+            for d in shapes[vi.name]:
+                tt.shape.dim.add().dim_value = d
+            continue
+        dims = tt.shape.dim
+        cur = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+        want = shapes.get(vi.name)
+        if want is not None:
+            if len(want) != len(cur):
+                raise UsageError(f"--shape {vi.name}={'x'.join(map(str, want))}: input {vi.name!r} has rank "
+                                 f"{len(cur)} ({_fmt(cur, dims)})")
+            for i, (c, w) in enumerate(zip(cur, want)):
+                if c is not None and c != w:
+                    raise UsageError(f"--shape {vi.name}={'x'.join(map(str, want))}: dimension {i} of "
+                                     f"{vi.name!r} is fixed at {c} in the model ({_fmt(cur, dims)})")
+            for d, w in zip(dims, want):
+                d.ClearField("dim_param")
+                d.dim_value = w
+        elif any(c is None for c in cur):
+            example = "x".join(str(c) if c is not None else "N" for c in cur)
+            raise ModelError(f"input {vi.name!r} has a dynamic shape ({_fmt(cur, dims)}); graphopt compiles "
+                             f"for static shapes: pass --shape {vi.name}={example} with N filled in")
+
+
+def _fmt(cur, dims) -> str:
+    return "[" + ", ".join(str(c) if c is not None else (d.dim_param or "?") for c, d in zip(cur, dims)) + "]"
+
+
+def _name_nodes(proto: "onnx.ModelProto") -> None:
+    """Give every node a unique, deterministic name (site keys are node names)."""
+    seen: Counter = Counter()
+    for i, node in enumerate(proto.graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        name = base
+        while seen[name]:
+            name = f"{base}__{seen[base]}"
+            seen[base] += 1
+        seen[name] += 1
+        node.name = name
+
+
+def _check_onnxruntime(proto: "onnx.ModelProto", where: str) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = _first_line(e)
+        raise ModelError(f"onnxruntime cannot run {where}: {msg}. graphopt checks fidelity with onnxruntime, "
+                         "so every op must be one it implements (see the op's domain and opset)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0][:400] if lines else text[:400]
+
+
+# ------------------------------------------------------------------------------ graph IR helpers
+def import_graph(proto: "onnx.ModelProto") -> "gs.Graph":
+    import onnx_graphsurgeon as gs
+
+    return gs.import_onnx(proto)
+
+
+def export_graph(graph: "gs.Graph") -> "onnx.ModelProto":
+    """cleanup + toposort + export + shape inference + onnx.checker: the one finalize step.
+
+    Raises on an invalid graph; materialize turns that into a failed candidate.
+    """
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph)
+    have = {o.domain for o in model.opset_import}
+    for node in model.graph.node:  # a pass that emits a contrib op needs its domain declared
+        if node.domain not in have and node.domain not in ("", "ai.onnx"):
+            model.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
+            have.add(node.domain)
+    # value_info of edited tensors may be stale (a pruned conv keeps its old shape): infer anew.
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    onnx.checker.check_model(model)
+    return model
+
+
+def node_by_name(graph: "gs.Graph", name: str):
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    return None
+
+
+def model_hash(model: "onnx.ModelProto") -> str:
+    """Content hash of a graph (dedups genotypes that materialize to the same graph)."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def op_histogram(proto: "onnx.ModelProto") -> dict[str, int]:
+    return dict(Counter(n.op_type for n in proto.graph.node).most_common())

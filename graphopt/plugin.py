@@ -1,0 +1,197 @@
+"""The three plugin interfaces: Pass, Target, Strategy. Read this file to write a plugin.
+
+A plugin is one class registered by name, built-in (graphopt/registry.py) or through an entry
+point in the third party's own package:
+
+    [project.entry-points."graphopt.passes"]     my_pass = "my_pkg.passes:MyPass"
+    [project.entry-points."graphopt.targets"]    jetson  = "my_pkg.jetson:Jetson"
+    [project.entry-points."graphopt.strategies"] bayes   = "my_pkg.bayes:Bayes"
+
+House rules: passes never measure, targets never choose moves, strategies see only genotypes
+and float scores. Failure is a value: raise (or return False from Pass.apply) and the driver
+records the message against the candidate.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+from .genotype import Choice, Genotype, SearchSpace, Site
+
+if TYPE_CHECKING:  # heavy imports stay out of the CLI's import path
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon as gs
+
+
+# --------------------------------------------------------------------------------------- passes
+@dataclass
+class MoveContext:
+    """What a move may read besides the graph it edits.
+
+    `base_model`: the original (shape-inferred) ModelProto, never to be edited.
+    `calibration`: input name -> array with a leading sample axis (for data-driven repair).
+    `options`: per-run pass options from the CLI/API (e.g. {"repair": True}).
+    """
+
+    base_model: "onnx.ModelProto"
+    calibration: Mapping[str, "np.ndarray"] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """A rewrite that acts at sites of the base graph.
+
+    `sites(graph)` is read-only and returns the places the pass can act on the *base* graph.
+    `apply(graph, site, choice, ctx)` edits `graph` (a private clone) in place for one non-keep
+    choice and returns True, or returns False when the move no longer applies (an earlier move
+    removed its nodes). Do not call cleanup()/toposort(): materialize finalizes once.
+    `stage` orders passes inside one candidate (lower first): exact fusions before
+    architecture moves before quantization.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    stage: ClassVar[int] = 50
+
+    def sites(self, graph: "gs.Graph") -> list[Site]:
+        raise NotImplementedError
+
+    def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
+        raise NotImplementedError
+
+    def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
+        """(node name, why it is not a site) for near misses; shown by `graphopt inspect`."""
+        return []
+
+
+# -------------------------------------------------------------------------------------- targets
+LATENCY_METHODS = ("measured", "rpc", "estimated")
+
+
+@dataclass
+class LatencyStats:
+    """Latency of one candidate in milliseconds, from repeated timed runs after warm-up."""
+
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    stdev_ms: float
+    repeats: int
+    runs_per_repeat: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], runs_per_repeat: int = 1) -> "LatencyStats":
+        s = [float(x) for x in samples_ms]
+        if not s:
+            raise ValueError("no latency samples")
+        return cls(
+            median_ms=statistics.median(s),
+            mean_ms=statistics.fmean(s),
+            min_ms=min(s),
+            max_ms=max(s),
+            stdev_ms=statistics.stdev(s) if len(s) > 1 else 0.0,
+            repeats=len(s),
+            runs_per_repeat=runs_per_repeat,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Measurement:
+    """How fast one compiled candidate ran, and how that number was obtained.
+
+    `method` is one of "measured" (timed on this machine), "rpc" (timed on a remote device
+    through TVM RPC) or "estimated" (a cost model; no device ran it). `tuned` says whether the
+    code was tuned for the target (untuned TVM CPU code is 40-110x slower than tuned).
+    """
+
+    latency: LatencyStats
+    method: str
+    tuned: bool
+    threads: int | None = None
+    device: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in LATENCY_METHODS:
+            raise ValueError(f"method must be one of {LATENCY_METHODS}, not {self.method!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["latency"] = self.latency.to_dict()
+        return d
+
+
+@dataclass
+class Artifact:
+    """A compiled candidate: whatever the target needs to measure it, plus files it wrote."""
+
+    target: str
+    files: list[Path] = field(default_factory=list)
+    handle: Any = None  # in-process object (an ORT session, a TVM executable)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Target:
+    """A compiler plus a device. compile() and measure() are separate steps.
+
+    compile(model, workdir) builds the candidate (may run in parallel with other compiles);
+    measure(artifact, inputs) times it on the device (one at a time); export(artifact, out_dir)
+    writes the deployable files for the best candidate and returns their paths.
+    `describe()` returns the facts a report needs (compiler, device, threads, tuned or not).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def check(self) -> None:
+        """Raise TargetUnreachable / UsageError before the search if the target cannot work."""
+
+    def compile(self, model: "onnx.ModelProto", workdir: Path) -> Artifact:
+        raise NotImplementedError
+
+    def measure(self, artifact: Artifact, inputs: Mapping[str, "np.ndarray"]) -> Measurement:
+        raise NotImplementedError
+
+    def export(self, artifact: Artifact, out_dir: Path) -> list[Path]:
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def close(self) -> None:
+        """Release devices, sessions, worker processes."""
+
+
+# ----------------------------------------------------------------------------------- strategies
+class Strategy:
+    """Ask/tell search over genotypes. Lower score is better (latency in ms; inf = infeasible).
+
+    ask(n) returns up to n genotypes never asked before (an empty list means the strategy is
+    done); tell(scored) reports results, possibly for genotypes asked in an earlier process
+    (a resumed run replays the store through tell before asking).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, space: SearchSpace, seed: int = 0, **options: Any) -> None:
+        self.space = space
+        self.seed = seed
+        self.options = options
+
+    def ask(self, n: int = 1) -> list[Genotype]:
+        raise NotImplementedError
+
+    def tell(self, scored: Sequence[tuple[Genotype, float]]) -> None:
+        pass

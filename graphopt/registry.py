@@ -1,0 +1,88 @@
+"""One small registry per plugin kind. Built-ins by import path; third parties by entry point.
+
+The registered name is the module name and the CLI spelling. Nothing is imported until a
+name is looked up, so `graphopt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from .errors import UsageError
+
+
+class Registry:
+    def __init__(self, kind: str, group: str, builtins: dict[str, str]):
+        self.kind = kind  # "pass", "target", "strategy"
+        self.group = group  # entry-point group
+        self._builtins = dict(builtins)
+        self._extra: dict[str, Any] = {}
+
+    def _entry_points(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group=self.group)}
+
+    def register(self, name: str, obj: Any) -> None:
+        """Register a class at run time (tests, notebooks)."""
+        self._extra[name] = obj
+
+    def unregister(self, name: str) -> None:
+        self._extra.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(set(self._builtins) | set(self._entry_points()) | set(self._extra))
+
+    def get(self, name: str) -> Any:
+        if name in self._extra:
+            return self._extra[name]
+        if name in self._builtins:
+            mod, _, attr = self._builtins[name].partition(":")
+            return getattr(importlib.import_module(mod), attr)
+        eps = self._entry_points()
+        if name in eps:
+            try:
+                return eps[name].load()
+            except Exception as e:
+                raise UsageError(f"{self.kind} {name!r} (entry point {eps[name].value}) failed to load: {e}") from None
+        raise UsageError(f"unknown {self.kind} {name!r}; valid {self.kind} names: {', '.join(self.names())}")
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, one-line description) for `graphopt list`."""
+        out = []
+        for name in self.names():
+            try:
+                desc = (getattr(self.get(name), "description", "") or "").strip().splitlines()[0:1]
+                out.append((name, desc[0] if desc else ""))
+            except Exception as e:  # a broken plugin must not hide the others
+                out.append((name, f"(failed to load: {e})"))
+        return out
+
+
+PASSES = Registry("pass", "graphopt.passes", {
+    "conv_bn": "graphopt.passes.conv_bn:ConvBnFusion",
+})
+TARGETS = Registry("target", "graphopt.targets", {
+    "ort": "graphopt.targets.ort:OrtTarget",
+    "x86": "graphopt.targets.x86:X86Target",
+})
+STRATEGIES = Registry("strategy", "graphopt.strategies", {
+    "random": "graphopt.search.random:RandomSearch",
+})
+
+REGISTRIES = {"passes": PASSES, "targets": TARGETS, "strategies": STRATEGIES}
+
+
+def parse_names(registry: Registry, text: str | list[str] | None) -> list[str]:
+    """'conv_bn,width' -> ['conv_bn', 'width'], each checked against the registry."""
+    if text is None:
+        return []
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    valid = registry.names()
+    for n in names:
+        if n not in valid:
+            raise UsageError(f"unknown {registry.kind} {n!r}; valid {registry.kind} names: {', '.join(valid)}")
+    return names

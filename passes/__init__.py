@@ -1,0 +1,1 @@
+"""Built-in rewrite passes (installed as graphopt.passes). One file per pass."""

@@ -1,0 +1,1 @@
+"""Built-in search strategies (installed as graphopt.search). One file per strategy."""
