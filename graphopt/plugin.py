@@ -109,12 +109,13 @@ class Measurement:
 
     `method` is one of "measured" (timed on this machine), "rpc" (timed on a remote device
     through TVM RPC) or "estimated" (a cost model; no device ran it). `tuned` says whether the
-    code was tuned for the target (untuned TVM CPU code is 40-110x slower than tuned).
+    code was tuned for the target (untuned TVM CPU code is 40-110x slower than tuned); None
+    where the runtime has no tuning step (onnxruntime).
     """
 
     latency: LatencyStats
     method: str
-    tuned: bool
+    tuned: bool | None  # None: the runtime has no tuning step (onnxruntime)
     threads: int | None = None
     device: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,31 @@
+"""`optimize()`: the Python form of `graphopt run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .driver import Budget, RunConfig, SearchResult, run_search
+
+
+def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | str = ("conv_bn",),
+             strategy: str = "random", budget: int | str | Budget | None = 20, data: str | Path | None = None,
+             metric: str = "cosine", min_fidelity: float = 0.99,
+             shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, out: str | Path = "graphopt-out",
+             target_options: Mapping[str, Any] | None = None,
+             pass_options: Mapping[str, Any] | None = None) -> SearchResult:
+    """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
+
+    Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
+    `.report` is the report dict and `.exit_code` the code `graphopt run` would exit with.
+    Raises graphopt.errors.GraphoptError subclasses for bad input (each has `.exit_code`).
+    """
+    if isinstance(passes, str):
+        passes = [p for p in passes.split(",") if p]
+    cfg = RunConfig(
+        model=model, target=target, passes=list(passes), strategy=strategy,
+        budget=budget if isinstance(budget, Budget) else Budget.parse(budget),
+        data=data, metric=metric, min_fidelity=float(min_fidelity),
+        shapes={k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}, seed=int(seed), out=out,
+        target_options=dict(target_options or {}), pass_options=dict(pass_options or {}))
+    return run_search(cfg)

@@ -1,0 +1,232 @@
+"""The `graphopt` command. Heavy imports (onnx, tvm, torch) happen inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, GraphoptError, UsageError
+
+EXIT_CODES = """\
+exit codes:
+  0    success: best.onnx and report.json written (best.onnx is the original if nothing beat it)
+  1    internal error (a bug: rerun with --debug and report the traceback)
+  2    bad input or usage: unreadable/invalid model, op onnxruntime cannot run, dynamic input
+       without --shape, --data that does not match the inputs, unknown name, bad flag,
+       unwritable --out
+  3    no candidate met the constraints, not even the original (e.g. it fails to compile
+       for the target); report.json says why
+  4    target unreachable (RPC tracker/server, GPU)
+  130  interrupted (Ctrl-C): the run store and a report of what was done are kept
+"""
+
+RUN_EXAMPLES = """\
+examples:
+  graphopt run models/efficientnet_lite0.onnx --target ort --passes conv_bn --budget 10 \\
+      --data models/efficientnet_lite0_calib.npz --out out/effnet
+  graphopt run model.onnx --target x86 --budget 5m --shape input=1x3x224x224 --json > result.json
+
+Writes to --out: best.onnx, report.json and runs.sqlite (one row per candidate). Running again
+with the same --out resumes: candidates already in runs.sqlite are not measured again.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump on stderr noise
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"graphopt: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt", formatter_class=_Formatter,
+                description="Compiler-aware ONNX graph optimizer: searches rewrites of a model (passes) for the "
+                            "fastest graph on a target that stays faithful to the original's outputs.",
+                epilog=EXIT_CODES)
+    p.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="search for the fastest faithful graph on a target",
+                         formatter_class=_Formatter, epilog=RUN_EXAMPLES + "\n" + EXIT_CODES,
+                         description="Import MODEL, build the search space from the enabled passes, search within "
+                                     "the budget, and write the best candidate that meets --min-fidelity.")
+    run.add_argument("model", help="path of the input .onnx model (never modified)")
+    run.add_argument("--target", required=True, metavar="NAME",
+                     help="where candidates are compiled and timed (`graphopt list targets`): ort, x86, ...")
+    run.add_argument("--passes", default="conv_bn", metavar="P1,P2",
+                     help="comma-separated passes that make the search space (default: conv_bn; `graphopt list passes`)")
+    run.add_argument("--strategy", default="random", metavar="NAME",
+                     help="search strategy (default: random; `graphopt list strategies`)")
+    run.add_argument("--budget", default="20", metavar="N|TIME",
+                     help="candidates to try besides the original (20) or wall time (90s, 5m, 1h); default 20")
+    run.add_argument("--data", metavar="CALIB.npz",
+                     help=".npz keyed by input name, each array [samples, *input_shape]; without it, inputs "
+                          "are synthesized from the declared types and the report says so")
+    run.add_argument("--metric", default="cosine", choices=["cosine", "top1", "rel_l2"],
+                     help="fidelity metric vs the original's outputs (default: cosine)")
+    run.add_argument("--min-fidelity", type=float, default=0.99, metavar="F",
+                     help="a candidate is feasible only if its fidelity >= F (default: 0.99)")
+    run.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...",
+                     help="fix an input's shape, required for dynamic dimensions (repeatable)")
+    run.add_argument("--seed", type=int, default=0, help="seed for the strategy and synthetic data (default: 0)")
+    run.add_argument("--out", default="graphopt-out", metavar="DIR",
+                     help="output directory (default: graphopt-out); reused = resumed")
+    run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
+    run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="target-specific option (repeatable), e.g. --target-opt repeat=10")
+    run.add_argument("--json", action="store_true", help="print report.json to stdout (logs stay on stderr)")
+    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    run.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+
+    lst = sub.add_parser("list", help="list registered passes, targets or strategies",
+                         description="List the registered plugins of one kind, built-in and from entry points.")
+    lst.add_argument("kind", choices=["passes", "targets", "strategies"])
+
+    ins = sub.add_parser("inspect", help="inputs, op histogram, params/FLOPs, and the sites each pass would act on",
+                         formatter_class=_Formatter,
+                         description="Describe MODEL: inputs and shapes, op histogram, parameters and FLOPs per "
+                                     "node and in total, and for each pass the sites it would act on.")
+    ins.add_argument("model")
+    ins.add_argument("--passes", default=None, metavar="P1,P2", help="passes to ask for sites (default: all)")
+    ins.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...")
+    ins.add_argument("--top", type=int, default=15, help="most expensive nodes to show (default: 15)")
+    ins.add_argument("--json", action="store_true", help="print the description as JSON")
+    ins.add_argument("--debug", action="store_true")
+    return p
+
+
+def _setup_logging(quiet: bool = False, debug: bool = False) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("graphopt: %(message)s"))
+    root = logging.getLogger("graphopt")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _parse_kv(items: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    from .ir import parse_shape
+
+    return dict(parse_shape(s) for s in items)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .driver import Budget, RunConfig, run_search
+
+    target_options = _parse_kv(args.target_opt, "--target-opt")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UsageError(f"--threads {args.threads}: must be a positive number")
+        target_options["threads"] = args.threads
+    cfg = RunConfig(model=args.model, target=args.target, passes=[p for p in args.passes.split(",") if p.strip()],
+                    strategy=args.strategy, budget=Budget.parse(args.budget), data=args.data, metric=args.metric,
+                    min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
+                    target_options=target_options)
+    result = run_search(cfg)
+    rep = result.report
+    if args.json:
+        json.dump(rep, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(summary(rep))
+    return result.exit_code
+
+
+def summary(rep: dict[str, Any]) -> str:
+    lines = [f"status: {rep['status']} ({rep['search']['stopped_because']})"]
+    base, best = rep.get("baseline"), rep.get("best")
+    how = rep.get("latency_method")
+    tuned = rep.get("tuned")
+    tag = f"{how}" + ("" if tuned is None else (", tuned" if tuned is True else ", UNTUNED" if tuned is False else ", partly tuned"))
+    if base and base.get("median_ms") is not None:
+        lines.append(f"original: {base['median_ms']:.3f} ms ({tag}, spread {base['spread']['min_ms']:.3f}-"
+                     f"{base['spread']['max_ms']:.3f} ms)")
+    elif base:
+        lines.append(f"original: {base['status']}: {base.get('error')}")
+    if best:
+        what = "the original model" if best["is_original"] else f"{len(best['moves'])} moves"
+        lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, speedup x{rep['speedup']:.3f}, "
+                     f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
+                     + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
+    c = rep["search"]["candidates"]
+    lines.append(f"candidates: {c['tried_this_run']} this run ({c['new']} new, {c['cached']} from the store), "
+                 f"{c['failed']} failed, {c['infeasible']} below --min-fidelity; {c['total_in_store']} in the store")
+    for k in ("best_onnx", "artifact", "report"):
+        if rep["outputs"].get(k):
+            lines.append(f"{k}: {rep['outputs'][k]}")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import REGISTRIES
+
+    rows = REGISTRIES[args.kind].describe()
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_inspection, inspect_model
+
+    info = inspect_model(args.model, passes=args.passes, shapes=_shapes(args.shape), top=args.top)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(format_inspection(info))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    debug = getattr(args, "debug", False)
+    _setup_logging(quiet=getattr(args, "quiet", False), debug=debug)
+    try:
+        return {"run": cmd_run, "list": cmd_list, "inspect": cmd_inspect}[args.command](args)
+    except GraphoptError as e:
+        if debug:
+            logging.getLogger("graphopt").exception("error")
+        sys.stderr.write(f"graphopt: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("graphopt: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `graphopt run ... --json | head`
+        return 0
+    except Exception as e:  # a bug: one line unless --debug
+        if debug:
+            raise
+        sys.stderr.write(f"graphopt: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The search driver: space -> strategy -> materialize -> fidelity -> compile -> measure -> store.
+
+This is the one place with a try/except around a candidate: a move that does not apply, an
+invalid graph or a compile error becomes a failed Record with its message, never a crash.
+Order is cheap first: fidelity (onnxruntime, milliseconds) before compiling for the target,
+and a candidate that fails the fidelity constraint is never compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import GraphoptError, NoFeasibleCandidate, TargetUnreachable, UsageError
+from .evaluate import METRICS, CalibrationData, FidelityChecker, load_data, synthetic_data
+from .genotype import Genotype, SearchSpace
+from .ir import LoadedModel, export_graph, load_model, model_hash
+from .plugin import Artifact, MoveContext, Pass, Strategy, Target
+from .registry import PASSES, STRATEGIES, TARGETS, parse_names
+from .store import Record, RunStore
+
+log = logging.getLogger("graphopt")
+
+
+# ------------------------------------------------------------------------------------ budget
+@dataclass(frozen=True)
+class Budget:
+    """A number of candidates (besides the original) and/or a wall-clock limit in seconds."""
+
+    trials: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int | float | None) -> "Budget":
+        if text is None:
+            return cls(trials=20)
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            text = str(text)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+        if not m:
+            raise UsageError(f"--budget {text!r}: expected a number of candidates (20) or a time (90s, 5m, 1h)")
+        value, unit = float(m.group(1)), m.group(2)
+        if value <= 0:
+            raise UsageError(f"--budget {text!r}: must be positive (e.g. --budget 20 or --budget 5m)")
+        if unit is None:
+            if value != int(value):
+                raise UsageError(f"--budget {text!r}: a number of candidates must be a whole number")
+            return cls(trials=int(value))
+        scale = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
+        return cls(seconds=value * scale)
+
+    def describe(self) -> str:
+        parts = []
+        if self.trials is not None:
+            parts.append(f"{self.trials} candidates")
+        if self.seconds is not None:
+            parts.append(f"{self.seconds:g} s")
+        return " or ".join(parts) or "unbounded"
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class RunConfig:
+    model: str | Path
+    target: str = "ort"
+    passes: list[str] = field(default_factory=lambda: ["conv_bn"])
+    strategy: str = "random"
+    budget: Budget = field(default_factory=Budget)
+    data: str | Path | None = None
+    metric: str = "cosine"
+    min_fidelity: float = 0.99
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    out: str | Path = "graphopt-out"
+    target_options: dict[str, Any] = field(default_factory=dict)
+    pass_options: dict[str, Any] = field(default_factory=dict)
+    synthetic_samples: int = 8
+
+    def validate(self) -> None:
+        if self.metric not in METRICS:
+            raise UsageError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        if not (0.0 <= self.min_fidelity <= 1.0) or math.isnan(self.min_fidelity):
+            raise UsageError(f"--min-fidelity {self.min_fidelity}: must be between 0 and 1")
+        parse_names(PASSES, self.passes)
+        parse_names(TARGETS, [self.target])
+        parse_names(STRATEGIES, [self.strategy])
+
+
+# ------------------------------------------------------------------------------- materialize
+def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passes: Mapping[str, Pass],
+                ctx: MoveContext):
+    """Clone the base graph, apply the genotype's moves in stage order, finalize once.
+
+    Returns (model, applied) where applied maps site key -> "applied" | "did not apply".
+    """
+    graph = base.graph()  # a fresh import is a private clone
+    order = {s.key: i for i, s in enumerate(space.sites)}
+    genes = sorted(genotype.items(), key=lambda kv: (passes[space.site(kv[0]).pass_name].stage, order[kv[0]]))
+    applied = {}
+    for key, choice in genes:
+        site = space.site(key)
+        ok = passes[site.pass_name].apply(graph, site, choice, ctx)
+        applied[key] = "applied" if ok else "did not apply"
+    return export_graph(graph), applied
+
+
+# ------------------------------------------------------------------------------------ search
+@dataclass
+class SearchResult:
+    report: dict[str, Any]
+    exit_code: int
+    out_dir: Path
+    best: Record | None
+    records: list[Record]
+
+
+class Search:
+    def __init__(self, config: RunConfig):
+        config.validate()
+        self.cfg = config
+        self.t_start = time.monotonic()
+        self.timings: dict[str, float] = {"load": 0.0, "materialize": 0.0, "fidelity": 0.0, "compile": 0.0,
+                                          "measure": 0.0}
+        self.counts = {"new": 0, "cached": 0, "failed": 0, "infeasible": 0, "duplicates": 0}
+        self.best_artifact: tuple[int, Artifact] | None = None
+        self.stopped_because = "budget"
+
+    # -------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from .outputs import prepare_out_dir
+
+        cfg = self.cfg
+        self.out = prepare_out_dir(cfg.out)
+        t0 = time.monotonic()
+        self.base = load_model(cfg.model, cfg.shapes)
+        self.data: CalibrationData = (load_data(cfg.data, self.base.inputs) if cfg.data is not None
+                                      else synthetic_data(self.base.inputs, self.base.proto,
+                                                          samples=cfg.synthetic_samples, seed=cfg.seed))
+        self.passes: dict[str, Pass] = {name: PASSES.create(name) for name in cfg.passes}
+        base_graph = self.base.graph()
+        sites = []
+        for name, p in self.passes.items():
+            sites.extend(p.sites(base_graph))
+        self.space = SearchSpace(sites)
+        self.target: Target = TARGETS.create(cfg.target, **cfg.target_options)
+        self.target.check()
+        self.store = RunStore.in_dir(self.out)
+        target_desc = self.target.describe()
+        self.resumed = self.store.check_identity({
+            "model": self.base.sha256, "target": cfg.target,
+            "target_config": _stable(target_desc.get("config", {k: v for k, v in target_desc.items()
+                                                              if k in ("compiler", "device", "threads", "target")})),
+            "data": self.data.fingerprint(), "metric": cfg.metric,
+        })
+        self.checker = FidelityChecker(self.base.proto, self.data, cfg.metric)
+        self.ctx = MoveContext(base_model=self.base.proto, calibration=self.data.arrays,
+                               options=dict(cfg.pass_options))
+        self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed)
+        known = [(r.genotype, self._score(r)) for r in self.store.records()
+                 if all(k in self.space for k in r.genotype)]
+        if known:
+            self.strategy.tell(known)
+        self.workdir = Path(tempfile.mkdtemp(prefix="work-", dir=self.out))
+        self.timings["load"] = time.monotonic() - t0
+        log.info("model %s: %d inputs, %d nodes; %d sites from %s (10^%.1f genotypes); target %s; data %s (%d samples)%s",
+                 cfg.model, len(self.base.inputs), len(self.base.proto.graph.node), len(self.space),
+                 ",".join(cfg.passes) or "no passes", self.space.log10_size(), cfg.target, self.data.source,
+                 self.data.num_samples, "; resuming from the run store" if self.resumed else "")
+
+    def _score(self, rec: Record) -> float:
+        if rec.status == "ok" and rec.latency_ms is not None and (rec.fidelity or 0) >= self.cfg.min_fidelity:
+            return float(rec.latency_ms)
+        return math.inf
+
+    # ---------------------------------------------------------------------- one candidate
+    def evaluate(self, genotype: Genotype) -> tuple[Record, bool]:
+        """(record, cached). Never raises for a bad candidate; raises for an unreachable target."""
+        cached = self.store.get(genotype)
+        if cached is not None:
+            self.counts["cached"] += 1
+            return cached, True
+        timings: dict[str, float] = {}
+        rec = Record(genotype=genotype, status="failed")
+        stage = "materialize"
+        artifact = None
+        try:
+            t = time.monotonic()
+            model, rec.applied = materialize(self.base, self.space, genotype, self.passes, self.ctx)
+            timings["materialize"] = time.monotonic() - t
+            rec.graph_hash = model_hash(model)
+            rec.size_bytes = model.ByteSize()
+            if genotype and all(v != "applied" for v in rec.applied.values()):
+                raise GraphoptError("no move of this genotype applied")
+            dup = self.store.by_graph_hash(rec.graph_hash)
+            if dup is not None:
+                self.counts["duplicates"] += 1
+                rec.status, rec.fidelity, rec.fidelity_detail = dup.status, dup.fidelity, dup.fidelity_detail
+                rec.latency_ms, rec.measurement, rec.error = dup.latency_ms, dup.measurement, dup.error
+                rec.duplicate_of = dup.id
+                rec.timings = timings
+                return self.store.commit(rec), False
+            stage = "fidelity"
+            t = time.monotonic()
+            fid = self.checker.score(model)
+            timings["fidelity"] = time.monotonic() - t
+            rec.fidelity, rec.fidelity_detail = fid.value, fid.to_dict()
+            if fid.value < self.cfg.min_fidelity:
+                rec.status = "infeasible"
+                rec.error = f"fidelity {fid.value:.6f} < --min-fidelity {self.cfg.min_fidelity}"
+            else:
+                stage = "compile"
+                t = time.monotonic()
+                cand_dir = Path(tempfile.mkdtemp(prefix="cand-", dir=self.workdir))
+                artifact = self.target.compile(model, cand_dir)
+                timings["compile"] = time.monotonic() - t
+                stage = "measure"
+                t = time.monotonic()
+                m = self.target.measure(artifact, self.data.sample(0))
+                timings["measure"] = time.monotonic() - t
+                rec.status, rec.latency_ms, rec.measurement = "ok", m.latency.median_ms, m.to_dict()
+        except TargetUnreachable:
+            raise
+        except Exception as e:  # failure is a value
+            rec.status = "failed"
+            rec.error = f"{stage}: {type(e).__name__}: {_one_line(e)}" if not isinstance(e, GraphoptError) \
+                else f"{stage}: {_one_line(e)}"
+            log.debug("candidate failed", exc_info=True)
+        for k, v in timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
+        rec.timings = timings
+        self.store.commit(rec)
+        self.counts["new"] += 1
+        if rec.status == "failed":
+            self.counts["failed"] += 1
+        elif rec.status == "infeasible":
+            self.counts["infeasible"] += 1
+        if artifact is not None and rec.status == "ok":
+            best = self.best_record()
+            if best is not None and best.id == rec.id:
+                self.best_artifact = (rec.id, artifact)
+        return rec, False
+
+    def best_record(self) -> Record | None:
+        feasible = [r for r in self.store.records() if math.isfinite(self._score(r))]
+        return min(feasible, key=lambda r: (r.latency_ms, r.id)) if feasible else None
+
+    # ---------------------------------------------------------------------------- loop
+    def _time_left(self) -> float:
+        if self.cfg.budget.seconds is None:
+            return math.inf
+        return self.cfg.budget.seconds - (time.monotonic() - self.t_start)
+
+    def run(self) -> SearchResult:
+        from .report import build_report, write_outputs
+
+        self.setup()
+        budget = self.cfg.budget
+        done = 0
+        try:
+            self.baseline, cached = self.evaluate(Genotype())
+            self._progress(0, self.baseline, cached)
+            while True:
+                if budget.trials is not None and done >= budget.trials:
+                    self.stopped_because = "budget (candidates)"
+                    break
+                if self._time_left() <= 0:
+                    self.stopped_because = "budget (time)"
+                    break
+                asked = self.strategy.ask(1)
+                if not asked:
+                    self.stopped_because = "search space exhausted"
+                    break
+                rec, cached = self.evaluate(asked[0])
+                done += 1
+                self.strategy.tell([(rec.genotype, self._score(rec))])
+                self._progress(done, rec, cached)
+        except KeyboardInterrupt:
+            self.stopped_because = "interrupted"
+            log.warning("interrupted: writing the report for the %d candidates done; the run store keeps them", done)
+        except TargetUnreachable as e:
+            self.stopped_because = f"target unreachable: {e}"
+            self.unreachable = e
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        records = self.store.records()
+        best = self.best_record()
+        report = build_report(self, records, best)
+        report_exit = write_outputs(self, report, best)
+        self.target.close()
+        self.store.close()
+        return SearchResult(report=report, exit_code=report_exit, out_dir=self.out, best=best, records=records)
+
+    def _progress(self, i: int, rec: Record, cached: bool) -> None:
+        total = self.cfg.budget.trials
+        best = self.best_record()
+        base = getattr(self, "baseline", None)
+        speed = (base.latency_ms / best.latency_ms) if (best and base and base.latency_ms and best.latency_ms) else None
+        what = "original" if not rec.genotype else f"{len(rec.genotype)} moves"
+        lat = f"{rec.latency_ms:.3f} ms" if rec.latency_ms is not None else "-"
+        fid = f"{rec.fidelity:.6f}" if rec.fidelity is not None else "-"
+        extra = f" ({rec.error})" if rec.error else ""
+        log.info("[%s/%s] %6.1fs %-10s %-11s fidelity %s latency %s%s | best %s%s",
+                 i, total if total is not None else "-", time.monotonic() - self.t_start, what,
+                 rec.status + (" (cached)" if cached else ""), fid, lat, extra,
+                 f"{best.latency_ms:.3f} ms" if best else "-", f" x{speed:.3f}" if speed else "")
+
+
+def run_search(config: RunConfig) -> SearchResult:
+    return Search(config).run()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:500]
+
+
+def _stable(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+__all__ = ["Budget", "RunConfig", "Search", "SearchResult", "materialize", "run_search", "NoFeasibleCandidate"]

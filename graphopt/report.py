@@ -1,0 +1,151 @@
+"""report.json (and best.onnx, the compiled artifact) from the run store's records."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
+from .outputs import atomic_write_bytes, atomic_write_json
+from .plugin import Target
+
+if TYPE_CHECKING:
+    from .driver import Search
+    from .store import Record
+
+log = logging.getLogger("graphopt")
+
+REPORT_VERSION = 1
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for key, dist in (("graphopt", "graphopt"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
+                      ("onnx_graphsurgeon", "onnx-graphsurgeon"), ("tvm", "apache-tvm"), ("numpy", "numpy")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def _latency_block(rec: "Record | None") -> dict[str, Any] | None:
+    if rec is None or rec.measurement is None:
+        return None
+    m = rec.measurement
+    lat = m["latency"]
+    return {"median_ms": lat["median_ms"], "spread": {k: lat[k] for k in ("min_ms", "max_ms", "mean_ms", "stdev_ms")},
+            "repeats": lat["repeats"], "runs_per_repeat": lat["runs_per_repeat"], "method": m["method"],
+            "tuned": m["tuned"], "threads": m.get("threads"), "device": m.get("device"),
+            "notes": m.get("extra", {})}
+
+
+def moves(search: "Search", rec: "Record") -> list[dict[str, Any]]:
+    out = []
+    for key, choice in rec.genotype.items():
+        site = search.space.site(key) if key in search.space else None
+        out.append({"site": key, "pass": site.pass_name if site else key.split(":", 1)[0], "choice": choice,
+                    "nodes": list(site.nodes) if site else [], "note": site.note if site else "",
+                    "result": rec.applied.get(key)})
+    return out
+
+
+def build_report(search: "Search", records: list["Record"], best: "Record | None") -> dict[str, Any]:
+    cfg = search.cfg
+    base = next((r for r in records if not r.genotype), None)
+    best_lat = _latency_block(best)
+    base_lat = _latency_block(base)
+    methods = sorted({r.measurement["method"] for r in records if r.measurement})
+    tuned = list({r.measurement["tuned"] for r in records if r.measurement})
+    speedup = (base.latency_ms / best.latency_ms) if (best and base and base.latency_ms and best.latency_ms) else None
+    statuses = {s: sum(1 for r in records if r.status == s) for s in ("ok", "infeasible", "failed")}
+    if search.stopped_because.startswith("target unreachable"):
+        status = "unreachable"
+    elif best is None:
+        status = "infeasible"
+    elif search.stopped_because == "interrupted":
+        status = "interrupted"
+    else:
+        status = "ok"
+    target_desc = search.target.describe()
+    return {
+        "report_version": REPORT_VERSION,
+        "status": status,
+        "model": {"path": str(cfg.model), "sha256": search.base.sha256,
+                  "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in search.base.inputs],
+                  "outputs": search.base.output_names, "nodes": len(search.base.proto.graph.node)},
+        "target": target_desc,
+        "latency_method": methods[0] if len(methods) == 1 else (methods or None),
+        "tuned": tuned[0] if len(tuned) == 1 else (None if not tuned else "mixed"),
+        "baseline": ({"candidate_id": base.id, "status": base.status, "error": base.error, **(base_lat or {})}
+                     if base else None),
+        "best": ({"candidate_id": best.id, "is_original": not best.genotype, "genotype": dict(best.genotype),
+                  "moves": moves(search, best), "fidelity": best.fidelity, **(best_lat or {})} if best else None),
+        "speedup": speedup,
+        "fidelity": {"metric": cfg.metric, "min_required": cfg.min_fidelity,
+                     "best": best.fidelity if best else None,
+                     "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),
+                     "synthetic": search.data.synthetic, "samples": search.data.num_samples,
+                     "how": ("onnxruntime outputs of each candidate vs the original on the calibration inputs"
+                             + ("; inputs were SYNTHETIC (random, from the declared types and shapes): "
+                                "pass --data for real calibration data" if search.data.synthetic else ""))},
+        "search": {"strategy": cfg.strategy, "seed": cfg.seed, "budget": search.cfg.budget.describe(),
+                   "passes": list(cfg.passes), "stopped_because": search.stopped_because,
+                   "resumed": search.resumed,
+                   "space": {"sites": len(search.space), "log10_genotypes": round(search.space.log10_size(), 3),
+                             "sites_per_pass": {k: len(v) for k, v in search.space.by_pass().items()}},
+                   "candidates": {"total_in_store": len(records), "tried_this_run": search.counts["new"]
+                                  + search.counts["cached"], **search.counts, "by_status": statuses}},
+        "wall_time_s": round(time.monotonic() - search.t_start, 3),
+        "timings_s": {k: round(v, 3) for k, v in search.timings.items()},
+        "versions": versions(),
+        "outputs": {},
+    }
+
+
+def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None") -> int:
+    """best.onnx, the target's artifact and report.json, each written atomically."""
+    from .driver import materialize
+
+    out = search.out
+    outputs = report["outputs"]
+    outputs["store"] = str(search.store.path)
+    if best is not None:
+        if not best.genotype and search.base.path is not None:
+            data = search.base.path.read_bytes()  # the original file, byte for byte
+        else:
+            model, _ = materialize(search.base, search.space, best.genotype, search.passes, search.ctx)
+            data = model.SerializeToString()
+        outputs["best_onnx"] = str(atomic_write_bytes(out / "best.onnx", data))
+        if type(search.target).export is not Target.export:
+            try:
+                outputs["artifact"] = [str(p) for p in _export_artifact(search, best)]
+            except Exception as e:  # the report still says what was found
+                outputs["artifact_error"] = f"{type(e).__name__}: {e}"
+                log.warning("could not export the compiled artifact: %s", e)
+    atomic_write_json(out / "report.json", report)
+    outputs["report"] = str(out / "report.json")
+    atomic_write_json(out / "report.json", report)
+    if report["status"] == "unreachable":
+        return EXIT_UNREACHABLE
+    if best is None:
+        return EXIT_INFEASIBLE
+    if report["status"] == "interrupted":
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _export_artifact(search: "Search", best: "Record") -> list[Path]:
+    from .driver import materialize
+
+    if search.best_artifact is not None and search.best_artifact[0] == best.id:
+        artifact = search.best_artifact[1]
+    else:
+        model, _ = materialize(search.base, search.space, best.genotype, search.passes, search.ctx)
+        artifact = search.target.compile(model, Path(tempfile.mkdtemp(prefix="export-", dir=search.out)))
+    return search.target.export(artifact, search.out)
