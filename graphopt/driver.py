@@ -128,7 +128,7 @@ class Search:
         self.t_start = time.monotonic()
         self.timings: dict[str, float] = {"load": 0.0, "materialize": 0.0, "fidelity": 0.0, "compile": 0.0,
                                           "measure": 0.0}
-        self.counts = {"new": 0, "cached": 0, "failed": 0, "infeasible": 0, "duplicates": 0}
+        self.counts = {"new": 0, "cached": 0, "failed": 0, "infeasible": 0, "duplicates": 0, "from_store": 0}
         self.best_artifact: tuple[int, Artifact] | None = None
         self.stopped_because = "budget"
 
@@ -163,10 +163,13 @@ class Search:
         self.ctx = MoveContext(base_model=self.base.proto, calibration=self.data.arrays,
                                options=dict(cfg.pass_options))
         self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed)
+        # A resumed run replays the store: the strategy learns what was measured and the
+        # budget counts those candidates as done.
         known = [(r.genotype, self._score(r)) for r in self.store.records()
-                 if all(k in self.space for k in r.genotype)]
+                 if r.genotype and all(k in self.space for k in r.genotype)]
         if known:
             self.strategy.tell(known)
+        self.counts["from_store"] = len(known)
         self.workdir = Path(tempfile.mkdtemp(prefix="work-", dir=self.out))
         self.timings["load"] = time.monotonic() - t0
         log.info("model %s: %d inputs, %d nodes; %d sites from %s (10^%.1f genotypes); target %s; data %s (%d samples)%s",
@@ -262,7 +265,7 @@ class Search:
 
         self.setup()
         budget = self.cfg.budget
-        done = 0
+        done = self.counts["from_store"]
         try:
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)

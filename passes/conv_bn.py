@@ -295,13 +295,10 @@ def _rewrite(graph: "gs.Graph", m: _Match) -> None:
 
 
 def _set_input(node: "gs.Node", i: int, t) -> None:
+    """Set input slot i (the optional bias of Conv/Gemm; inputs 0 and 1 are always there)."""
     if len(node.inputs) > i:
         node.inputs[i] = t
     else:
-        while len(node.inputs) < i:  # never needed for Conv/Gemm (inputs 0, 1 always present)
-            import onnx_graphsurgeon as gs
-
-            node.inputs.append(gs.Variable.empty())
         node.inputs.append(t)
 
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models built in code, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "models" / "efficientnet_lite0.onnx"
+EXAMPLE_CALIB = ROOT / "models" / "efficientnet_lite0_calib.npz"
+
+
+def _const(name: str, arr: np.ndarray):
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def conv_bn_model(channels: int = 8, size: int = 16, blocks: int = 2, seed: int = 0,
+                  dynamic_batch: bool = False) -> onnx.ModelProto:
+    """x -> [Conv -> BN -> Relu] * blocks -> GlobalAveragePool -> Flatten -> Gemm -> logits."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    cin, cur = 3, "x"
+    for b in range(blocks):
+        w, bn = f"w{b}", f"bn{b}"
+        inits += [_const(w, rng.standard_normal((channels, cin, 3, 3)) * 0.3),
+                  _const(f"{bn}_s", rng.uniform(0.5, 1.5, channels)), _const(f"{bn}_b", rng.standard_normal(channels) * 0.1),
+                  _const(f"{bn}_m", rng.standard_normal(channels) * 0.1), _const(f"{bn}_v", rng.uniform(0.5, 2.0, channels))]
+        nodes += [helper.make_node("Conv", [cur, w], [f"c{b}"], name=f"conv{b}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{b}", f"{bn}_s", f"{bn}_b", f"{bn}_m", f"{bn}_v"],
+                                   [f"n{b}"], name=f"bn{b}", epsilon=1e-5),
+                  helper.make_node("Relu", [f"n{b}"], [f"r{b}"], name=f"relu{b}")]
+        cin, cur = channels, f"r{b}"
+    inits += [_const("fc_w", rng.standard_normal((10, channels)) * 0.3), _const("fc_b", rng.standard_normal(10) * 0.1)]
+    nodes += [helper.make_node("GlobalAveragePool", [cur], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+    batch = "N" if dynamic_batch else 1
+    g = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="graphopt-tests")
+    onnx.checker.check_model(m)
+    return m
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def convbn_path(tmp_path: Path) -> Path:
+    p = tmp_path / "convbn.onnx"
+    onnx.save(conv_bn_model(), p)
+    return p
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `graphopt` entry point in a subprocess (what a build system sees)."""
+    return subprocess.run([sys.executable, "-m", "graphopt", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def example_model() -> Path:
+    """The bundled example (EfficientNet-Lite0 + real calibration images), built on first use."""
+    if not (EXAMPLE.exists() and EXAMPLE_CALIB.exists()):
+        subprocess.run([sys.executable, str(ROOT / "models" / "efficientnet_lite0.py")], check=True, cwd=ROOT)
+    return EXAMPLE

@@ -1,0 +1,151 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, input untouched, no outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import conv_bn_model, file_sha, run_cli
+
+OUTPUT_FILES = ("best.onnx", "report.json")
+
+
+def _assert_clean_failure(res, code: int, *needles: str, model: Path | None = None, sha: str | None = None,
+                          out: Path | None = None) -> None:
+    assert res.returncode == code, (res.returncode, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("graphopt: error:"), err
+    for n in needles:
+        assert n in last, (n, last)
+    if model is not None:
+        assert file_sha(model) == sha, "the input model was modified"
+    if out is not None:
+        for f in OUTPUT_FILES:
+            assert not (out / f).exists(), f"{f} written on failure"
+
+
+def test_not_onnx(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is a text file, not a protobuf\n" * 20)
+    sha = file_sha(bad)
+    res = run_cli("run", bad, "--target", "ort", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "not a readable ONNX model", model=bad, sha=sha, out=tmp_path / "o")
+
+
+def test_truncated(tmp_path):
+    good = conv_bn_model().SerializeToString()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(good[: len(good) // 2])
+    sha = file_sha(bad)
+    res = run_cli("run", bad, "--target", "ort", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, str(bad), model=bad, sha=sha, out=tmp_path / "o")
+    assert "truncated" in res.stderr or "onnx.checker" in res.stderr
+
+
+def test_missing_file(tmp_path):
+    res = run_cli("run", tmp_path / "nope.onnx", "--target", "ort")
+    _assert_clean_failure(res, 2, "model file not found")
+
+
+def test_op_onnxruntime_cannot_run(tmp_path):
+    g = helper.make_graph([helper.make_node("FancyOp", ["x"], ["y"], domain="com.example", name="fancy")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    p = tmp_path / "custom.onnx"
+    onnx.save(m, p)
+    sha = file_sha(p)
+    res = run_cli("run", p, "--target", "ort", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "onnxruntime cannot run", "FancyOp", model=p, sha=sha, out=tmp_path / "o")
+
+
+def test_dynamic_dim_without_shape(tmp_path):
+    p = tmp_path / "dyn.onnx"
+    onnx.save(conv_bn_model(dynamic_batch=True), p)
+    sha = file_sha(p)
+    res = run_cli("run", p, "--target", "ort", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "dynamic shape", "--shape x=Nx3x16x16", model=p, sha=sha, out=tmp_path / "o")
+    # ... and with --shape it runs, leaving the file as it was
+    ok = run_cli("run", p, "--target", "ort", "--shape", "x=2x3x16x16", "--budget", "2", "--out", tmp_path / "o2")
+    assert ok.returncode == 0, ok.stderr
+    assert file_sha(p) == sha
+
+
+def test_shape_conflicting_with_static_dim(convbn_path, tmp_path):
+    res = run_cli("run", convbn_path, "--target", "ort", "--shape", "x=1x3x32x32", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "fixed at 16", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("arrays,needle", [
+    ({"wrong_name": np.zeros((2, 1, 3, 16, 16), np.float32)}, "do not match the model's inputs ['x']"),
+    ({"x": np.zeros((2, 1, 3, 8, 8), np.float32)}, "expected [samples, 1, 3, 16, 16]"),
+    ({"x": np.zeros((1, 3, 16, 16), np.float32)}, "no sample axis"),
+])
+def test_data_mismatch(convbn_path, tmp_path, arrays, needle):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **arrays)
+    res = run_cli("run", convbn_path, "--target", "ort", "--data", data, "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, needle, out=tmp_path / "o")
+
+
+def test_data_not_npz(convbn_path, tmp_path):
+    data = tmp_path / "calib.npz"
+    data.write_text("nope")
+    res = run_cli("run", convbn_path, "--target", "ort", "--data", data, "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "not a readable .npz", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--passes", "conv_bn,warp_drive", "unknown pass 'warp_drive'; valid pass names: "),
+    ("--target", "abacus", "unknown target 'abacus'; valid target names: "),
+    ("--strategy", "psychic", "unknown strategy 'psychic'; valid strategy names: "),
+])
+def test_unknown_names_list_valid_ones(convbn_path, tmp_path, flag, value, needle):
+    args = ["run", convbn_path, "--target", "ort", "--out", tmp_path / "o"]
+    if flag == "--target":
+        args[3] = value
+    else:
+        args += [flag, value]
+    res = run_cli(*args)
+    _assert_clean_failure(res, 2, needle, out=tmp_path / "o")
+    valid = {"--passes": "conv_bn", "--target": "ort", "--strategy": "random"}[flag]
+    assert valid in res.stderr
+
+
+@pytest.mark.parametrize("budget", ["0", "0s", "-3", "ten"])
+def test_bad_budget(convbn_path, tmp_path, budget):
+    res = run_cli("run", convbn_path, "--target", "ort", f"--budget={budget}", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "--budget", out=tmp_path / "o")
+
+
+def test_out_not_writable(convbn_path, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = run_cli("run", convbn_path, "--target", "ort", "--out", blocker / "sub")
+    _assert_clean_failure(res, 2, "--out", "cannot create")
+
+
+def test_bad_min_fidelity(convbn_path, tmp_path):
+    res = run_cli("run", convbn_path, "--target", "ort", "--min-fidelity", "1.5", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "--min-fidelity", out=tmp_path / "o")
+
+
+def test_unknown_flag_exits_2(convbn_path):
+    res = run_cli("run", convbn_path, "--target", "ort", "--warp", "9")
+    assert res.returncode == 2
+    assert "unrecognized arguments: --warp" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_help_documents_exit_codes():
+    res = run_cli("run", "--help")
+    assert res.returncode == 0
+    for code in ("0 ", "2 ", "3 ", "4 ", "130"):
+        assert code in res.stdout
+    assert "--budget" in res.stdout and "--min-fidelity" in res.stdout

@@ -1,0 +1,147 @@
+"""`graphopt run` end to end on tiny models with the ort target: outputs, report, store, resume."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import conv_bn_model, file_sha, run_cli
+from graphopt import optimize
+from graphopt.errors import UsageError
+
+REPORT_KEYS = {"status", "model", "target", "latency_method", "tuned", "baseline", "best", "speedup", "fidelity",
+               "search", "wall_time_s", "versions", "outputs"}
+
+
+def _ort(model_path, x):
+    s = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def test_run_writes_best_report_and_store(convbn_path, tmp_path):
+    sha = file_sha(convbn_path)
+    out = tmp_path / "out"
+    res = run_cli("run", convbn_path, "--target", "ort", "--passes", "conv_bn", "--budget", "4", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)  # stdout is only the report
+    assert REPORT_KEYS <= set(rep)
+    assert "graphopt: " in res.stderr  # logs go to stderr
+    assert file_sha(convbn_path) == sha
+
+    best = onnx.load(out / "best.onnx")
+    onnx.checker.check_model(best)
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(_ort(out / "best.onnx", x), _ort(convbn_path, x), atol=1e-4)
+
+    assert rep["status"] == "ok"
+    assert rep["latency_method"] == "measured"
+    assert rep["target"]["name"] == "ort" and rep["target"]["threads"] >= 1
+    assert rep["baseline"]["median_ms"] > 0 and rep["baseline"]["spread"]["min_ms"] <= rep["baseline"]["median_ms"]
+    assert rep["best"]["median_ms"] > 0 and rep["best"]["fidelity"] >= 0.9999
+    assert rep["fidelity"]["metric"] == "cosine" and rep["fidelity"]["synthetic"] is True
+    assert "SYNTHETIC" in rep["fidelity"]["how"]
+    assert rep["speedup"] == pytest.approx(rep["baseline"]["median_ms"] / rep["best"]["median_ms"])
+    assert rep["search"]["space"]["sites_per_pass"] == {"conv_bn": 2}
+    # 2 binary sites -> 3 non-original genotypes, all tried, then the space is exhausted
+    assert rep["search"]["candidates"]["new"] == 4
+    assert rep["search"]["stopped_because"] == "search space exhausted"
+    for k in ("graphopt", "onnx", "onnxruntime", "tvm"):
+        assert k in rep["versions"]
+    if not rep["best"]["is_original"]:
+        assert all(m["pass"] == "conv_bn" and m["result"] == "applied" for m in rep["best"]["moves"])
+
+    rows = sqlite3.connect(out / "runs.sqlite").execute(
+        "SELECT genotype, status, fidelity, latency_ms, measurement FROM candidates").fetchall()
+    assert len(rows) == 4
+    assert len({g for g, *_ in rows}) == 4  # never the same genotype twice
+    for g, status, fid, lat, meas in rows:
+        assert status == "ok" and fid >= 0.9999 and lat > 0 and json.loads(meas)["method"] == "measured"
+    assert json.loads(rows[0][0]) == {}  # the original comes first
+
+
+def test_resume_does_not_measure_again(convbn_path, tmp_path):
+    out = tmp_path / "out"
+    first = run_cli("run", convbn_path, "--target", "ort", "--budget", "2", "--out", out, "--json")
+    assert first.returncode == 0, first.stderr
+    r1 = json.loads(first.stdout)
+    assert r1["search"]["candidates"]["new"] == 3  # original + 2
+    second = run_cli("run", convbn_path, "--target", "ort", "--budget", "3", "--out", out, "--json")
+    assert second.returncode == 0, second.stderr
+    r2 = json.loads(second.stdout)
+    assert r2["search"]["resumed"] is True
+    assert r2["search"]["candidates"]["from_store"] == 2  # both earlier candidates count toward the budget
+    assert r2["search"]["candidates"]["cached"] == 1  # the original, not measured again
+    assert r2["search"]["candidates"]["new"] == 1
+    assert r2["search"]["candidates"]["total_in_store"] == 4
+
+
+def test_resume_refuses_another_model(convbn_path, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--out", out).returncode == 0
+    other = tmp_path / "other.onnx"
+    onnx.save(conv_bn_model(seed=5), other)
+    res = run_cli("run", other, "--target", "ort", "--budget", "1", "--out", out)
+    assert res.returncode == 2
+    assert "holds a run with a different model" in res.stderr
+
+
+def test_infeasible_candidates_are_not_compiled(convbn_path, tmp_path):
+    # --min-fidelity 1.0 with the cosine metric: exact fusions land a hair below 1.0 or at it;
+    # whatever they get, an infeasible candidate has no latency and says why.
+    res = optimize(convbn_path, "ort", budget=3, out=tmp_path / "o", min_fidelity=1.0)
+    for r in res.records:
+        if r.status == "infeasible":
+            assert r.latency_ms is None and "--min-fidelity" in r.error
+    assert res.best is not None  # the original always meets its own fidelity
+
+
+def test_api_matches_cli(convbn_path, tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
+    res = optimize(convbn_path, target="ort", passes="conv_bn", budget=3, data=data, metric="rel_l2",
+                   out=tmp_path / "o")
+    assert res.exit_code == 0
+    rep = res.report
+    assert rep["fidelity"]["synthetic"] is False and rep["fidelity"]["samples"] == 4
+    assert rep["fidelity"]["metric"] == "rel_l2" and rep["best"]["fidelity"] > 0.999
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["best"] == json.loads(json.dumps(rep["best"]))
+    with pytest.raises(UsageError, match="unknown target"):
+        optimize(convbn_path, target="nope", out=tmp_path / "o2")
+
+
+def test_time_budget(convbn_path, tmp_path):
+    res = optimize(convbn_path, "ort", budget="1s", out=tmp_path / "o")
+    assert res.report["search"]["budget"] == "1 s"
+    assert res.report["wall_time_s"] < 30
+
+
+def test_failed_target_compile_is_exit_3(tmp_path, monkeypatch):
+    """When even the original cannot be compiled, no candidate is feasible: exit 3, report says why."""
+    from graphopt.errors import CompileError
+    from graphopt.registry import TARGETS
+    from graphopt.targets.ort import OrtTarget
+
+    class Broken(OrtTarget):
+        name = "broken"
+
+        def compile(self, model, workdir):
+            raise CompileError("op Foo has no lowering on this target")
+
+    TARGETS.register("broken", Broken)
+    try:
+        p = tmp_path / "m.onnx"
+        onnx.save(conv_bn_model(), p)
+        res = optimize(p, "broken", budget=2, out=tmp_path / "o")
+    finally:
+        TARGETS.unregister("broken")
+    assert res.exit_code == 3
+    assert res.report["status"] == "infeasible"
+    assert "no lowering" in res.report["baseline"]["error"]
+    assert not (tmp_path / "o" / "best.onnx").exists()
+    assert (tmp_path / "o" / "report.json").exists()
+    assert all(r.status == "failed" for r in res.records)
