@@ -194,7 +194,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_model(args.model, passes=args.passes, shapes=_shapes(args.shape), top=args.top)
     if args.json:
-        json.dump(info, sys.stdout, indent=2, default=str)
+        json.dump({k: v for k, v in info.items() if not k.startswith("_")}, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         print(format_inspection(info))

@@ -111,6 +111,8 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
         proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:
         notes.append(f"shape inference incomplete: {_first_line(e)}")
+    if _has_unknown_dims(proto):
+        proto = _symbolic_shapes(proto, notes)
 
     inputs = graph_inputs(proto)
     if check_runtime:
@@ -119,6 +121,27 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
         sha256 = hashlib.sha256(proto_in.SerializeToString(deterministic=True)).hexdigest()
     return LoadedModel(path=path, proto=proto, sha256=sha256, inputs=inputs,
                        output_names=[o.name for o in proto.graph.output], notes=notes)
+
+
+def _has_unknown_dims(proto: "onnx.ModelProto") -> bool:
+    for vi in list(proto.graph.value_info) + list(proto.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or any(not d.HasField("dim_value") for d in tt.shape.dim):
+            return True
+    return False
+
+
+def _symbolic_shapes(proto: "onnx.ModelProto", notes: list[str]) -> "onnx.ModelProto":
+    """onnxruntime's symbolic shape inference resolves shapes computed in the graph
+    (Shape -> Gather -> Concat -> Pad, as "same" padding exports do) that onnx's cannot."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        return out if out is not None else proto
+    except Exception as e:
+        notes.append(f"symbolic shape inference failed: {_first_line(e)}; some shapes stay unknown")
+        return proto
 
 
 def graph_inputs(proto: "onnx.ModelProto") -> list[InputSpec]:
