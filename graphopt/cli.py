@@ -170,6 +170,10 @@ def summary(rep: dict[str, Any]) -> str:
         lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, speedup x{rep['speedup']:.3f}, "
                      f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
+    conf = rep.get("confirmed")
+    if conf:
+        lines.append(f"confirmed: original {conf['original_ms']:.3f} ms vs best {conf['best_ms']:.3f} ms over "
+                     f"{conf['rounds']} alternating rounds: speedup x{conf['speedup']:.3f}")
     c = rep["search"]["candidates"]
     lines.append(f"candidates: {c['tried_this_run']} this run ({c['new']} new, {c['cached']} from the store), "
                  f"{c['failed']} failed, {c['infeasible']} below --min-fidelity; {c['total_in_store']} in the store")

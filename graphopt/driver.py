@@ -82,6 +82,7 @@ class RunConfig:
     target_options: dict[str, Any] = field(default_factory=dict)
     pass_options: dict[str, Any] = field(default_factory=dict)
     synthetic_samples: int = 8
+    confirm_rounds: int = 3
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -129,7 +130,7 @@ class Search:
         self.timings: dict[str, float] = {"load": 0.0, "materialize": 0.0, "fidelity": 0.0, "compile": 0.0,
                                           "measure": 0.0}
         self.counts = {"new": 0, "cached": 0, "failed": 0, "infeasible": 0, "duplicates": 0, "from_store": 0}
-        self.best_artifact: tuple[int, Artifact] | None = None
+        self.artifacts: dict[int, Artifact] = {}
         self.stopped_because = "budget"
 
     # -------------------------------------------------------------------------- setup
@@ -244,11 +245,48 @@ class Search:
             self.counts["failed"] += 1
         elif rec.status == "infeasible":
             self.counts["infeasible"] += 1
-        if artifact is not None and rec.status == "ok":
+        if artifact is not None and rec.status == "ok":  # keep the original's and the best's compiled form
             best = self.best_record()
-            if best is not None and best.id == rec.id:
-                self.best_artifact = (rec.id, artifact)
+            keep = {self._baseline_id(), best.id if best else None, rec.id if not genotype else None}
+            if rec.id in keep:
+                self.artifacts[rec.id] = artifact
+            self.artifacts = {k: v for k, v in self.artifacts.items() if k in keep}
         return rec, False
+
+    def _baseline_id(self) -> int | None:
+        base = getattr(self, "baseline", None)
+        return base.id if base is not None else None
+
+    def artifact_for(self, rec: Record) -> Artifact:
+        """The compiled candidate: kept in memory when compiled in this run, else compiled again."""
+        if rec.id in self.artifacts:
+            return self.artifacts[rec.id]
+        model, _ = materialize(self.base, self.space, rec.genotype, self.passes, self.ctx)
+        art = self.target.compile(model, Path(tempfile.mkdtemp(prefix="cand-", dir=self.workdir)))
+        self.artifacts[rec.id] = art
+        return art
+
+    def confirm(self, best: Record | None) -> dict[str, Any] | None:
+        """Re-measure the original and the best alternately: the search measured each once, on a
+        machine whose load drifts; interleaving exposes the same drift to both."""
+        rounds = self.cfg.confirm_rounds
+        if rounds <= 0 or best is None or not best.genotype or self.baseline.status != "ok":
+            return None
+        import statistics
+
+        t = time.monotonic()
+        base_art, best_art = self.artifact_for(self.baseline), self.artifact_for(best)
+        inputs = self.data.sample(0)
+        b, c = [], []
+        for _ in range(rounds):
+            b.append(self.target.measure(base_art, inputs).latency.median_ms)
+            c.append(self.target.measure(best_art, inputs).latency.median_ms)
+        self.timings["confirm"] = time.monotonic() - t
+        bm, cm = statistics.median(b), statistics.median(c)
+        log.info("confirm: original %.3f ms vs best %.3f ms over %d alternating rounds: x%.3f", bm, cm, rounds, bm / cm)
+        return {"rounds": rounds, "original_ms": bm, "best_ms": cm, "speedup": bm / cm,
+                "original_rounds_ms": b, "best_rounds_ms": c,
+                "how": "original and best measured alternately, median of the per-round medians"}
 
     def best_record(self) -> Record | None:
         feasible = [r for r in self.store.records() if math.isfinite(self._score(r))]
@@ -290,14 +328,33 @@ class Search:
         except TargetUnreachable as e:
             self.stopped_because = f"target unreachable: {e}"
             self.unreachable = e
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
         records = self.store.records()
         best = self.best_record()
+        confirmed = None
+        if self.stopped_because != "interrupted" and not self.stopped_because.startswith("target unreachable"):
+            try:
+                confirmed = self.confirm(best)
+            except KeyboardInterrupt:
+                self.stopped_because = "interrupted"
+            except TargetUnreachable as e:
+                self.stopped_because = f"target unreachable: {e}"
+            except Exception as e:
+                log.warning("could not confirm the best candidate: %s", _one_line(e))
+        if confirmed is not None and confirmed["speedup"] < 1.0:
+            confirmed["verdict"] = (f"candidate {best.id} was not faster than the original when re-measured: "
+                                    "keeping the original")
+            log.warning("confirm: %s", confirmed["verdict"])
+            best = self.baseline
+        elif confirmed is not None:
+            confirmed["verdict"] = f"candidate {best.id} confirmed faster than the original"
         report = build_report(self, records, best)
-        report_exit = write_outputs(self, report, best)
-        self.target.close()
-        self.store.close()
+        report["confirmed"] = confirmed
+        try:
+            report_exit = write_outputs(self, report, best)
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.target.close()
+            self.store.close()
         return SearchResult(report=report, exit_code=report_exit, out_dir=self.out, best=best, records=records)
 
     def _progress(self, i: int, rec: Record, cached: bool) -> None:

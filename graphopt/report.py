@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -128,7 +127,6 @@ def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None
             except Exception as e:  # the report still says what was found
                 outputs["artifact_error"] = f"{type(e).__name__}: {e}"
                 log.warning("could not export the compiled artifact: %s", e)
-    atomic_write_json(out / "report.json", report)
     outputs["report"] = str(out / "report.json")
     atomic_write_json(out / "report.json", report)
     if report["status"] == "unreachable":
@@ -141,11 +139,4 @@ def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None
 
 
 def _export_artifact(search: "Search", best: "Record") -> list[Path]:
-    from .driver import materialize
-
-    if search.best_artifact is not None and search.best_artifact[0] == best.id:
-        artifact = search.best_artifact[1]
-    else:
-        model, _ = materialize(search.base, search.space, best.genotype, search.passes, search.ctx)
-        artifact = search.target.compile(model, Path(tempfile.mkdtemp(prefix="export-", dir=search.out)))
-    return search.target.export(artifact, search.out)
+    return search.target.export(search.artifact_for(best), search.out)
