@@ -64,12 +64,16 @@ class Registry:
 
 PASSES = Registry("pass", "graphopt.passes", {
     "conv_bn": "graphopt.passes.conv_bn:ConvBnFusion",
+    "depthwise": "graphopt.passes.depthwise:DepthwiseSeparable",
+    "kernel": "graphopt.passes.kernel:KernelResize",
 })
 TARGETS = Registry("target", "graphopt.targets", {
     "ort": "graphopt.targets.ort:OrtTarget",
     "x86": "graphopt.targets.x86:X86Target",
 })
 STRATEGIES = Registry("strategy", "graphopt.strategies", {
+    "evolutionary": "graphopt.search.evolutionary:EvolutionarySearch",
+    "grid": "graphopt.search.grid:GridSearch",
     "random": "graphopt.search.random:RandomSearch",
 })
 
