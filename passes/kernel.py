@@ -1,0 +1,259 @@
+"""Resize a 2-D Conv's square kernel by one ring: KxK -> (K-2)x(K-2) or (K+2)x(K+2).
+
+An architecture move. For a KxK Conv with odd K >= 3 (plain, grouped or depthwise) the choices
+are ("keep", K-2, K+2): a 3x3 conv gets ("keep", 1, 5), a 5x5 ("keep", 3, 7). A choice is the
+new kernel size, an int.
+
+The padding moves with the kernel so that the output keeps its shape and its alignment. Output
+position o reads input o*s - pad_begin + d*k for tap k (stride s, dilation d). With the old tap
+k at new index k + (K'-K)/2 and every pad changed by (K'-K)/2 * d on each side, each old tap
+reads the same input as before, so:
+
+- shrinking (K-2) crops the kernel's centre, dropping the outer ring of taps. Approximate (exact
+  only where that ring is zero); the driver measures its fidelity. A conv whose pads would go
+  negative is not a site (rejections() says so), which rules out auto_pad=VALID and unpadded
+  convs.
+- growing (K+2) zero-pads the kernel with a new ring. Exact, yet deliberately NOT the site's
+  `exact_choice`: it only adds FLOPs and can never be faster, and strategies take exact_choice
+  as a prior for moves worth trying first. It is there for a search that may want it.
+
+auto_pad=SAME_UPPER/SAME_LOWER is resolved to the explicit pads it means (from the static input
+size) and the node becomes auto_pad=NOTSET: for the new kernel SAME would pick different pads
+where its total pad clamps at zero.
+
+Like conv_bn, matching is `_pattern` (a constant-weight 2-D Conv and its geometry), `_check`
+(the conditions for a site, each failure saying why) and `_rewrite`. A NEW gs.Constant holds the
+resized weight (the base graph's arrays may be shared with the clone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from graphopt.genotype import Choice, Site
+from graphopt.ir import node_by_name
+from graphopt.plugin import MoveContext, Pass
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+
+@dataclass
+class _Match:
+    conv: "gs.Node"
+    weight: np.ndarray  # [Cout, Cin/group, kh, kw]
+    pads: list[int]  # explicit [top, left, bottom, right] (auto_pad resolved)
+    dilations: list[int]
+
+    @property
+    def k(self) -> int:
+        return int(self.weight.shape[2])
+
+    @property
+    def group(self) -> int:
+        return int(self.conv.attrs.get("group", 1))
+
+    def new_pads(self, k_new: int) -> list[int]:
+        half = (k_new - self.k) // 2
+        d = self.dilations
+        return [p + half * d[i % 2] for i, p in enumerate(self.pads)]
+
+    def note(self) -> str:
+        cout, cin = self.weight.shape[0], self.weight.shape[1] * self.group
+        g = f" group={self.group}" if self.group != 1 else ""
+        return f"Conv {self.k}x{self.k} {cin}->{cout}{g}"
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _present(t) -> bool:
+    return t is not None and t.name != ""
+
+
+def _const(t) -> np.ndarray | None:
+    """The value of a gs.Constant, or of a Variable made by a Constant node; else None."""
+    import onnx_graphsurgeon as gs
+
+    if t is None or not _present(t):
+        return None
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        v = t.inputs[0].attrs.get("value")
+        if isinstance(v, gs.Constant):
+            return np.asarray(v.values)
+    return None
+
+
+def _input(node, i: int):
+    return node.inputs[i] if len(node.inputs) > i and _present(node.inputs[i]) else None
+
+
+def _static_size(shape) -> int | None:
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _fresh_name(taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _ints(conv, attr: str, default: list[int]) -> list[int]:
+    v = conv.attrs.get(attr)
+    return [int(x) for x in v] if v is not None else list(default)
+
+
+def _explicit_pads(conv, kernel: tuple[int, int], strides: list[int], dilations: list[int]) -> list[int] | str:
+    """[top, left, bottom, right] the conv actually pads by, or why that is not known."""
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad == "NOTSET":
+        pads = _ints(conv, "pads", [0, 0, 0, 0])
+        return pads if len(pads) == 4 else f"pads has {len(pads)} values, expected 4"
+    if auto_pad == "VALID":
+        return [0, 0, 0, 0]
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return f"unknown auto_pad {auto_pad!r}"
+    x = conv.inputs[0]
+    spatial = list(x.shape[2:]) if x.shape is not None and len(x.shape) == 4 else None
+    if spatial is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in spatial):
+        return f"auto_pad={auto_pad} with unknown input spatial size"
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = math.ceil(int(size) / s)
+        total = max(0, (out - 1) * s + d * (k - 1) + 1 - int(size))
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else big)
+        ends.append(big if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+# -------------------------------------------------------------------------------- matching
+def _pattern(conv: "gs.Node") -> _Match | str:
+    """A Conv with a constant 4-D weight and known padding; else why not."""
+    w = _const(_input(conv, 1))
+    if w is None:
+        return "weight is not a constant"
+    if w.ndim != 4:
+        return f"not a 2-D conv (weight has rank {w.ndim})"
+    kernel = (int(w.shape[2]), int(w.shape[3]))
+    ks = conv.attrs.get("kernel_shape")
+    if ks is not None and tuple(int(k) for k in ks) != kernel:
+        return f"kernel_shape {list(ks)} disagrees with weight shape {list(w.shape)}"
+    strides = _ints(conv, "strides", [1, 1])
+    dilations = _ints(conv, "dilations", [1, 1])
+    if len(strides) != 2 or len(dilations) != 2:
+        return "strides/dilations do not have 2 values"
+    pads = _explicit_pads(conv, kernel, strides, dilations)
+    if isinstance(pads, str):
+        return pads
+    return _Match(conv, w, pads, dilations)
+
+
+def _check(m: _Match, k_new: int | None = None) -> str | None:
+    """Conditions for a site (k_new None: both ring moves); None if they hold, else why not."""
+    kh, kw = m.weight.shape[2:]
+    if kh != kw:
+        return f"non-square kernel {kh}x{kw}"
+    if kh % 2 == 0:
+        return f"even kernel {kh}x{kw} (no centre to crop or pad around)"
+    if kh == 1:
+        return "1x1 kernel (pointwise; no ring to resize)"
+    k_new = m.k - 2 if k_new is None else k_new
+    if min(m.new_pads(k_new)) < 0:
+        return (f"pads {m.pads} would go negative ({m.new_pads(k_new)}) "
+                f"when shrinking to {k_new}x{k_new}")
+    return None
+
+
+def _match(conv: "gs.Node", k_new: int | None = None) -> _Match | str:
+    if conv.op != "Conv":
+        return f"{conv.op} is not a Conv"
+    m = _pattern(conv)
+    if isinstance(m, str):
+        return m
+    why = _check(m, k_new)
+    return why if why else m
+
+
+def _resize(w: np.ndarray, k_new: int) -> np.ndarray:
+    """Crop the centre (k_new < K) or zero-pad a ring (k_new > K) of the two spatial axes."""
+    half = (k_new - w.shape[2]) // 2
+    if half >= 0:
+        return np.pad(w, ((0, 0), (0, 0), (half, half), (half, half)))
+    return w[:, :, -half:w.shape[2] + half, -half:w.shape[3] + half]
+
+
+def _rewrite(graph: "gs.Graph", m: _Match, k_new: int) -> None:
+    import onnx_graphsurgeon as gs
+
+    conv = m.conv
+    taken = set(graph.tensors(check_duplicates=False).keys())
+    base = conv.name.strip("/").replace("/", "_") or "conv"
+    new_w = np.ascontiguousarray(_resize(m.weight, k_new).astype(m.weight.dtype))
+    conv.inputs[1] = gs.Constant(_fresh_name(taken, f"{base}_k{k_new}_weight"), new_w)
+    conv.attrs["pads"] = m.new_pads(k_new)
+    conv.attrs["kernel_shape"] = [k_new, k_new]
+    conv.attrs.pop("auto_pad", None)  # explicit pads now say it all (NOTSET)
+
+
+def _cost(m: _Match) -> float:
+    """FLOPs of the conv (2 * MACs); 0 when the output shape is unknown."""
+    out = _static_size(m.conv.outputs[0].shape)
+    if out is None:
+        return 0.0
+    return 2.0 * out * int(np.prod(m.weight.shape[1:]))
+
+
+# ------------------------------------------------------------------------------------- the pass
+class KernelResize(Pass):
+    """Shrink (approximate) or grow (exact, never faster) a square odd 2-D conv kernel by a ring.
+
+    Growth is exact but is not the site's exact_choice: only moves that can pay are priors.
+    """
+
+    name = "kernel"
+    description = "resize a KxK conv kernel to (K-2)x(K-2) (crop centre) or (K+2)x(K+2) (zero ring)"
+    stage = 30
+
+    def sites(self, graph: "gs.Graph") -> list[Site]:
+        out = []
+        for conv in graph.nodes:
+            if conv.op != "Conv":
+                continue
+            m = _match(conv)
+            if isinstance(m, str):
+                continue
+            out.append(Site(key=f"kernel:{conv.name}", pass_name=self.name, nodes=(conv.name,),
+                            choices=("keep", m.k - 2, m.k + 2), cost=_cost(m), note=m.note()))
+        return out
+
+    def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
+        if isinstance(choice, bool) or not isinstance(choice, (int, np.integer)) or choice < 1 or choice % 2 == 0:
+            raise ValueError(f"kernel: choice {choice!r} for site {site.key} is not an odd kernel size")
+        conv = node_by_name(graph, site.nodes[0])
+        if conv is None or conv.op != "Conv":
+            return False
+        m = _match(conv, int(choice))
+        if isinstance(m, str) or m.k == int(choice):
+            return False
+        _rewrite(graph, m, int(choice))
+        return True
+
+    def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
+        out = []
+        for conv in graph.nodes:
+            if conv.op == "Conv":
+                m = _match(conv)
+                if isinstance(m, str):
+                    out.append((conv.name, m))
+        return out

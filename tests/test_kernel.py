@@ -1,0 +1,313 @@
+"""kernel: KxK conv kernels shrunk (centre crop) or grown (zero ring), checked against onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.ir import export_graph, load_proto, node_by_name
+from graphopt.passes.kernel import KernelResize
+from graphopt.plugin import MoveContext
+
+TOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------ builders
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def _model(nodes, inputs: dict[str, list[int]], outputs: list[str], inits) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def conv_model(*, bias=True, group=1, cin=4, cout=6, k=3, hw=8, batch=2, seed=0, weight=None, **conv_attrs):
+    rng = _rng(seed)
+    w = weight if weight is not None else rng.normal(0, 0.5, (cout, cin // group, k, k))
+    inits = [_init("w", w)]
+    conv_in = ["x", "w"]
+    if bias:
+        inits.append(_init("b", rng.normal(0, 1, cout)))
+        conv_in.append("b")
+    if "auto_pad" not in conv_attrs:
+        conv_attrs.setdefault("pads", [k // 2] * 4)
+    nodes = [helper.make_node("Conv", conv_in, ["y"], name="/conv", group=group, **conv_attrs)]
+    return _model(nodes, {"x": [batch, cin, hw, hw]}, ["y"], inits)
+
+
+def net_model(seed: int = 0) -> onnx.ModelProto:
+    """stem conv -> relu -> [dilated conv -> BN] + residual -> (depthwise || grouped 5x5) -> Concat
+    -> strided conv -> SAME_UPPER conv -> 1x1 conv -> GAP -> Flatten -> Gemm."""
+    rng = _rng(seed)
+
+    def w(*shape):  # fan-in scaled, so activations stay O(1) and float32 error stays small
+        return rng.normal(0, 1.0 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.1, shape)
+
+    inits = [
+        _init("stem_w", w(8, 4, 3, 3)), _init("stem_b", w(8)),
+        _init("blk_w", w(8, 8, 3, 3)),
+        _init("bn_g", rng.uniform(0.5, 1.5, 8)), _init("bn_b", w(8)), _init("bn_m", w(8)),
+        _init("bn_v", rng.uniform(0.5, 2.0, 8)),
+        _init("dw_w", w(8, 1, 3, 3)), _init("dw_b", w(8)),
+        _init("grp_w", w(8, 4, 5, 5)),
+        _init("down_w", w(16, 16, 3, 3)), _init("down_b", w(16)),
+        _init("same_w", w(16, 16, 3, 3)),
+        _init("proj_w", w(12, 16, 1, 1)),
+        _init("fc_w", w(10, 12)), _init("fc_b", w(10)),
+    ]
+    mk = helper.make_node
+    nodes = [
+        mk("Conv", ["x", "stem_w", "stem_b"], ["s"], name="/stem", pads=[1, 1, 1, 1]),
+        mk("Relu", ["s"], ["a"], name="/stem_relu"),
+        mk("Conv", ["a", "blk_w"], ["bc"], name="/block/conv", pads=[2, 2, 2, 2], dilations=[2, 2]),
+        mk("BatchNormalization", ["bc", "bn_g", "bn_b", "bn_m", "bn_v"], ["bn"], name="/block/bn"),
+        mk("Add", ["a", "bn"], ["res"], name="/block/add"),
+        mk("Conv", ["res", "dw_w", "dw_b"], ["c"], name="/dw", group=8, pads=[1, 1, 1, 1]),
+        mk("Conv", ["res", "grp_w"], ["d"], name="/grouped", group=2, pads=[2, 2, 2, 2]),
+        mk("Concat", ["c", "d"], ["cat"], name="/concat", axis=1),
+        mk("Conv", ["cat", "down_w", "down_b"], ["e"], name="/down", strides=[2, 2], pads=[1, 1, 1, 1]),
+        mk("Relu", ["e"], ["er"], name="/down_relu"),
+        mk("Conv", ["er", "same_w"], ["f"], name="/same", auto_pad="SAME_UPPER"),
+        mk("Conv", ["f", "proj_w"], ["g"], name="/proj"),
+        mk("GlobalAveragePool", ["g"], ["gap"], name="/gap"),
+        mk("Flatten", ["gap"], ["flat"], name="/flatten"),
+        mk("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="/fc", transB=1),
+    ]
+    return _model(nodes, {"x": [2, 4, 12, 12]}, ["logits", "f"], inits)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _feeds(loaded, seed: int = 123) -> dict[str, np.ndarray]:
+    rng = _rng(seed)
+    return {i.name: rng.normal(0, 1, i.shape).astype(i.dtype) for i in loaded.inputs}
+
+
+def _apply(loaded, moves: dict[str, int]) -> onnx.ModelProto:
+    """Apply {site key: choice} to a fresh graph of the base model and export it."""
+    sites = {s.key: s for s in KernelResize().sites(loaded.graph())}
+    graph = loaded.graph()
+    ctx = MoveContext(base_model=loaded.proto)
+    for key, choice in moves.items():
+        assert KernelResize().apply(graph, sites[key], choice, ctx) is True, (key, choice)
+    return export_graph(graph)
+
+
+def _max_err(loaded, model: onnx.ModelProto) -> float:
+    feeds = _feeds(loaded)
+    ref, got = _run(loaded.proto, feeds), _run(model, feeds)
+    assert [r.shape for r in ref] == [g.shape for g in got]
+    return max(float(np.max(np.abs(r - g))) for r, g in zip(ref, got))
+
+
+def _conv_attrs(model: onnx.ModelProto, name: str = "/conv") -> dict:
+    node = next(n for n in model.graph.node if n.name == name)
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+# ---------------------------------------------------------------------------------------- sites
+def test_sites_and_rejections_on_net():
+    loaded = load_proto(net_model())
+    sites = KernelResize().sites(loaded.graph())
+    assert {s.key: s.choices for s in sites} == {
+        "kernel:/stem": ("keep", 1, 5),
+        "kernel:/block/conv": ("keep", 1, 5),
+        "kernel:/dw": ("keep", 1, 5),
+        "kernel:/grouped": ("keep", 3, 7),
+        "kernel:/down": ("keep", 1, 5),
+        "kernel:/same": ("keep", 1, 5),
+    }
+    for s in sites:
+        assert s.pass_name == "kernel" and s.nodes == (s.key.split(":", 1)[1],)
+        assert s.exact_choice is None  # growth is exact but never pays: no prior
+    by_key = {s.key: s for s in sites}
+    assert by_key["kernel:/stem"].cost == 2 * (2 * 8 * 12 * 12) * (4 * 3 * 3)
+    assert by_key["kernel:/grouped"].cost == 2 * (2 * 8 * 12 * 12) * (4 * 5 * 5)
+    assert by_key["kernel:/down"].cost == 2 * (2 * 16 * 6 * 6) * (16 * 3 * 3)
+    assert by_key["kernel:/grouped"].note == "Conv 5x5 8->8 group=2"
+    assert by_key["kernel:/stem"].note == "Conv 3x3 4->8"
+    assert dict(KernelResize().rejections(loaded.graph())) == {"/proj": "1x1 kernel (pointwise; no ring to resize)"}
+
+
+def test_every_choice_at_every_site_exports_with_original_shapes():
+    loaded = load_proto(net_model())
+    feeds = _feeds(loaded)
+    ref_shapes = [r.shape for r in _run(loaded.proto, feeds)]
+    sites = KernelResize().sites(loaded.graph())
+    for site in sites:
+        for choice in site.choices[1:]:
+            model = _apply(loaded, {site.key: choice})  # export_graph runs onnx.checker
+            assert [o.shape for o in _run(model, feeds)] == ref_shapes, (site.key, choice)
+    # all sites at once, both directions
+    for pick in (1, 2):
+        model = _apply(loaded, {s.key: s.choices[pick] for s in sites})
+        assert [o.shape for o in _run(model, feeds)] == ref_shapes
+
+
+def test_growing_every_site_of_the_net_is_exact():
+    loaded = load_proto(net_model())
+    sites = KernelResize().sites(loaded.graph())
+    assert _max_err(loaded, _apply(loaded, {s.key: s.choices[2] for s in sites})) <= TOL
+
+
+# -------------------------------------------------------------------------------- exactness
+GROW_CASES = {
+    "plain": lambda: conv_model(),
+    "no_bias": lambda: conv_model(bias=False),
+    "asym_pads_strided_dilated": lambda: conv_model(pads=[1, 2, 2, 3], strides=[2, 1], dilations=[1, 2], hw=9),
+    "same_upper_strided": lambda: conv_model(auto_pad="SAME_UPPER", strides=[2, 2], k=5, hw=8),
+    "same_lower_strided": lambda: conv_model(auto_pad="SAME_LOWER", strides=[2, 2], k=5, hw=8),
+    "same_upper_odd": lambda: conv_model(auto_pad="SAME_UPPER", hw=7),
+    "grouped": lambda: conv_model(group=2, cin=4, cout=6, k=5, pads=[2, 2, 2, 2]),
+    "depthwise": lambda: conv_model(group=4, cin=4, cout=4),
+    "depthwise_multiplier2": lambda: conv_model(group=4, cin=4, cout=8, bias=False),
+}
+
+
+@pytest.mark.parametrize("case", list(GROW_CASES))
+def test_growth_is_exact(case):
+    loaded = load_proto(GROW_CASES[case]())
+    (site,) = KernelResize().sites(loaded.graph())
+    k = site.choices[2] - 2
+    grown = _apply(loaded, {site.key: k + 2})
+    attrs = _conv_attrs(grown)
+    assert attrs["kernel_shape"] == [k + 2, k + 2]
+    assert attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    assert _max_err(loaded, grown) <= TOL
+
+
+def test_growth_moves_pads_by_dilation():
+    loaded = load_proto(conv_model(pads=[1, 2, 2, 3], strides=[2, 1], dilations=[1, 2], hw=9))
+    assert _conv_attrs(_apply(loaded, {"kernel:/conv": 5}))["pads"] == [2, 4, 3, 5]
+    assert _conv_attrs(_apply(loaded, {"kernel:/conv": 1}))["pads"] == [0, 0, 1, 1]
+
+
+def _ringed(cout, cin, k, inner, seed):
+    """Random weights that are zero outside the central inner x inner window."""
+    w = _rng(seed).normal(0, 0.5, (cout, cin, k, k))
+    lo = (k - inner) // 2
+    mask = np.zeros((k, k))
+    mask[lo:lo + inner, lo:lo + inner] = 1
+    return w * mask
+
+
+SHRINK_CASES = {
+    "5_to_3": lambda: conv_model(k=5, weight=_ringed(6, 4, 5, 3, 1)),
+    "3_to_1": lambda: conv_model(k=3, weight=_ringed(6, 4, 3, 1, 2)),
+    "same_lower_strided_5_to_3": lambda: conv_model(auto_pad="SAME_LOWER", strides=[2, 2], k=5, hw=8,
+                                                    weight=_ringed(6, 4, 5, 3, 3)),
+    "dilated_asym": lambda: conv_model(pads=[1, 2, 2, 3], dilations=[1, 2], hw=9, weight=_ringed(6, 4, 3, 1, 4)),
+    "grouped_5_to_3": lambda: conv_model(group=2, k=5, pads=[2, 2, 2, 2], weight=_ringed(6, 2, 5, 3, 5)),
+    "depthwise_3_to_1": lambda: conv_model(group=4, cin=4, cout=4, weight=_ringed(4, 1, 3, 1, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(SHRINK_CASES))
+def test_shrink_of_a_conv_with_a_zero_outer_ring_is_exact(case):
+    loaded = load_proto(SHRINK_CASES[case]())
+    (site,) = KernelResize().sites(loaded.graph())
+    k_small = site.choices[1]
+    small = _apply(loaded, {site.key: k_small})
+    assert _conv_attrs(small)["kernel_shape"] == [k_small, k_small]
+    w = next(numpy_helper.to_array(i) for i in small.graph.initializer if i.dims[-1] == k_small)
+    assert w.shape[2:] == (k_small, k_small)
+    assert _max_err(loaded, small) <= TOL
+
+
+def test_shrink_of_a_dense_kernel_is_approximate():
+    loaded = load_proto(conv_model(k=5))
+    assert _max_err(loaded, _apply(loaded, {"kernel:/conv": 3})) > 1e-2
+
+
+# ---------------------------------------------------------------------------------- rejections
+def test_rejections_say_why():
+    rng = _rng(7)
+    inits = [_init("w3", rng.normal(0, 0.5, (4, 4, 3, 3))), _init("w35", rng.normal(0, 0.5, (4, 4, 3, 5))),
+             _init("w4", rng.normal(0, 0.5, (4, 4, 4, 4))), _init("w1", rng.normal(0, 0.5, (4, 4, 1, 1))),
+             _init("w1d", rng.normal(0, 0.5, (4, 4, 3)))]
+    mk = helper.make_node
+    nodes = [
+        mk("Conv", ["x", "w3"], ["valid"], name="/valid", auto_pad="VALID"),
+        mk("Conv", ["x", "w3"], ["nopad"], name="/nopad"),
+        mk("Conv", ["x", "w3"], ["half"], name="/halfpad", pads=[1, 0, 1, 1]),
+        mk("Conv", ["x", "w35"], ["rect"], name="/rect", pads=[1, 2, 1, 2]),
+        mk("Conv", ["x", "w4"], ["even"], name="/even", pads=[1, 1, 2, 2]),
+        mk("Conv", ["x", "w1"], ["pw"], name="/pw"),
+        mk("Conv", ["x", "wdyn"], ["dyn"], name="/dyn", pads=[1, 1, 1, 1]),
+        mk("Conv", ["x1d", "w1d"], ["c1d"], name="/conv1d", pads=[1, 1]),
+        mk("Conv", ["x", "w3"], ["ok"], name="/ok", pads=[1, 1, 1, 1]),
+    ]
+    outs = ["valid", "nopad", "half", "rect", "even", "pw", "dyn", "c1d", "ok"]
+    model = _model(nodes, {"x": [1, 4, 8, 8], "wdyn": [4, 4, 3, 3], "x1d": [1, 4, 10]}, outs, inits)
+    loaded = load_proto(model)
+    assert [s.key for s in KernelResize().sites(loaded.graph())] == ["kernel:/ok"]
+    rej = dict(KernelResize().rejections(loaded.graph()))
+    assert set(rej) == {"/valid", "/nopad", "/halfpad", "/rect", "/even", "/pw", "/dyn", "/conv1d"}
+    for name in ("/valid", "/nopad", "/halfpad"):
+        assert "would go negative" in rej[name], rej[name]
+    assert rej["/rect"] == "non-square kernel 3x5"
+    assert rej["/even"].startswith("even kernel 4x4")
+    assert rej["/pw"].startswith("1x1 kernel")
+    assert rej["/dyn"] == "weight is not a constant"
+    assert rej["/conv1d"] == "not a 2-D conv (weight has rank 3)"
+
+
+def test_same_upper_clamped_at_zero_pad_is_rejected():
+    """stride 4 on a 3x3 kernel: SAME needs no padding, so there is none to give back."""
+    loaded = load_proto(conv_model(auto_pad="SAME_UPPER", strides=[4, 4], hw=8))
+    assert KernelResize().sites(loaded.graph()) == []
+    ((name, why),) = KernelResize().rejections(loaded.graph())
+    assert name == "/conv" and "would go negative" in why
+
+
+# ------------------------------------------------------------------------------------ staleness
+def test_apply_after_node_is_gone_returns_false_and_base_is_untouched():
+    loaded = load_proto(conv_model())
+    base = loaded.graph()
+    (site,) = KernelResize().sites(base)
+    w_before = node_by_name(base, "/conv").inputs[1].values.copy()
+    ctx = MoveContext(base_model=loaded.proto)
+
+    clone = base.copy()  # gs copies share weight arrays with the original
+    assert KernelResize().apply(clone, site, 5, ctx) is True
+    assert KernelResize().apply(clone, site, 5, ctx) is False  # already 5x5
+    np.testing.assert_array_equal(node_by_name(base, "/conv").inputs[1].values, w_before)
+    assert node_by_name(base, "/conv").attrs["pads"] == [1, 1, 1, 1]
+    assert _max_err(loaded, export_graph(clone)) <= TOL
+
+    gone = loaded.graph()
+    node = node_by_name(gone, "/conv")
+    node.name = "/renamed_by_an_earlier_move"
+    assert KernelResize().apply(gone, site, 1, ctx) is False
+    gone.nodes.remove(node)
+    assert KernelResize().apply(gone, site, 5, ctx) is False
+
+
+def test_bad_choice_raises():
+    loaded = load_proto(conv_model())
+    (site,) = KernelResize().sites(loaded.graph())
+    for bad in ("keep", 4, 0, True):
+        with pytest.raises(ValueError):
+            KernelResize().apply(loaded.graph(), site, bad, MoveContext(base_model=loaded.proto))
