@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
 from .outputs import atomic_write_bytes, atomic_write_json
+from .pareto import front_ids
 from .plugin import Target
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("graphopt")
 
 REPORT_VERSION = 1
+# fidelities of exact rewrites differ by ~1e-13 (float noise): compare at this step on the front
+FRONT_RESOLUTION = {"fidelity": 1e-9}
 
 
 def versions() -> dict[str, str | None]:
@@ -86,6 +89,7 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
         "best": ({"candidate_id": best.id, "is_original": not best.genotype, "genotype": dict(best.genotype),
                   "moves": moves(search, best), "fidelity": best.fidelity, **(best_lat or {})} if best else None),
         "speedup": speedup,
+        "pareto_front": sorted(front_ids(records, resolution=FRONT_RESOLUTION)),
         "fidelity": {"metric": cfg.metric, "min_required": cfg.min_fidelity,
                      "best": best.fidelity if best else None,
                      "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),
@@ -128,7 +132,9 @@ def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None
                 outputs["artifact_error"] = f"{type(e).__name__}: {e}"
                 log.warning("could not export the compiled artifact: %s", e)
     outputs["report"] = str(out / "report.json")
+    outputs["html"] = str(out / "report.html")
     atomic_write_json(out / "report.json", report)
+    write_html(out, report, search.store.records())
     if report["status"] == "unreachable":
         return EXIT_UNREACHABLE
     if best is None:
@@ -136,6 +142,13 @@ def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None
     if report["status"] == "interrupted":
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def write_html(out: Path, report: dict[str, Any], records: list["Record"]) -> Path:
+    from .html_report import render_html
+
+    page = render_html(report, records, set(report.get("pareto_front") or []))
+    return atomic_write_bytes(out / "report.html", page.encode("utf-8"))
 
 
 def _export_artifact(search: "Search", best: "Record") -> list[Path]:

@@ -55,6 +55,11 @@ def test_run_writes_best_report_and_store(convbn_path, tmp_path):
     if not rep["best"]["is_original"]:
         assert all(m["pass"] == "conv_bn" and m["result"] == "applied" for m in rep["best"]["moves"])
 
+    html = (out / "report.html").read_text()
+    assert 'id="pareto-plot"' in html and 'id="search-curve"' in html
+    assert rep["best"]["candidate_id"] in rep["pareto_front"] or rep["confirmed"] is not None
+    assert rep["outputs"]["html"].endswith("report.html")
+
     rows = sqlite3.connect(out / "runs.sqlite").execute(
         "SELECT genotype, status, fidelity, latency_ms, measurement FROM candidates").fetchall()
     assert len(rows) == 4
