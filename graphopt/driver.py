@@ -138,6 +138,10 @@ class Search:
         from .outputs import prepare_out_dir
 
         cfg = self.cfg
+        if not log.isEnabledFor(logging.DEBUG):  # onnxruntime's optimizer warnings are noise to a user
+            import onnxruntime
+
+            onnxruntime.set_default_logger_severity(3)
         self.out = prepare_out_dir(cfg.out)
         t0 = time.monotonic()
         self.base = load_model(cfg.model, cfg.shapes)
