@@ -172,8 +172,8 @@ def summary(rep: dict[str, Any]) -> str:
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
     conf = rep.get("confirmed")
     if conf:
-        lines.append(f"confirmed: original {conf['original_ms']:.3f} ms vs best {conf['best_ms']:.3f} ms over "
-                     f"{conf['rounds']} alternating rounds: speedup x{conf['speedup']:.3f}")
+        lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs search winner {conf['best_ms']:.3f} ms over "
+                     f"{conf['rounds']} alternating rounds (x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
     c = rep["search"]["candidates"]
     lines.append(f"candidates: {c['tried_this_run']} this run ({c['new']} new, {c['cached']} from the store), "
                  f"{c['failed']} failed, {c['infeasible']} below --min-fidelity; {c['total_in_store']} in the store")
