@@ -315,15 +315,9 @@ def _with_shapes(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     if _shapes_complete(proto.graph) or not all(
             _static(_vi_shape(vi)) for vi in proto.graph.input if vi.name not in inits):
         return proto  # a dynamic input dimension stays unknown whatever infers it
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # needs sympy
+    from .ir import _symbolic_shapes
 
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-        if inferred is not None:
-            proto = inferred
-    except Exception:
-        pass
-    return proto
+    return _symbolic_shapes(proto, notes=[])
 
 
 def _shapes_complete(g: "onnx.GraphProto") -> bool:

@@ -32,6 +32,7 @@ import numpy as np
 from graphopt.genotype import Choice, Site
 from graphopt.ir import node_by_name
 from graphopt.plugin import MoveContext, Pass
+from ._graph import _present, _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -72,43 +73,6 @@ class _Match:
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _present(t) -> bool:
-    return t is not None and t.name != ""
-
-
-def _const(t) -> np.ndarray | None:
-    """The value of a gs.Constant, or of a Variable made by a Constant node; else None."""
-    import onnx_graphsurgeon as gs
-
-    if t is None or not _present(t):
-        return None
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return np.asarray(v.values)
-    return None
-
-
-def _input(node, i: int):
-    return node.inputs[i] if len(node.inputs) > i and _present(node.inputs[i]) else None
-
-
-def _static_size(shape) -> int | None:
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return int(np.prod(shape, dtype=np.int64))
-
-
-def _fresh_name(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 # -------------------------------------------------------------------------------- matching
 def _pattern(conv: "gs.Node") -> _Match | str:
     """A Conv with a constant 4-D weight; else why not."""
