@@ -100,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--top", type=int, default=15, help="most expensive nodes to show (default: 15)")
     ins.add_argument("--json", action="store_true", help="print the description as JSON")
     ins.add_argument("--debug", action="store_true")
+
+    runs = sub.add_parser("runs", help="list the candidates of a run (from its runs.sqlite)",
+                          description="List the candidates in OUT_DIR/runs.sqlite; * marks the Pareto front "
+                                      "(latency, fidelity, size).")
+    runs.add_argument("out_dir")
+    runs.add_argument("--sort", default="latency", choices=["id", "latency", "fidelity", "size"])
+    runs.add_argument("--json", action="store_true")
+
+    exp = sub.add_parser("export", help="write one candidate of a run as an ONNX model",
+                         description="Rebuild candidate ID of the run in OUT_DIR (its moves on the original model) "
+                                     "and write it to -o, e.g. another point on the Pareto front.")
+    exp.add_argument("out_dir")
+    exp.add_argument("--candidate", type=int, required=True, metavar="ID")
+    exp.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+
+    rep = sub.add_parser("report", help="re-render report.html of a run from report.json and runs.sqlite")
+    rep.add_argument("out_dir")
     return p
 
 
@@ -205,6 +222,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .pareto import front_ids
+    from .report import FRONT_RESOLUTION
+    from .runs import format_runs, list_runs
+
+    recs = list_runs(args.out_dir, args.sort)
+    front = front_ids(recs, resolution=FRONT_RESOLUTION)
+    if args.json:
+        json.dump([dict(r.to_dict(), pareto=r.id in front) for r in recs], sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(format_runs(recs, front))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .runs import export_candidate
+
+    path = export_candidate(args.out_dir, args.candidate, args.output)
+    print(f"candidate {args.candidate} written to {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runs import rerender
+
+    print(rerender(args.out_dir))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -214,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     _setup_logging(quiet=getattr(args, "quiet", False), debug=debug)
     try:
-        return {"run": cmd_run, "list": cmd_list, "inspect": cmd_inspect}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "inspect": cmd_inspect, "runs": cmd_runs, "export": cmd_export,
+                "report": cmd_report}[args.command](args)
     except GraphoptError as e:
         if debug:
             logging.getLogger("graphopt").exception("error")

@@ -164,6 +164,11 @@ class Search:
                                                               if k in ("compiler", "device", "threads", "target")})),
             "data": self.data.fingerprint(), "metric": cfg.metric,
         })
+        self.store.set_meta("config", {"model": str(Path(cfg.model).resolve()), "target": cfg.target,
+                                       "passes": list(cfg.passes), "shapes": {k: list(v) for k, v in cfg.shapes.items()},
+                                       "metric": cfg.metric, "min_fidelity": cfg.min_fidelity,
+                                       "data": str(Path(cfg.data).resolve()) if cfg.data else None,
+                                       "pass_options": cfg.pass_options})
         self.checker = FidelityChecker(self.base.proto, self.data, cfg.metric)
         self.ctx = MoveContext(base_model=self.base.proto, calibration=self.data.arrays,
                                options=dict(cfg.pass_options))
