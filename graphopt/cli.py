@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a candidate is feasible only if its fidelity >= F (default: 0.99)")
     run.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...",
                      help="fix an input's shape, required for dynamic dimensions (repeatable)")
+    run.add_argument("--max-size-mb", type=float, metavar="MB",
+                     help="a candidate is feasible only if its ONNX size is at most MB")
+    run.add_argument("--max-latency-ms", type=float, metavar="MS",
+                     help="a candidate is feasible only if its median latency is at most MS")
     run.add_argument("--seed", type=int, default=0, help="seed for the strategy and synthetic data (default: 0)")
     run.add_argument("--out", default="graphopt-out", metavar="DIR",
                      help="output directory (default: graphopt-out); reused = resumed")
@@ -160,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=args.model, target=args.target, passes=[p for p in args.passes.split(",") if p.strip()],
                     strategy=args.strategy, budget=Budget.parse(args.budget), data=args.data, metric=args.metric,
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
-                    target_options=target_options)
+                    target_options=target_options, max_size_mb=args.max_size_mb,
+                    max_latency_ms=args.max_latency_ms)
     result = run_search(cfg)
     rep = result.report
     if args.json:

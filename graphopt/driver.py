@@ -83,12 +83,17 @@ class RunConfig:
     pass_options: dict[str, Any] = field(default_factory=dict)
     synthetic_samples: int = 8
     confirm_rounds: int = 3
+    max_size_mb: float | None = None
+    max_latency_ms: float | None = None
 
     def validate(self) -> None:
         if self.metric not in METRICS:
             raise UsageError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
         if not (0.0 <= self.min_fidelity <= 1.0) or math.isnan(self.min_fidelity):
             raise UsageError(f"--min-fidelity {self.min_fidelity}: must be between 0 and 1")
+        for flag, v in (("--max-size-mb", self.max_size_mb), ("--max-latency-ms", self.max_latency_ms)):
+            if v is not None and not v > 0:
+                raise UsageError(f"{flag} {v}: must be a positive number")
         parse_names(PASSES, self.passes)
         parse_names(TARGETS, [self.target])
         parse_names(STRATEGIES, [self.strategy])
@@ -188,9 +193,16 @@ class Search:
                  self.data.num_samples, "; resuming from the run store" if self.resumed else "")
 
     def _score(self, rec: Record) -> float:
-        if rec.status == "ok" and rec.latency_ms is not None and (rec.fidelity or 0) >= self.cfg.min_fidelity:
-            return float(rec.latency_ms)
-        return math.inf
+        """Latency if the record meets every constraint, else inf. Judged anew on each run, so a
+        resumed run with other constraints re-ranks what is stored."""
+        cfg = self.cfg
+        if rec.status != "ok" or rec.latency_ms is None or (rec.fidelity or 0) < cfg.min_fidelity:
+            return math.inf
+        if cfg.max_latency_ms is not None and rec.latency_ms > cfg.max_latency_ms:
+            return math.inf
+        if cfg.max_size_mb is not None and rec.size_bytes is not None and rec.size_bytes > cfg.max_size_mb * 1e6:
+            return math.inf
+        return float(rec.latency_ms)
 
     # ---------------------------------------------------------------------- one candidate
     def evaluate(self, genotype: Genotype) -> tuple[Record, bool]:
@@ -224,9 +236,13 @@ class Search:
             fid = self.checker.score(model)
             timings["fidelity"] = time.monotonic() - t
             rec.fidelity, rec.fidelity_detail = fid.value, fid.to_dict()
+            max_mb = self.cfg.max_size_mb
             if fid.value < self.cfg.min_fidelity:
                 rec.status = "infeasible"
                 rec.error = f"fidelity {fid.value:.6f} < --min-fidelity {self.cfg.min_fidelity}"
+            elif max_mb is not None and rec.size_bytes > max_mb * 1e6:
+                rec.status = "infeasible"
+                rec.error = f"size {rec.size_bytes / 1e6:.3f} MB > --max-size-mb {max_mb}"
             else:
                 stage = "compile"
                 t = time.monotonic()

@@ -90,6 +90,8 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
                   "moves": moves(search, best), "fidelity": best.fidelity, **(best_lat or {})} if best else None),
         "speedup": speedup,
         "pareto_front": sorted(front_ids(records, resolution=FRONT_RESOLUTION)),
+        "constraints": {"min_fidelity": cfg.min_fidelity, "max_size_mb": cfg.max_size_mb,
+                        "max_latency_ms": cfg.max_latency_ms},
         "fidelity": {"metric": cfg.metric, "min_required": cfg.min_fidelity,
                      "best": best.fidelity if best else None,
                      "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),

@@ -150,3 +150,22 @@ def test_failed_target_compile_is_exit_3(tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "best.onnx").exists()
     assert (tmp_path / "o" / "report.json").exists()
     assert all(r.status == "failed" for r in res.records)
+
+
+def test_max_latency_unmeetable_is_exit_3(convbn_path, tmp_path):
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "2", "--max-latency-ms", "0.000001",
+                  "--out", tmp_path / "o", "--json")
+    assert res.returncode == 3, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["status"] == "infeasible" and rep["constraints"]["max_latency_ms"] == 0.000001
+    assert not (tmp_path / "o" / "best.onnx").exists()
+
+
+def test_max_size_marks_big_candidates_infeasible(convbn_path, tmp_path):
+    size = convbn_path.stat().st_size
+    # every candidate (and the original) is bigger than this: exit 3, each record says why
+    res = optimize(convbn_path, "ort", budget=2, out=tmp_path / "o", max_size_mb=size / 4 / 1e6)
+    assert res.exit_code == 3
+    assert all(r.status == "infeasible" and "--max-size-mb" in r.error for r in res.records)
+    res = optimize(convbn_path, "ort", budget=2, out=tmp_path / "o2", max_size_mb=size * 4 / 1e6)
+    assert res.exit_code == 0 and res.report["constraints"]["max_size_mb"] == size * 4 / 1e6
