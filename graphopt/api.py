@@ -14,7 +14,7 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, out: str | Path = "graphopt-out",
              target_options: Mapping[str, Any] | None = None,
              pass_options: Mapping[str, Any] | None = None, max_size_mb: float | None = None,
-             max_latency_ms: float | None = None) -> SearchResult:
+             max_latency_ms: float | None = None, progress: bool = False) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -29,5 +29,5 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         data=data, metric=metric, min_fidelity=float(min_fidelity),
         shapes={k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}, seed=int(seed), out=out,
         target_options=dict(target_options or {}), pass_options=dict(pass_options or {}),
-        max_size_mb=max_size_mb, max_latency_ms=max_latency_ms)
+        max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, progress=progress)
     return run_search(cfg)

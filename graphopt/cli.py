@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     strategy=args.strategy, budget=Budget.parse(args.budget), data=args.data, metric=args.metric,
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
-                    max_latency_ms=args.max_latency_ms)
+                    max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet))
     result = run_search(cfg)
     rep = result.report
     if args.json:

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class RunConfig:
     confirm_rounds: int = 3
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
+    progress: bool = True  # a progress bar on stderr when it is a terminal
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -328,6 +330,12 @@ class Search:
 
         self.setup()
         budget = self.cfg.budget
+        self.bar = None
+        if self.cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=budget.trials, initial=self.counts["from_store"], file=sys.stderr, unit="cand",
+                            desc="graphopt")
         done = self.counts["from_store"]
         try:
             self.baseline, cached = self.evaluate(Genotype())
@@ -353,6 +361,8 @@ class Search:
         except TargetUnreachable as e:
             self.stopped_because = f"target unreachable: {e}"
             self.unreachable = e
+        if self.bar is not None:
+            self.bar.close()
         records = self.store.records()
         best = self.best_record()
         confirmed = None
@@ -391,6 +401,13 @@ class Search:
         lat = f"{rec.latency_ms:.3f} ms" if rec.latency_ms is not None else "-"
         fid = f"{rec.fidelity:.6f}" if rec.fidelity is not None else "-"
         extra = f" ({rec.error})" if rec.error else ""
+        if self.bar is not None:  # a terminal: one live line instead of a log line per candidate
+            if i:
+                self.bar.update(1)
+            left = self._time_left()
+            self.bar.set_postfix_str(f"best {best.latency_ms:.3f} ms x{speed or 1:.3f} fid {best.fidelity:.5f}"
+                                     + (f" | {left:.0f}s left" if math.isfinite(left) else "") if best else "no feasible yet")
+            return
         log.info("[%s/%s] %6.1fs %-10s %-11s fidelity %s latency %s%s | best %s%s",
                  i, total if total is not None else "-", time.monotonic() - self.t_start, what,
                  rec.status + (" (cached)" if cached else ""), fid, lat, extra,

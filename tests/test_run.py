@@ -169,3 +169,18 @@ def test_max_size_marks_big_candidates_infeasible(convbn_path, tmp_path):
     assert all(r.status == "infeasible" and "--max-size-mb" in r.error for r in res.records)
     res = optimize(convbn_path, "ort", budget=2, out=tmp_path / "o2", max_size_mb=size * 4 / 1e6)
     assert res.exit_code == 0 and res.report["constraints"]["max_size_mb"] == size * 4 / 1e6
+
+
+def test_progress_bar_on_a_terminal(convbn_path, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    optimize(convbn_path, "ort", budget=3, out=tmp_path / "o", progress=True)
+    text = err.getvalue()
+    assert "graphopt: 100%" in text and "3/3" in text and "best " in text and "fid " in text
