@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -337,6 +338,7 @@ class Search:
             self.bar = tqdm(total=budget.trials, initial=self.counts["from_store"], file=sys.stderr, unit="cand",
                             desc="graphopt")
         done = self.counts["from_store"]
+        durations: list[float] = []
         try:
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)
@@ -344,14 +346,20 @@ class Search:
                 if budget.trials is not None and done >= budget.trials:
                     self.stopped_because = "budget (candidates)"
                     break
-                if self._time_left() <= 0:
+                # stop when the next candidate would likely end past the deadline (more than half of
+                # a typical candidate's time over), so a time budget is honoured within a fraction of
+                # one candidate, compile and measure included
+                if self._time_left() <= 0.5 * (statistics.median(durations) if durations else 0.0):
                     self.stopped_because = "budget (time)"
                     break
                 asked = self.strategy.ask(1)
                 if not asked:
                     self.stopped_because = "search space exhausted"
                     break
+                t_cand = time.monotonic()
                 rec, cached = self.evaluate(asked[0])
+                if not cached:
+                    durations.append(time.monotonic() - t_cand)
                 done += 1
                 self.strategy.tell([(rec.genotype, self._score(rec))])
                 self._progress(done, rec, cached)

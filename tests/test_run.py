@@ -184,3 +184,33 @@ def test_progress_bar_on_a_terminal(convbn_path, tmp_path, monkeypatch):
     optimize(convbn_path, "ort", budget=3, out=tmp_path / "o", progress=True)
     text = err.getvalue()
     assert "graphopt: 100%" in text and "3/3" in text and "best " in text and "fid " in text
+
+
+def test_time_budget_honoured_with_slow_compiles(convbn_path, tmp_path):
+    """A fake target whose compile takes 0.4 s: a 3 s budget ends within a fraction of a candidate."""
+    import time as _time
+
+    from graphopt.registry import TARGETS
+    from graphopt.targets.ort import OrtTarget
+
+    class Slow(OrtTarget):
+        name = "slow"
+
+        def compile(self, model, workdir):
+            _time.sleep(0.4)
+            return super().compile(model, workdir)
+
+    TARGETS.register("slow", Slow)
+    try:
+        p = tmp_path / "m.onnx"
+        onnx.save(conv_bn_model(blocks=6), p)  # 6 sites: enough candidates to outlast the budget
+        t0 = _time.monotonic()
+        res = optimize(p, "slow", budget="3s", out=tmp_path / "o", target_options={"repeat": 3})
+        wall = _time.monotonic() - t0
+    finally:
+        TARGETS.unregister("slow")
+    assert res.report["search"]["stopped_because"] == "budget (time)"
+    assert res.report["search"]["candidates"]["new"] >= 4
+    # the search loop itself (not the final confirm/export) ends within ~half a candidate of 3 s
+    assert 2.5 <= res.report["wall_time_s"] <= 3.0 + 0.5 + 1.0, res.report["wall_time_s"]
+    assert wall < 10
