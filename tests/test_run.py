@@ -214,3 +214,30 @@ def test_time_budget_honoured_with_slow_compiles(convbn_path, tmp_path):
     # the search loop itself (not the final confirm/export) ends within ~half a candidate of 3 s
     assert 2.5 <= res.report["wall_time_s"] <= 3.0 + 0.5 + 1.0, res.report["wall_time_s"]
     assert wall < 10
+
+
+def test_genotypes_with_the_same_graph_are_measured_once(convbn_path, tmp_path):
+    from graphopt.genotype import Site
+    from graphopt.plugin import Pass
+    from graphopt.registry import PASSES
+
+    class Cosmetic(Pass):
+        """Two sites whose moves leave the graph as it is: every candidate is the original graph."""
+        name = "cosmetic"
+
+        def sites(self, graph):
+            return [Site(f"cosmetic:{i}", "cosmetic", (), ("keep", "touch")) for i in range(2)]
+
+        def apply(self, graph, site, choice, ctx):
+            return True
+
+    PASSES.register("cosmetic", Cosmetic)
+    try:
+        res = optimize(convbn_path, "ort", passes="cosmetic", budget=5, out=tmp_path / "o")
+    finally:
+        PASSES.unregister("cosmetic")
+    c = res.report["search"]["candidates"]
+    assert c["new"] == 1 and c["duplicates"] == 3  # the original measured once; 3 genotypes reuse it
+    base = res.records[0]
+    for r in res.records[1:]:
+        assert r.duplicate_of == base.id and r.latency_ms == base.latency_ms and r.graph_hash == base.graph_hash
