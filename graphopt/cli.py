@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed for the strategy and synthetic data (default: 0)")
     run.add_argument("--out", default="graphopt-out", metavar="DIR",
                      help="output directory (default: graphopt-out); reused = resumed")
+    run.add_argument("--no-repair", action="store_true",
+                     help="do not refit weights after approximate moves (default: least-squares repair on --data)")
     run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
@@ -165,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     strategy=args.strategy, budget=Budget.parse(args.budget), data=args.data, metric=args.metric,
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
-                    max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet))
+                    max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
+                    pass_options={"repair": not args.no_repair})
     result = run_search(cfg)
     rep = result.report
     if args.json:

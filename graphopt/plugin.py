@@ -35,11 +35,13 @@ class MoveContext:
     `base_model`: the original (shape-inferred) ModelProto, never to be edited.
     `calibration`: input name -> array with a leading sample axis (for data-driven repair).
     `options`: per-run pass options from the CLI/API (e.g. {"repair": True}).
+    `cache`: shared by all moves of a run, for expensive read-only facts about the base model.
     """
 
     base_model: "onnx.ModelProto"
     calibration: Mapping[str, "np.ndarray"] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # per-run memo (e.g. original activations)
 
 
 class Pass:

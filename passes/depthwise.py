@@ -127,7 +127,8 @@ def factorize(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
             pw.transpose(1, 0, 2).reshape(cout, cin * r, 1, 1))
 
 
-def _rewrite(graph: "gs.Graph", m: _Match, r: int) -> None:
+def _rewrite(graph: "gs.Graph", m: _Match, r: int):
+    """Returns (depthwise weight, depthwise attrs, pointwise node) for an optional repair."""
     import onnx_graphsurgeon as gs
 
     conv = m.conv
@@ -162,6 +163,32 @@ def _rewrite(graph: "gs.Graph", m: _Match, r: int) -> None:
     pw = gs.Node("Conv", name=_fresh_name(node_names, f"{conv.name}/pointwise"),
                  attrs={"kernel_shape": [1, 1]}, inputs=pw_inputs, outputs=outs)
     graph.nodes.extend([dw, pw])
+    return dw_w, dw_attrs, pw
+
+
+def _repair(ctx: MoveContext, x_name: str, y_name: str, bias: np.ndarray | None, dw_w: np.ndarray,
+            dw_attrs: dict, pw) -> bool:
+    """Least-squares refit of the pointwise weights so that pointwise(depthwise(x)) matches the
+    original conv's output on the calibration inputs (x and y from the original model)."""
+    from graphopt.repair import activations, refit_pointwise, run_conv
+
+    act = activations(ctx)
+    if act is None:
+        return False
+    names = ctx.cache.get("base_tensor_names")
+    if names is None:
+        g = ctx.base_model.graph
+        names = ctx.cache["base_tensor_names"] = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    if x_name not in names or y_name not in names:
+        return False  # an earlier move made these tensors: no original activations to match
+    a = act.get([x_name, y_name])
+    feats = run_conv(a[x_name], dw_w, dw_attrs)
+    target = a[y_name].astype(np.float64)
+    if bias is not None:
+        target = target - bias.reshape(1, -1, 1, 1)
+    w = refit_pointwise(feats, target)
+    pw.inputs[1].values = np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1], 1, 1).astype(pw.inputs[1].dtype))
+    return True
 
 
 def _cost(m: _Match) -> float:
@@ -201,7 +228,11 @@ class DepthwiseSeparable(Pass):
         m = _match(conv)
         if isinstance(m, str) or int(choice) > m.full_rank:
             return False
-        _rewrite(graph, m, int(choice))
+        x_name, y_name = m.conv.inputs[0].name, m.conv.outputs[0].name
+        bias = _const(_input(m.conv, 2))
+        dw_w, dw_attrs, pw = _rewrite(graph, m, int(choice))
+        if ctx.options.get("repair", True):
+            _repair(ctx, x_name, y_name, bias, dw_w, dw_attrs, pw)
         return True
 
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
