@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="graphopt-out", metavar="DIR",
                      help="output directory (default: graphopt-out); reused = resumed")
     run.add_argument("--no-repair", action="store_true",
-                     help="do not refit weights after approximate moves (default: least-squares repair on --data)")
+                     help="do not refit weights after approximate moves (default: least-squares repair on the calibration inputs)")
     run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
