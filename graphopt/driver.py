@@ -177,8 +177,19 @@ class Search:
                                        "metric": cfg.metric, "min_fidelity": cfg.min_fidelity,
                                        "data": str(Path(cfg.data).resolve()) if cfg.data else None,
                                        "pass_options": cfg.pass_options})
-        self.checker = FidelityChecker(self.base.proto, self.data, cfg.metric)
-        self.ctx = MoveContext(base_model=self.base.proto, calibration=self.data.arrays,
+        # Passes that fit weights to data (repair) get one half of the calibration samples and
+        # fidelity is measured on the other half, so it is never judged on the data it was fit to.
+        fit_data, self.fidelity_data = self.data, self.data
+        n = self.data.num_samples
+        if (cfg.pass_options.get("repair", True) and n >= 4
+                and any(getattr(p, "uses_calibration", False) for p in self.passes.values())):
+            half = n // 2
+            fit_data = CalibrationData({k: v[:half] for k, v in self.data.arrays.items()}, self.data.source)
+            self.fidelity_data = CalibrationData({k: v[half:] for k, v in self.data.arrays.items()},
+                                                 self.data.source)
+        self.fit_samples = fit_data.num_samples if fit_data is not self.data else 0
+        self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
+        self.ctx = MoveContext(base_model=self.base.proto, calibration=fit_data.arrays,
                                options=dict(cfg.pass_options))
         self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed)
         # A resumed run replays the store: the strategy learns what was measured and the

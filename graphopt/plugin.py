@@ -58,6 +58,9 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stage: ClassVar[int] = 50
+    # True when apply() fits weights to ctx.calibration: the driver then holds half of the
+    # calibration samples out of the fit and measures fidelity on them.
+    uses_calibration: ClassVar[bool] = False
 
     def sites(self, graph: "gs.Graph") -> list[Site]:
         raise NotImplementedError

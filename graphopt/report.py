@@ -95,8 +95,10 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
         "fidelity": {"metric": cfg.metric, "min_required": cfg.min_fidelity,
                      "best": best.fidelity if best else None,
                      "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),
-                     "synthetic": search.data.synthetic, "samples": search.data.num_samples,
+                     "synthetic": search.data.synthetic, "samples": search.fidelity_data.num_samples,
+                     "repair_fit_samples": search.fit_samples,
                      "how": ("onnxruntime outputs of each candidate vs the original on the calibration inputs"
+                             + (" (the half not used to fit repaired weights)" if search.fit_samples else "")
                              + ("; inputs were SYNTHETIC (random, from the declared types and shapes): "
                                 "pass --data for real calibration data" if search.data.synthetic else ""))},
         "search": {"strategy": cfg.strategy, "seed": cfg.seed, "budget": search.cfg.budget.describe(),

@@ -201,7 +201,12 @@ def _cost(m: _Match) -> float:
 
 # ------------------------------------------------------------------------------------- the pass
 class DepthwiseSeparable(Pass):
-    """KxK Conv -> depthwise KxK (multiplier r) + pointwise 1x1, from a per-channel rank-r SVD."""
+    """KxK Conv -> depthwise KxK (multiplier r) + pointwise 1x1, from a per-channel rank-r SVD.
+
+    With calibration data and repair on (the default), the pointwise weights are then refit by
+    least squares to the original conv's outputs (graphopt.repair)."""
+
+    uses_calibration = True
 
     name = "depthwise"
     description = "replace a KxK conv by depthwise KxK (multiplier r) + pointwise 1x1, SVD-initialised"

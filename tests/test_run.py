@@ -241,3 +241,14 @@ def test_genotypes_with_the_same_graph_are_measured_once(convbn_path, tmp_path):
     base = res.records[0]
     for r in res.records[1:]:
         assert r.duplicate_of == base.id and r.latency_ms == base.latency_ms and r.graph_hash == base.graph_hash
+
+
+def test_repair_fit_and_fidelity_use_disjoint_samples(convbn_path, tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((10, 1, 3, 16, 16)).astype(np.float32))
+    res = optimize(convbn_path, "ort", passes="depthwise", budget=2, data=data, out=tmp_path / "o",
+                   min_fidelity=0.0)
+    f = res.report["fidelity"]
+    assert f["repair_fit_samples"] == 5 and f["samples"] == 5 and "not used to fit" in f["how"]
+    res = optimize(convbn_path, "ort", passes="conv_bn", budget=1, data=data, out=tmp_path / "o2")
+    assert res.report["fidelity"]["samples"] == 10 and res.report["fidelity"]["repair_fit_samples"] == 0
