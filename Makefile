@@ -36,5 +36,9 @@ demo-x86: models
 test: models
 	$(PY) -m pytest -q tests
 
+bench: models
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/compare.py
+
 clean:
 	rm -rf out graphopt-out models/*.onnx models/*.npz
