@@ -197,6 +197,18 @@ class Strategy:
         self.options = options
 
     def ask(self, n: int = 1) -> list[Genotype]:
+        """Default: up to n proposals from `_next()` (None = exhausted), never one in `seen`."""
+        seen = self.__dict__.setdefault("seen", {Genotype()})
+        out: list[Genotype] = []
+        while len(out) < n:
+            g = self._next()
+            if g is None:
+                break
+            seen.add(g)
+            out.append(g)
+        return out
+
+    def _next(self) -> Genotype | None:
         raise NotImplementedError
 
     def tell(self, scored: Sequence[tuple[Genotype, float]]) -> None:

@@ -89,16 +89,6 @@ class GridSearch(Strategy):
             genes.update(knob.genes(i))
         return Genotype(genes)
 
-    def ask(self, n: int = 1) -> list[Genotype]:
-        out: list[Genotype] = []
-        while len(out) < n:
-            g = self._next()
-            if g is None:
-                break
-            self.seen.add(g)
-            out.append(g)
-        return out
-
     def _next(self) -> Genotype | None:
         while self._queue:
             g = self._queue.pop(0)

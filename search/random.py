@@ -45,16 +45,6 @@ class RandomSearch(Strategy):
         chosen = self.rng.sample(sites, k)
         return Genotype({s.key: self.rng.choice(s.choices[1:]) for s in chosen})
 
-    def ask(self, n: int = 1) -> list[Genotype]:
-        out: list[Genotype] = []
-        while len(out) < n:
-            g = self._next()
-            if g is None:
-                break
-            self.seen.add(g)
-            out.append(g)
-        return out
-
     def _next(self) -> Genotype | None:
         while self._queue:
             g = self._queue.pop(0)
