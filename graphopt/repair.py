@@ -68,7 +68,6 @@ def activations(ctx) -> Activations | None:
 
 def run_conv(x: np.ndarray, weight: np.ndarray, attrs: Mapping) -> np.ndarray:
     """One Conv (no bias) on x with onnxruntime."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

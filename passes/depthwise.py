@@ -32,7 +32,7 @@ import numpy as np
 from graphopt.genotype import Choice, Site
 from graphopt.ir import node_by_name
 from graphopt.plugin import MoveContext, Pass
-from ._graph import _present, _const, _input, _static_size, _fresh_name
+from ._graph import _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
