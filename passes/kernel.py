@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 class _Match:
     conv: "gs.Node"
     weight: np.ndarray  # [Cout, Cin/group, kh, kw]
-    pads: list[int]  # explicit [top, left, bottom, right] (auto_pad resolved)
+    pads: list[int]  # explicit [top, left, bottom, right] (auto_pad resolved, a zero Pad absorbed)
     dilations: list[int]
+    pad_node: "gs.Node | None" = None  # a constant zero Pad feeding the conv, folded into its pads
 
     @property
     def k(self) -> int:
@@ -120,7 +121,33 @@ def _pattern(conv: "gs.Node") -> _Match | str:
     pads = _explicit_pads(conv, kernel, strides, dilations)
     if isinstance(pads, str):
         return pads
-    return _Match(conv, w, pads, dilations)
+    pad_node = _zero_pad_producer(conv)
+    if pad_node is not None:  # "same" padding exported as a separate Pad: the conv can own it
+        pp = [int(v) for v in _const(_input(pad_node, 1))]
+        pads = [pads[0] + pp[2], pads[1] + pp[3], pads[2] + pp[6], pads[3] + pp[7]]
+    return _Match(conv, w, pads, dilations, pad_node)
+
+
+def _zero_pad_producer(conv: "gs.Node") -> "gs.Node | None":
+    """The Pad producing the conv's input when it zero-pads only H and W and feeds only this conv."""
+    x = conv.inputs[0]
+    if len(x.inputs) != 1 or x.inputs[0].op != "Pad" or len(x.outputs) != 1:
+        return None
+    if str(conv.attrs.get("auto_pad", "NOTSET")) not in ("NOTSET", "b'NOTSET'"):
+        return None
+    pad = x.inputs[0]
+    mode = pad.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    pads = _const(_input(pad, 1))
+    if mode != "constant" or pads is None or pads.shape != (8,) or _input(pad, 3) is not None:
+        return None
+    value = _input(pad, 2)
+    if value is not None and (_const(value) is None or np.any(_const(value) != 0)):
+        return None
+    pads = [int(v) for v in pads]
+    if any(v < 0 for v in pads) or pads[0] or pads[1] or pads[4] or pads[5]:
+        return None
+    return pad
 
 
 def _check(m: _Match, k_new: int | None = None) -> str | None:
@@ -165,6 +192,8 @@ def _rewrite(graph: "gs.Graph", m: _Match, k_new: int) -> None:
     base = conv.name.strip("/").replace("/", "_") or "conv"
     new_w = np.ascontiguousarray(_resize(m.weight, k_new).astype(m.weight.dtype))
     conv.inputs[1] = gs.Constant(_fresh_name(taken, f"{base}_k{k_new}_weight"), new_w)
+    if m.pad_node is not None:  # the conv takes over the Pad's padding (cleanup drops the Pad)
+        conv.inputs[0] = m.pad_node.inputs[0]
     conv.attrs["pads"] = m.new_pads(k_new)
     conv.attrs["kernel_shape"] = [k_new, k_new]
     conv.attrs.pop("auto_pad", None)  # explicit pads now say it all (NOTSET)

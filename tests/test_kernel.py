@@ -311,3 +311,27 @@ def test_bad_choice_raises():
     for bad in ("keep", 4, 0, True):
         with pytest.raises(ValueError):
             KernelResize().apply(loaded.graph(), site, bad, MoveContext(base_model=loaded.proto))
+
+
+def test_separate_zero_pad_is_absorbed():
+    """'same' padding exported as Pad -> Conv(pads 0) (as EfficientNet's export does): a site, exact growth."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (6, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")]
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["xp"], name="/pad", mode="constant"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="/dw", group=6, kernel_shape=[3, 3])]
+    base = load_proto(_model(nodes, {"x": [1, 6, 8, 8]}, ["y"], inits))
+    sites = KernelResize().sites(base.graph())
+    assert [s.choices for s in sites] == [("keep", 1, 5)]
+    x = rng.normal(0, 1, (1, 6, 8, 8)).astype(np.float32)
+    for k in (1, 5):
+        g = base.graph()
+        assert KernelResize().apply(g, sites[0], k, MoveContext(base.proto))
+        out = export_graph(g)
+        assert not any(n.op_type == "Pad" for n in out.graph.node)
+        s = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+        r = ort.InferenceSession(base.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        y, y0 = s.run(None, {"x": x})[0], r.run(None, {"x": x})[0]
+        assert y.shape == y0.shape
+        if k == 5:
+            np.testing.assert_allclose(y, y0, atol=1e-5)
