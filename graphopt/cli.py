@@ -219,7 +219,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import onnxruntime
+
     from .inspection import format_inspection, inspect_model
+
+    if not args.debug:
+        onnxruntime.set_default_logger_severity(3)
 
     info = inspect_model(args.model, passes=args.passes, shapes=_shapes(args.shape), top=args.top)
     if args.json:

@@ -250,62 +250,7 @@ def input_specs(model: "onnx.ModelProto") -> list[tuple[str, list[int | str | No
     return out
 
 
-_CONSTANT_ATTRS = {"value_float": "float32", "value_floats": "float32", "value_int": "int64", "value_ints": "int64"}
-
-
-def normalize_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """A copy with Constant(value_float/value_floats/value_int/value_ints) as Constant(value).
-
-    TVM 0.27's importer only reads `value` ("no value in Constant"), and onnx-graphsurgeon
-    folds value_float to a float64 tensor, which turns x*2.0 into a float32*float64 Mul.
-    """
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    if not any(n.op_type == "Constant" and n.attribute and n.attribute[0].name in _CONSTANT_ATTRS
-               for n in model.graph.node):
-        return model
-    out = type(model)()
-    out.CopyFrom(model)
-    for node in out.graph.node:
-        if node.op_type != "Constant" or len(node.attribute) != 1:
-            continue
-        attr = node.attribute[0]
-        if attr.name not in _CONSTANT_ATTRS:
-            continue
-        value = np.array(helper.get_attribute_value(attr), dtype=_CONSTANT_ATTRS[attr.name])
-        del node.attribute[:]
-        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
-    return out
-
-
-def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """A copy of `model` with constant subgraphs folded (onnx-graphsurgeon + onnxruntime).
-
-    TVM 0.27's importer cannot follow shape arithmetic it could fold: the torchscript export
-    of EfficientNet-Lite0 (do_constant_folding=False) computes every Pad's pads through
-    Shape/ConstantOfShape/Concat/Reshape, and from_onnx fails on that Reshape ("Reshape
-    expects the input tensor to have known shape"). Folding leaves Conv/BN/activations alone
-    (their inputs are not all constant), so the compiled graph is the candidate's graph.
-    The folded model must pass strict ONNX type/shape inference; otherwise (or when folding
-    fails) the model comes back with only its Constants normalized, and the importer reports
-    what it cannot do.
-    """
-    model = normalize_constants(model)
-    try:
-        import onnx
-        import onnx_graphsurgeon as gs
-
-        graph = gs.import_onnx(model)
-        graph.fold_constants().cleanup().toposort()
-        folded = gs.export_onnx(graph)
-        folded.ir_version = model.ir_version
-        del folded.opset_import[:]
-        folded.opset_import.extend(model.opset_import)
-        onnx.shape_inference.infer_shapes(folded, check_type=True, strict_mode=True)
-        return folded
-    except Exception:  # noqa: BLE001 - folding is an optimisation of the import, not required
-        return model
+from graphopt.ir import fold_constants, normalize_constants  # noqa: E402,F401  (re-exported)
 
 
 def import_onnx(
