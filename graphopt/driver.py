@@ -394,13 +394,15 @@ class Search:
                 self.stopped_because = f"target unreachable: {e}"
             except Exception as e:
                 log.warning("could not confirm the best candidate: %s", _one_line(e))
-        if confirmed is not None and confirmed["speedup"] < 1.0:
-            confirmed["verdict"] = (f"candidate {best.id} was not faster than the original when re-measured: "
-                                    "keeping the original")
+        wins = (sum(c < b for b, c in zip(confirmed["original_rounds_ms"], confirmed["best_rounds_ms"]))
+                if confirmed is not None else 0)
+        if confirmed is not None and (confirmed["speedup"] < 1.0 or wins < confirmed["rounds"]):
+            confirmed["verdict"] = (f"candidate {best.id} was faster in only {wins} of {confirmed['rounds']} "
+                                    "alternating rounds: not distinguishable from noise, keeping the original")
             log.warning("confirm: %s", confirmed["verdict"])
             best = self.baseline
         elif confirmed is not None:
-            confirmed["verdict"] = f"candidate {best.id} confirmed faster than the original"
+            confirmed["verdict"] = f"candidate {best.id} confirmed faster than the original in every round"
         report = build_report(self, records, best)
         report["confirmed"] = confirmed
         try:

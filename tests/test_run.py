@@ -252,3 +252,42 @@ def test_repair_fit_and_fidelity_use_disjoint_samples(convbn_path, tmp_path):
     assert f["repair_fit_samples"] == 5 and f["samples"] == 5 and "not used to fit" in f["how"]
     res = optimize(convbn_path, "ort", passes="conv_bn", budget=1, data=data, out=tmp_path / "o2")
     assert res.report["fidelity"]["samples"] == 10 and res.report["fidelity"]["repair_fit_samples"] == 0
+
+
+def _node_count_target(flip_after: int | None):
+    """Latency = node count (fewer nodes faster); after `flip_after` measurements, the reverse."""
+    from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
+
+    class NodeCount(Target):
+        name = "node_count"
+        calls = 0
+
+        def compile(self, model, workdir):
+            return Artifact(target=self.name, handle=len(model.graph.node))
+
+        def measure(self, artifact, inputs):
+            type(self).calls += 1
+            n = artifact.handle
+            lat = n if flip_after is None or type(self).calls <= flip_after else 100 - n
+            return Measurement(latency=LatencyStats.from_samples([float(lat)]), method="estimated", tuned=None)
+
+    return NodeCount
+
+
+@pytest.mark.parametrize("flip_after,kept", [(None, "candidate"), (4, "original")])
+def test_confirm_step_keeps_only_a_winner_that_holds_up(convbn_path, tmp_path, flip_after, kept):
+    from graphopt.registry import TARGETS
+
+    TARGETS.register("node_count", _node_count_target(flip_after))
+    try:
+        res = optimize(convbn_path, "node_count", budget=3, out=tmp_path / "o")  # original + 3 = 4 measurements
+    finally:
+        TARGETS.unregister("node_count")
+    conf = res.report["confirmed"]
+    assert conf["rounds"] == 3
+    if kept == "candidate":
+        assert "confirmed faster" in conf["verdict"] and res.report["best"]["is_original"] is False
+        assert res.report["best"]["median_ms"] == 7.0  # 9 nodes - 2 fused BNs
+    else:
+        assert "keeping the original" in conf["verdict"] and res.report["best"]["is_original"] is True
+        assert (tmp_path / "o" / "best.onnx").read_bytes() == convbn_path.read_bytes()
