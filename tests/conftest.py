@@ -21,6 +21,24 @@ def _const(name: str, arr: np.ndarray):
     return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
 
 
+def float_init(name: str, arr) -> onnx.TensorProto:
+    """A float32 initializer."""
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def make_model(nodes, inputs: dict[str, list[int]], outputs: list[str], inits) -> onnx.ModelProto:
+    """Float graph at opset 17 (IR 8); output shapes filled in by onnx shape inference."""
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
 def conv_bn_model(channels: int = 8, size: int = 16, blocks: int = 2, seed: int = 0,
                   dynamic_batch: bool = False) -> onnx.ModelProto:
     """x -> [Conv -> BN -> Relu] * blocks -> GlobalAveragePool -> Flatten -> Gemm -> logits."""

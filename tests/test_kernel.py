@@ -6,8 +6,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from conftest import float_init as _init
+from conftest import make_model as _model
 from graphopt.ir import export_graph, load_proto, node_by_name
 from graphopt.passes.kernel import KernelResize
 from graphopt.plugin import MoveContext
@@ -18,22 +20,6 @@ TOL = 1e-4
 # ------------------------------------------------------------------------------------ builders
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
-
-
-def _model(nodes, inputs: dict[str, list[int]], outputs: list[str], inits) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return onnx.shape_inference.infer_shapes(model)
 
 
 def conv_model(*, bias=True, group=1, cin=4, cout=6, k=3, hw=8, batch=2, seed=0, weight=None, **conv_attrs):
