@@ -68,6 +68,14 @@ class Pass:
     def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
         raise NotImplementedError
 
+    def finalize(self, model: "onnx.ModelProto", moves: list[tuple[Site, Choice]],
+                 ctx: MoveContext) -> "onnx.ModelProto":
+        """A whole-model step after every pass's apply() and the export (onnx.checker passed):
+        `moves` are this pass's applied (site, choice) pairs; called only when there is one.
+        For rewrites that work on whole models (int8 quantize_static). Return a checked model.
+        Default: the model unchanged."""
+        return model
+
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
         """(node name, why it is not a site) for near misses; shown by `graphopt inspect`."""
         return []

@@ -258,6 +258,7 @@ def import_onnx(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_dtypes: Mapping[str, str] | None = None,
     fold: bool = True,
+    lower_int8: bool = True,
 ):
     """ONNX ModelProto -> Relax IRModule via tvm.relax.frontend.onnx.from_onnx.
 
@@ -265,6 +266,8 @@ def import_onnx(
     unknown dimension without an entry in input_shapes is a CompileError (TVM targets need
     static shapes: a batch-1 export bakes its Reshape shapes). Input dtypes come from the model.
     `fold`: fold constant subgraphs first (fold_constants; ~0.3 s on EfficientNet-Lite0).
+    `lower_int8`: rewrite QDQ (dequantize -> conv2d/matmul) into integer conv2d/matmul with int32
+    accumulation (targets/qdq_lower.py); a model without DequantizeLinear is left as it is.
     Raises CompileError naming the unsupported op(s), or the node whose conversion failed.
     """
     load_tvm()
@@ -296,7 +299,7 @@ def import_onnx(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # from_onnx warns on every onnx.checker complaint
-            return from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
+            mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
     except Exception as e:  # noqa: BLE001 - every importer failure becomes a CompileError
         ver = tvm_version()
         if type(e).__name__ == "OpNotImplemented":
@@ -308,6 +311,18 @@ def import_onnx(
                 f"{type(e).__name__}: {_first_line(e)}"
             ) from e
         raise CompileError(f"TVM {ver} ONNX import failed: {type(e).__name__}: {_first_line(e)}") from e
+    if lower_int8 and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        from .qdq_lower import lower_qdq
+
+        try:
+            mod, stats = lower_qdq(mod)
+        except Exception as e:  # noqa: BLE001
+            raise CompileError(f"QDQ -> integer lowering failed: {type(e).__name__}: {_first_line(e)}; "
+                               "import with lower_int8=False to run the QDQ model as fake quantization") from e
+        import logging
+
+        logging.getLogger("graphopt.tvm").info("QDQ -> integer lowering: %s", stats)
+    return mod
 
 
 # ------------------------------------------------------------------------------------- build

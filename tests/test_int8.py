@@ -1,0 +1,160 @@
+"""passes/int8.py: static QDQ quantization per node or whole model, through materialize."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import float_init, make_model
+from graphopt.passes.int8 import GLOBAL_KEY, Int8Quantize, quantize
+from onnx import helper
+
+from graphopt.driver import materialize
+from graphopt.errors import UsageError
+from graphopt.genotype import Genotype, SearchSpace
+from graphopt.ir import load_proto
+from graphopt.plugin import MoveContext
+from graphopt.registry import PASSES
+
+
+def conv_net(seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,16,16] -> Conv -> Relu -> Conv -> Relu -> GAP -> Flatten -> Gemm -> y[1,10]."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1)]
+    inits = [float_init("w0", rng.standard_normal((16, 3, 3, 3)) * 0.3), float_init("b0", rng.standard_normal(16) * 0.1),
+             float_init("w1", rng.standard_normal((16, 16, 3, 3)) * 0.1), float_init("b1", rng.standard_normal(16) * 0.1),
+             float_init("wg", rng.standard_normal((10, 16)) * 0.3), float_init("bg", rng.standard_normal(10) * 0.1)]
+    return make_model(nodes, {"x": [1, 3, 16, 16]}, ["y"], inits)
+
+
+def _data(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    base = load_proto(conv_net())
+    p = Int8Quantize()
+    space = SearchSpace(p.sites(base.graph()))
+    ctx = MoveContext(base_model=base.proto, calibration={"x": _data(8, 1)})
+    return base, p, space, ctx
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, opt_path: str | None = None) -> np.ndarray:
+    so = ort.SessionOptions()
+    if opt_path:
+        so.optimized_model_filepath = opt_path
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _quantized_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of Conv/MatMul/Gemm nodes whose data input (0) comes from a DequantizeLinear."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
+            and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear"}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_registered():
+    assert PASSES.get("int8") is Int8Quantize
+
+
+def test_sites(setup):
+    _, _, space, _ = setup
+    keys = [s.key for s in space.sites]
+    assert keys == ["int8:conv0", "int8:conv1", "int8:fc", GLOBAL_KEY]
+    assert space.site("int8:conv1").choices == ("keep", "int8")
+    assert space.site(GLOBAL_KEY).choices == ("keep", "all")
+    assert space.site("int8:conv1").cost == 2.0 * 16 * 16 * 16 * 16 * 9
+
+
+def test_only_chosen_nodes_are_quantized(setup):
+    base, p, space, ctx = setup
+    model, applied = materialize(base, space, Genotype({"int8:conv1": "int8"}), {"int8": p}, ctx)
+    assert applied == {"int8:conv1": "applied"}
+    onnx.checker.check_model(model, full_check=True)
+    assert _quantized_nodes(model) == {"conv1"}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 1 and "DequantizeLinear" in ops
+    # the weight of conv1 is stored as int8 with a per-channel scale
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    w1 = [v for k, v in inits.items() if k.startswith("w1") and v.dtype == np.int8 and v.ndim == 4]
+    assert len(w1) == 1 and w1[0].shape == (16, 16, 3, 3)
+    assert not any(k.startswith("w0") and v.dtype == np.int8 and v.ndim == 4 for k, v in inits.items())
+
+
+def test_ort_runs_integer_kernels(setup, tmp_path):
+    base, p, space, ctx = setup
+    model, _ = materialize(base, space, Genotype({"int8:conv0": "int8", "int8:conv1": "int8"}), {"int8": p}, ctx)
+    opt = tmp_path / "opt.onnx"
+    _run(model, _data(1, 2)[0], str(opt))
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert ops.count("QLinearConv") == 2, ops
+    assert "Conv" not in ops
+
+
+def test_whole_model_fidelity(setup):
+    """Whole-model int8 vs fp32 on held-out inputs: cosine >= 0.995 and max abs error within
+    5% of the output range (measured: cosine ~0.9999)."""
+    base, p, space, ctx = setup
+    model, applied = materialize(base, space, Genotype({GLOBAL_KEY: "all"}), {"int8": p}, ctx)
+    assert applied == {GLOBAL_KEY: "applied"}
+    assert _quantized_nodes(model) == {"conv0", "conv1", "fc"}
+    for x in _data(4, 3):
+        ref, got = _run(base.proto, x), _run(model, x)
+        assert _cosine(ref, got) >= 0.995
+        assert np.abs(ref - got).max() <= 0.05 * (ref.max() - ref.min())
+
+
+def test_move_on_a_removed_node_does_not_apply(setup):
+    base, p, space, ctx = setup
+    g = base.graph()
+    conv = next(n for n in g.nodes if n.name == "conv1")
+    conv.name = "renamed"
+    assert p.apply(g, space.site("int8:conv1"), "int8", ctx) is False
+    with pytest.raises(ValueError, match="not 'int8'"):
+        p.apply(g, space.site("int8:conv0"), 0.5, ctx)
+
+
+def test_options_are_checked(setup):
+    base, _, _, ctx = setup
+    with pytest.raises(UsageError, match="int8_activations"):
+        quantize(base.proto, dict(ctx.calibration), ["conv0"], activations="int4")
+    with pytest.raises(UsageError, match="--data"):
+        quantize(base.proto, {}, ["conv0"])
+    with pytest.raises(UsageError, match=r"no array for input\(s\) \['x'\]"):
+        quantize(base.proto, {"other": ctx.calibration["x"]}, ["conv0"])
+
+
+def test_int8_activations_option(setup):
+    base, _, _, ctx = setup
+    q = quantize(base.proto, dict(ctx.calibration), ["conv0"], activations="int8", reduce_range=False)
+    zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
+    act_zps = [z for z in zps if z.ndim == 0]  # activations: per tensor; weights/bias: per channel
+    assert act_zps and all(z.dtype == np.int8 for z in act_zps)
+    q = quantize(base.proto, dict(ctx.calibration), ["conv0"], activations="uint8", reduce_range=False)
+    act_zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
+    assert all(z.dtype == np.uint8 for z in act_zps if z.ndim == 0)
+
+
+def test_calibration_is_cached(setup, tmp_path):
+    base, _, _, ctx = setup
+    a = quantize(base.proto, dict(ctx.calibration), ["conv0"], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("ranges-*.json"))) == 1
+    b = quantize(base.proto, dict(ctx.calibration), ["conv0", "conv1"], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("ranges-*.json"))) == 1
+    assert _quantized_nodes(a) == {"conv0"} and _quantized_nodes(b) == {"conv0", "conv1"}
+    # the input model is never edited (quantize_static re-saves a ModelProto it is given in place)
+    onnx.checker.check_model(base.proto, full_check=True)
+    assert all(not i.external_data for i in base.proto.graph.initializer)
