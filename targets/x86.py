@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from graphopt.errors import DataError, UsageError
 from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
 
+from . import rpc
 from . import tvm_common as tc
 
 UNTUNED_NOTE = (
@@ -39,10 +40,11 @@ class X86Target(Target):
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, **options)
+        rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
-                f"unknown x86 target option(s) {sorted(options)}; valid: threads, mcpu, number, "
-                "repeat, warmup, mattr"
+                f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
+                f"repeat, warmup, mattr, {', '.join(rpc.OPTION_NAMES)}"
             )
         self.threads = int(threads) if threads is not None else (os.cpu_count() or 1)
         if self.threads < 1:
@@ -56,6 +58,13 @@ class X86Target(Target):
         self._mcpu = mcpu  # None: detect lazily (detection imports tvm)
         self._mattr = list(mattr) if mattr is not None else None
         self._target = None
+        self.rpc_config = self._rpc_config(rpc_options)
+        self._rpc_dir: str | None = None
+
+    def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:
+        """Measure through TVM RPC when tracker/server options are given (x86 ignores the
+        GRAPHOPT_RPC_* environment: it means this machine unless told otherwise)."""
+        return rpc.RpcConfig.from_options(rpc_options, env=None)
 
     # ----------------------------------------------------------------------- target facts
     @property
@@ -82,6 +91,8 @@ class X86Target(Target):
 
     def check(self) -> None:
         tc.require_tvm(self.name)
+        if self.rpc_config is not None:
+            rpc.check_reachable(self.rpc_config)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -92,7 +103,17 @@ class X86Target(Target):
             "threads": self.threads,
             "mcpu": self.mcpu,
             "tuned": False,
+            **self._rpc_describe(),
         }
+
+    def _rpc_describe(self) -> dict[str, Any]:
+        if self.rpc_config is None:
+            return {}
+        c = self.rpc_config
+        # the device is named by its key (or server), not the tracker's address, so a resumed
+        # run with the tracker elsewhere still matches the run store's identity
+        return {"device": f"TVM RPC device {c.key!r}" if c.tracker else f"TVM RPC {c.where()}",
+                "rpc": c.to_dict(), "measured": f"over TVM RPC ({c.where()})"}
 
     # ---------------------------------------------------------------------------- compile
     def compile(self, model, workdir: Path) -> Artifact:
@@ -138,11 +159,15 @@ class X86Target(Target):
 
     def run_once(self, artifact: Artifact, inputs: Mapping[str, Any]) -> list:
         """Run the compiled module once; outputs as numpy arrays in graph output order."""
+        if self.rpc_config is not None:
+            return rpc.run_remote(self.rpc_config, self._remote_lib(artifact), self._ordered_inputs(artifact, inputs))
         tvm = tc.load_tvm(self.threads)
         tc.set_num_threads(self.threads)
         return tc.run_vm(artifact.handle, tvm.cpu(), self._ordered_inputs(artifact, inputs))
 
     def measure(self, artifact: Artifact, inputs: Mapping[str, Any]) -> Measurement:
+        if self.rpc_config is not None:
+            return self._measure_rpc(artifact, inputs)
         tvm = tc.load_tvm(self.threads)
         args = self._ordered_inputs(artifact, inputs)
         threads = tc.set_num_threads(self.threads)
@@ -169,5 +194,59 @@ class X86Target(Target):
     def export(self, artifact: Artifact, out_dir: Path) -> list[Path]:
         return [tc.export_library(artifact.handle, Path(out_dir) / "model.so")]
 
+    # ------------------------------------------------------------------------ over RPC
+    def ms_runner(self):
+        """MetaSchedule runner for tuning: an RPCRunner on the tracker's devices when one is given,
+        else None (MetaSchedule's local runner)."""
+        c = self.rpc_config
+        return rpc.ms_runner(c) if c is not None and c.tracker is not None else None
+
+    def ms_builder(self) -> Any:
+        """MetaSchedule builder for tuning: None = the local one (rpi4 cross-links for aarch64)."""
+        return None
+
+    def _export_remote(self, artifact: Artifact, stem: Path) -> Path:
+        """Write the library a remote device loads (rpi4 overrides: cross-linked .so or .tar)."""
+        return tc.export_library(artifact.handle, stem.with_suffix(".so"))
+
+    def _remote_lib(self, artifact: Artifact) -> Path:
+        """The artifact exported once for upload (kept in a temp folder until close())."""
+        cached = artifact.info.get("rpc_lib")
+        if cached and Path(cached).exists():
+            return Path(cached)
+        import tempfile
+
+        if self._rpc_dir is None:
+            self._rpc_dir = tempfile.mkdtemp(prefix="graphopt-rpc-")
+        stem = Path(tempfile.mkdtemp(prefix="cand-", dir=self._rpc_dir)) / "model"
+        path = self._export_remote(artifact, stem)
+        artifact.info["rpc_lib"] = str(path)
+        return path
+
+    def _measure_rpc(self, artifact: Artifact, inputs: Mapping[str, Any]) -> Measurement:
+        args = self._ordered_inputs(artifact, inputs)
+        lib = self._remote_lib(artifact)
+        remote: dict[str, Any] = {}
+        samples, number = rpc.measure_remote(self.rpc_config, lib, args, number=self.number, repeat=self.repeat,
+                                             warmup=self.warmup, info=remote)
+        tuned = bool(artifact.info.get("tuned", False))
+        extra: dict[str, Any] = {"mcpu": self.mcpu, "compiler": f"tvm relax {tc.tvm_version()}",
+                                 "rpc": self.rpc_config.where(), "library": lib.name}
+        if not tuned:
+            extra["note"] = UNTUNED_NOTE
+        return Measurement(
+            latency=LatencyStats.from_samples(samples, runs_per_repeat=number),
+            method="rpc",
+            tuned=tuned,
+            threads=remote.get("threads"),
+            device=f"{self.rpc_config.where()} (llvm {self.target_json().get('mtriple', 'mcpu=' + self.mcpu)})",
+            extra=extra,
+        )
+
     def close(self) -> None:
         self._target = None
+        if self._rpc_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            self._rpc_dir = None
