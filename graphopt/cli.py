@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (default: graphopt-out); reused = resumed")
     run.add_argument("--no-repair", action="store_true",
                      help="do not refit weights after approximate moves (default: least-squares repair on the calibration inputs)")
+    run.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                     help="after the moves (and repair), train each candidate's changed weights for STEPS Adam steps "
+                          "so its outputs match the original's on the calibration data (distillation; needs torch; "
+                          "seconds per candidate on small models, minutes on large ones); default 0: off")
     run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
@@ -168,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
-                    pass_options={"repair": not args.no_repair})
+                    pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune)
     result = run_search(cfg)
     rep = result.report
     if args.json:

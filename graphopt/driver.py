@@ -88,6 +88,7 @@ class RunConfig:
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
     progress: bool = True  # a progress bar on stderr when it is a terminal
+    finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.finetune; needs torch)
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -100,6 +101,12 @@ class RunConfig:
         parse_names(PASSES, self.passes)
         parse_names(TARGETS, [self.target])
         parse_names(STRATEGIES, [self.strategy])
+        if self.finetune_steps < 0:
+            raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
+        if self.finetune_steps > 0:
+            from .finetune import check_available
+
+            check_available()
 
 
 # ------------------------------------------------------------------------------- materialize
@@ -113,11 +120,22 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
     order = {s.key: i for i, s in enumerate(space.sites)}
     genes = sorted(genotype.items(), key=lambda kv: (passes[space.site(kv[0]).pass_name].stage, order[kv[0]]))
     applied = {}
+    moves: dict[str, list] = {}  # pass name -> its applied (site, choice) pairs, for Pass.finalize
     for key, choice in genes:
         site = space.site(key)
         ok = passes[site.pass_name].apply(graph, site, choice, ctx)
         applied[key] = "applied" if ok else "did not apply"
-    return export_graph(graph), applied
+        if ok:
+            moves.setdefault(site.pass_name, []).append((site, choice))
+    model = export_graph(graph)
+    steps = int(ctx.options.get("finetune_steps", 0) or 0)
+    if steps > 0 and moves:  # distil the float weights toward the original, before int8 finalize
+        from .finetune import finetune_in_context
+
+        model = finetune_in_context(model, ctx, steps)
+    for name in sorted(moves, key=lambda n: passes[n].stage):  # whole-model steps (int8), in stage order
+        model = passes[name].finalize(model, moves[name], ctx)
+    return model, applied
 
 
 # ------------------------------------------------------------------------------------ search
@@ -176,13 +194,13 @@ class Search:
                                        "passes": list(cfg.passes), "shapes": {k: list(v) for k, v in cfg.shapes.items()},
                                        "metric": cfg.metric, "min_fidelity": cfg.min_fidelity,
                                        "data": str(Path(cfg.data).resolve()) if cfg.data else None,
-                                       "pass_options": cfg.pass_options})
+                                       "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps})
         # Passes that fit weights to data (repair) get one half of the calibration samples and
         # fidelity is measured on the other half, so it is never judged on the data it was fit to.
         fit_data, self.fidelity_data = self.data, self.data
         n = self.data.num_samples
-        if (cfg.pass_options.get("repair", True) and n >= 4
-                and any(getattr(p, "uses_calibration", False) for p in self.passes.values())):
+        if (cfg.finetune_steps > 0 and n >= 2) or (cfg.pass_options.get("repair", True) and n >= 4
+                                      and any(getattr(p, "uses_calibration", False) for p in self.passes.values())):
             half = n // 2
             fit_data = CalibrationData({k: v[:half] for k, v in self.data.arrays.items()}, self.data.source)
             self.fidelity_data = CalibrationData({k: v[half:] for k, v in self.data.arrays.items()},
@@ -190,7 +208,8 @@ class Search:
         self.fit_samples = fit_data.num_samples if fit_data is not self.data else 0
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
         self.ctx = MoveContext(base_model=self.base.proto, calibration=fit_data.arrays,
-                               options=dict(cfg.pass_options))
+                               options=dict(cfg.pass_options, **({"finetune_steps": cfg.finetune_steps,
+                                                                   "seed": cfg.seed} if cfg.finetune_steps else {})))
         self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed)
         # A resumed run replays the store: the strategy learns what was measured and the
         # budget counts those candidates as done.
