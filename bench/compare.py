@@ -1,10 +1,10 @@
-"""Compare graphopt with onnxruntime quantization and onnxslim on EfficientNet-Lite0.
+"""Compare graphopt with onnxruntime quantization and onnxslim on EfficientNet-Lite0 or MiniLM.
 
 One process, one target (onnxruntime CPU, 2 threads, ORT_ENABLE_ALL, the options of
 targets/ort.py). Every row is timed the same way, interleaved in rounds; fidelity is measured on
 the held-out eval images against the original. See bench/README.md.
 
-    .venv/bin/python bench/compare.py [--budget 12] [--out bench/out]
+    .venv/bin/python bench/compare.py [--model efficientnet|minilm] [--budget 12] [--out bench/out]
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ PASSES = "conv_bn,depthwise,kernel"
 STRATEGIES = ("random", "grid", "evolutionary")
 MIN_FIDELITY = 0.99
 WARMUP, REPEAT, NUMBER = 5, 15, 10
+# --model: (label, model, calib, eval, graphopt passes, eval description). MiniLM's output is the
+# L2-normalised mean-pooled sentence embedding, so "cosine" is the embedding cosine.
+MODELS = {
+    "efficientnet": ("EfficientNet-Lite0", MODEL, CALIB, EVAL, PASSES, "images"),
+    "minilm": ("all-MiniLM-L6-v2 (seq 128)", ROOT / "models" / "minilm.onnx", ROOT / "models" / "minilm_calib.npz",
+               ROOT / "models" / "minilm_eval.npz", "attention", "sentences"),
+}
 
 
 def log(msg: str) -> None:
@@ -58,9 +65,11 @@ def time_once(sess: ort.InferenceSession, feed: dict) -> float:
     return statistics.median(samples)
 
 
-def load_npz(path: Path) -> np.ndarray:
+def load_npz(path: Path) -> list[dict]:
+    """One feed dict per sample ({input name: array}; EfficientNet: {"input": [1, 3, 224, 224] float32})."""
     with np.load(path) as z:
-        return z["input"].astype(np.float32)  # [samples, 1, 3, 224, 224]
+        arrs = {k: (z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k]) for k in z.files}
+    return [{k: v[i] for k, v in arrs.items()} for i in range(len(next(iter(arrs.values()))))]
 
 
 # ------------------------------------------------------------------ producing the models
@@ -71,7 +80,7 @@ def make_quantized(out: Path, calib: np.ndarray) -> list[dict]:
 
     class NpzReader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter({"input": x} for x in calib)
+            self.it = iter(calib)
 
         def get_next(self):
             return next(self.it, None)
@@ -96,7 +105,7 @@ def make_quantized(out: Path, calib: np.ndarray) -> list[dict]:
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     rows.append({"name": "ORT quantize_static (QDQ, per-channel)", "path": path,
                  "produce_s": pre_s + time.perf_counter() - t0,
-                 "note": f"after quant_pre_process; MinMax on {len(calib)} calib images"})
+                 "note": f"after quant_pre_process; MinMax on {len(calib)} calib samples"})
     return rows
 
 
@@ -167,11 +176,11 @@ def fidelity(sess: ort.InferenceSession, eval_x: np.ndarray, ref: list[np.ndarra
     """(mean logit cosine, top-1 agreement) with the original's logits on the held-out images."""
     cos, agree = [], []
     for x, r in zip(eval_x, ref):
-        c = sess.run(None, {"input": x})[0].astype(np.float64).ravel()
+        c = sess.run(None, x)[0].astype(np.float64).ravel()
         r = r.astype(np.float64).ravel()
         cos.append(float(np.dot(r, c) / (np.linalg.norm(r) * np.linalg.norm(c))))
         agree.append(float(np.argmax(r) == np.argmax(c)))
-    return float(np.mean(cos)), float(np.mean(agree))
+    return float(np.mean(cos)), (float(np.mean(agree)) if r.size > 1 and "input_ids" not in x else None)
 
 
 def measure_all(rows: list[dict], eval_x: np.ndarray, rounds: int) -> None:
@@ -184,7 +193,7 @@ def measure_all(rows: list[dict], eval_x: np.ndarray, rounds: int) -> None:
             r["note"] += f"; session error: {str(e).splitlines()[0]}"
     live = [r for r in live if r["name"] in sessions]
     ref_sess = sessions[rows[0]["name"]]
-    ref = [ref_sess.run(None, {"input": x})[0] for x in eval_x]
+    ref = [ref_sess.run(None, x)[0] for x in eval_x]
     orig_bytes = rows[0]["path"].read_bytes()
     for r in live:
         r["size_mb"] = r["path"].stat().st_size / 1e6
@@ -193,7 +202,7 @@ def measure_all(rows: list[dict], eval_x: np.ndarray, rounds: int) -> None:
             r["note"] += "; SAME FILE as original: its speedup is timing noise"
         r["eval_cosine"], r["eval_top1_agree"] = fidelity(sessions[r["name"]], eval_x, ref)
         r["rounds_ms"] = []
-    feed = {"input": eval_x[0]}
+    feed = eval_x[0]
     for k in range(rounds):  # round-robin, start rotated each round: load drift hits every row alike
         for r in live[k % len(live):] + live[:k % len(live)]:
             r["rounds_ms"].append(time_once(sessions[r["name"]], feed))
@@ -235,7 +244,11 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=12, help="graphopt candidates per strategy (default 12)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="efficientnet",
+                    help="efficientnet (default; make models) or minilm (python models/minilm.py)")
     args = ap.parse_args()
+    global MODEL, CALIB, EVAL, PASSES
+    label, MODEL, CALIB, EVAL, PASSES, what = MODELS[args.model]
     out = Path(args.out)
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -243,7 +256,7 @@ def main() -> None:
     t_start = time.perf_counter()
     calib, eval_x = load_npz(CALIB), load_npz(EVAL)
 
-    rows = [{"name": "original", "path": MODEL, "produce_s": 0.0, "note": "models/efficientnet_lite0.onnx"}]
+    rows = [{"name": "original", "path": MODEL, "produce_s": 0.0, "note": f"models/{MODEL.name}"}]
     log("quantizing")
     rows += make_quantized(models, calib)
     log("onnxslim")
@@ -258,10 +271,10 @@ def main() -> None:
     measure_all(rows, eval_x, args.rounds)
     total = time.perf_counter() - t_start
 
-    header = (f"EfficientNet-Lite0 on onnxruntime {ort.__version__} CPU ({THREADS} threads, ORT_ENABLE_ALL); "
+    header = (f"{label} on onnxruntime {ort.__version__} CPU ({THREADS} threads, ORT_ENABLE_ALL); "
               f"latency = median of {REPEAT}x{NUMBER} runs after {WARMUP} warm-up, median over {args.rounds} "
-              f"interleaved rounds; fidelity vs original on {len(eval_x)} held-out images; graphopt passes "
-              f"{PASSES}, budget {args.budget}, cosine >= {MIN_FIDELITY} on {len(calib)} calib images. "
+              f"interleaved rounds; fidelity vs original on {len(eval_x)} held-out {what}; graphopt passes "
+              f"{PASSES}, budget {args.budget}, cosine >= {MIN_FIDELITY} on {len(calib)} calib {what}. "
               f"Total {total:.0f} s.")
     sites = next((r["sites_per_pass"] for r in rows if r.get("sites_per_pass")), None)
     md = (f"{header}\n\n{table(rows)}\n\ngraphopt search space (sites per pass): {sites}\n\n"
