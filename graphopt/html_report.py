@@ -314,6 +314,55 @@ def _moves_table(best: dict) -> str:
             '<th>result</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
+LAYERS_SHOWN = 20
+
+
+def best_layers(best: dict | None) -> tuple[list[dict], dict]:
+    """(layers, facts) of the best candidate: report["best"]["layers"] (+ "layers_how", ...), else
+    the measurement's notes (a target's Measurement.extra["layers"], e.g. ort with profile=1)."""
+    best = _d(best)
+    src = best if isinstance(best.get("layers"), list) else _d(best.get("notes"))
+    layers = [_d(x) for x in src.get("layers") or [] if isinstance(x, dict)]
+    return layers, {k: src.get(k) for k in ("layers_how", "layers_total_ms", "layers_count")}
+
+
+def _moved(layer: dict, moved_nodes: set[str]) -> bool:
+    """A move touched this layer: one of its model nodes is a moved node or was made from one
+    (passes name new nodes "<moved node>/...")."""
+    for n in layer.get("nodes") or [layer.get("node")]:
+        n = str(n)
+        if n in moved_nodes or any(n.startswith(m + "/") for m in moved_nodes):
+            return True
+    return False
+
+
+def _layers_table(best: dict) -> str:
+    layers, facts = best_layers(best)
+    if not layers:
+        return ""
+    moved_nodes = {str(n) for m in best.get("moves") or [] for n in _d(m).get("nodes") or []}
+    total = _num(facts.get("layers_total_ms")) or sum(_num(x.get("ms")) or 0.0 for x in layers)
+    top = sorted(layers, key=lambda x: -(_num(x.get("ms")) or 0.0))[:LAYERS_SHOWN]
+    rows = []
+    for i, x in enumerate(top, 1):
+        ms = _num(x.get("ms"))
+        share = f"{100.0 * ms / total:.1f}%" if ms is not None and total else DASH
+        nodes = x.get("nodes") or []
+        moved = _moved(x, moved_nodes)
+        rows.append(('<tr class="moved">' if moved else "<tr>") + "".join(f"<td>{c}</td>" for c in (
+            str(i), f"<code>{_e(x.get('node'))}</code>", _e(x.get("op")) or DASH, _ms(ms, unit=False), share,
+            "<br/>".join(f"<code>{_e(n)}</code>" for n in nodes) or DASH, "yes" if moved else "no")) + "</tr>")
+    count = facts.get("layers_count") or len(layers)
+    cap = (f"The {min(LAYERS_SHOWN, len(top))} slowest of {_e(count)} layers; kernel times sum to {_ms(total)} "
+           "(the end-to-end latency adds the runtime's own overhead). "
+           + (_e(facts.get("layers_how")) + ". " if facts.get("layers_how") else "")
+           + "\u201cmoved\u201d: a move of the best candidate touched one of the layer's model nodes.")
+    return ('<section id="best-layers"><h2>Per-layer latency of the best candidate</h2>'
+            f'<p class="caption">{cap}</p><table id="layers"><thead><tr><th>#</th><th>layer</th><th>op</th>'
+            '<th>ms</th><th>share</th><th>model nodes</th><th>moved</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table></section>")
+
+
 def _candidates_table(records: list["Record"], front: set[int], best_id: Any, base_id: Any) -> str:
     if not records:
         return '<p id="candidates-none">The run store holds no candidate.</p>'
@@ -399,7 +448,7 @@ vertical-align:middle;background:#ddf4e4;color:#116329}.badge.bad{background:#ff
 border-radius:6px;padding:8px 12px;margin:10px 0}
 table{border-collapse:collapse;width:100%;font-size:12.5px}th,td{border-bottom:1px solid #eaeef2;
 padding:4px 6px;text-align:left;vertical-align:top}th{background:#f6f8fa;position:sticky;top:0}
-td.num{text-align:right;white-space:nowrap}td.err{color:#a40e26}tr.best td{background:#fff1e5}
+td.num{text-align:right;white-space:nowrap}td.err{color:#a40e26}tr.best td{background:#fff1e5}tr.moved td{background:#eef5ff}
 tr.st-failed td:nth-child(2){color:#a40e26}tr.st-infeasible td:nth-child(2){color:#9a6700}
 .scroll{max-height:520px;overflow:auto;border:1px solid #d0d7de;border-radius:6px}
 dl{display:grid;grid-template-columns:200px 1fr;gap:4px 14px;margin:6px 0}dt{color:#57606a}dd{margin:0}
@@ -532,6 +581,8 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
     else:
         p.append(_moves_table(best))
     p.append("</section>")
+    if best is not None:
+        p.append(_layers_table(best))
 
     # ---- all candidates
     by = _d(_d(search.get("candidates")).get("by_status"))
