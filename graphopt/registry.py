@@ -63,12 +63,17 @@ class Registry:
 
 
 PASSES = Registry("pass", "graphopt.passes", {
+    "attention": "graphopt.passes.attention:AttentionFusion",
     "conv_bn": "graphopt.passes.conv_bn:ConvBnFusion",
     "depthwise": "graphopt.passes.depthwise:DepthwiseSeparable",
+    "int8": "graphopt.passes.int8:Int8Quantize",
     "kernel": "graphopt.passes.kernel:KernelResize",
+    "width": "graphopt.passes.width:WidthPrune",
 })
 TARGETS = Registry("target", "graphopt.targets", {
+    "cuda": "graphopt.targets.cuda:CudaTarget",
     "ort": "graphopt.targets.ort:OrtTarget",
+    "rpi4": "graphopt.targets.rpi4:Rpi4Target",
     "x86": "graphopt.targets.x86:X86Target",
 })
 STRATEGIES = Registry("strategy", "graphopt.strategies", {

@@ -12,7 +12,10 @@ reads the same input as before, so:
 - shrinking (K-2) crops the kernel's centre, dropping the outer ring of taps. Approximate (exact
   only where that ring is zero); the driver measures its fidelity. A conv whose pads would go
   negative is not a site (rejections() says so), which rules out auto_pad=VALID and unpadded
-  convs.
+  convs. With calibration data and repair on (ctx.options["repair"], the default) the cropped
+  kernel and the bias are then refit by least squares so the conv reproduces the original
+  model's output on the calibration inputs (graphopt.repair.refit_conv; per group, so a
+  depthwise conv is C small problems).
 - growing (K+2) zero-pads the kernel with a new ring. Exact, yet deliberately NOT the site's
   `exact_choice`: it only adds FLOPs and can never be faster, and strategies take exact_choice
   as a prior for moves worth trying first. It is there for a search that may want it.
@@ -199,6 +202,38 @@ def _rewrite(graph: "gs.Graph", m: _Match, k_new: int) -> None:
     conv.attrs.pop("auto_pad", None)  # explicit pads now say it all (NOTSET)
 
 
+def _repair(ctx: MoveContext, conv: "gs.Node") -> bool:
+    """Least-squares refit of a shrunk kernel (and bias) so the conv reproduces the original
+    model's output on the calibration inputs (ridge toward the cropped kernel); False when there
+    is no calibration data or the conv's tensors are not the base model's."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.repair import activations, refit_conv
+
+    act = activations(ctx)
+    if act is None:
+        return False
+    names = ctx.cache.get("base_tensor_names")
+    if names is None:
+        g = ctx.base_model.graph
+        names = ctx.cache["base_tensor_names"] = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    x_name, y_name = conv.inputs[0].name, conv.outputs[0].name
+    if x_name not in names or y_name not in names:
+        return False
+    a = act.get([x_name, y_name])
+    w0 = np.asarray(conv.inputs[1].values)
+    b0 = _const(_input(conv, 2))
+    if a[x_name].shape[1] != w0.shape[1] * int(conv.attrs.get("group", 1)) or a[y_name].shape[1] != w0.shape[0]:
+        return False  # channel counts changed by another move: the original tensors no longer match
+    w, b = refit_conv(a[x_name], a[y_name], w0, conv.attrs, b0=b0, intercept=True)
+    conv.inputs[1].values = np.ascontiguousarray(w.astype(w0.dtype))  # the new constant _rewrite made
+    if b0 is not None:
+        conv.inputs[2] = gs.Constant(f"{conv.inputs[1].name}_bias", np.ascontiguousarray(b.astype(b0.dtype)))
+    else:
+        conv.inputs.append(gs.Constant(f"{conv.inputs[1].name}_bias", np.ascontiguousarray(b.astype(w0.dtype))))
+    return True
+
+
 def _cost(m: _Match) -> float:
     """FLOPs of the conv (2 * MACs); 0 when the output shape is unknown."""
     out = _static_size(m.conv.outputs[0].shape)
@@ -213,6 +248,8 @@ class KernelResize(Pass):
 
     Growth is exact but is not the site's exact_choice: only moves that can pay are priors.
     """
+
+    uses_calibration = True  # shrinking refits the cropped kernel to the original outputs
 
     name = "kernel"
     description = "resize a KxK conv kernel to (K-2)x(K-2) (crop centre) or (K+2)x(K+2) (zero ring)"
@@ -240,6 +277,8 @@ class KernelResize(Pass):
         if isinstance(m, str) or m.k == int(choice):
             return False
         _rewrite(graph, m, int(choice))
+        if int(choice) < m.k and ctx.options.get("repair", True):
+            _repair(ctx, m.conv)
         return True
 
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:

@@ -321,3 +321,69 @@ def test_separate_zero_pad_is_absorbed():
         assert y.shape == y0.shape
         if k == 5:
             np.testing.assert_allclose(y, y0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- repair
+def _smooth(n: int, shape, seed: int) -> np.ndarray:
+    """Spatially correlated inputs [n, *shape] (the refit has structure to learn from)."""
+    x = _rng(seed).normal(0, 1, (n, *shape))
+    for _ in range(3):  # box blurs: neighbouring pixels alike, as in images
+        x = (x + np.roll(x, 1, -1) + np.roll(x, 1, -2) + np.roll(x, (1, 1), (-1, -2))) / 4
+    return (x / x.std()).astype(np.float32)
+
+
+def _shrink(loaded, calib, repair: bool, k_new=None) -> onnx.ModelProto:
+    (site,) = KernelResize().sites(loaded.graph())
+    graph = loaded.graph()
+    ctx = MoveContext(loaded.proto, {"x": calib}, {"repair": repair})
+    assert KernelResize().apply(graph, site, site.choices[1] if k_new is None else k_new, ctx) is True
+    return export_graph(graph)
+
+
+REPAIR_CASES = {
+    "plain_5_to_3": lambda: conv_model(k=5, cin=4, cout=6, hw=10, seed=1),
+    "no_bias_strided": lambda: conv_model(bias=False, k=5, strides=[2, 2], hw=10, seed=2),
+    "depthwise_5_to_3": lambda: conv_model(group=4, cin=4, cout=4, k=5, hw=10, seed=3),
+    "grouped_same_upper": lambda: conv_model(group=2, cin=4, cout=6, k=5, hw=10, auto_pad="SAME_UPPER", seed=4),
+}
+
+
+@pytest.mark.parametrize("case", list(REPAIR_CASES))
+def test_shrink_repair_is_closer_on_held_out_inputs(case):
+    loaded = load_proto(REPAIR_CASES[case]())
+    shape = loaded.inputs[0].shape
+    calib, held_out = _smooth(12, shape, 10), _smooth(4, shape, 99)
+    plain, fixed = _shrink(loaded, calib, False), _shrink(loaded, calib, True)
+    assert _conv_attrs(fixed)["kernel_shape"] == _conv_attrs(plain)["kernel_shape"]
+    err = {}
+    for name, m in (("plain", plain), ("repaired", fixed)):
+        err[name] = np.mean([np.linalg.norm(_run(m, {"x": x})[0] - _run(loaded.proto, {"x": x})[0]) for x in held_out])
+    print(case, err)
+    assert err["repaired"] < 0.8 * err["plain"], err
+
+
+def test_shrink_repair_keeps_an_exact_shrink_exact_and_growth_is_untouched():
+    loaded = load_proto(conv_model(k=5, weight=_ringed(6, 4, 5, 3, 1)))
+    calib = _smooth(4, loaded.inputs[0].shape, 5)
+    assert _max_err(loaded, _shrink(loaded, calib, True)) <= TOL
+    dense = load_proto(conv_model(k=3, seed=8))
+    grown = _shrink(dense, _smooth(4, dense.inputs[0].shape, 6), True, k_new=5)
+    w = next(numpy_helper.to_array(i) for i in grown.graph.initializer if i.dims[-1] == 5)
+    np.testing.assert_array_equal(w[:, :, 1:4, 1:4], numpy_helper.to_array(dense.proto.graph.initializer[0]))
+    assert _max_err(dense, grown) <= TOL
+
+
+def test_shrink_repair_with_absorbed_pad():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (6, 1, 5, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 0, 2, 2, 0, 0, 2, 2], np.int64), "pads")]
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["xp"], name="/pad", mode="constant"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="/conv", group=6, kernel_shape=[5, 5])]
+    loaded = load_proto(_model(nodes, {"x": [1, 6, 9, 9]}, ["y"], inits))
+    calib, held_out = _smooth(8, (1, 6, 9, 9), 1), _smooth(3, (1, 6, 9, 9), 2)
+    plain, fixed = _shrink(loaded, calib, False), _shrink(loaded, calib, True)
+    assert not any(n.op_type == "Pad" for n in fixed.graph.node)
+    assert len(next(n for n in fixed.graph.node if n.op_type == "Conv").input) == 3  # a fitted bias was added
+    e = [np.mean([np.abs(_run(m, {"x": x})[0] - _run(loaded.proto, {"x": x})[0]).mean() for x in held_out])
+         for m in (plain, fixed)]
+    assert e[1] < 0.8 * e[0], e
