@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "so its outputs match the original's on the calibration data (distillation; needs torch; "
                           "seconds per candidate on small models, minutes on large ones); default 0: off")
     run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
+    run.add_argument("--tune-trials", type=int, metavar="N",
+                     help="TVM targets: MetaSchedule trials per workload the tuning database lacks "
+                          "(default 8, or $GRAPHOPT_TUNE_TRIALS; 0 = untuned default schedules)")
+    run.add_argument("--tuning-db", metavar="DIR",
+                     help="TVM targets: root of the persistent tuning databases, one sub-folder per target "
+                          "(default $GRAPHOPT_TUNING_DB or ~/.cache/graphopt/tuning)")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
     run.add_argument("--json", action="store_true", help="print report.json to stdout (logs stay on stderr)")
@@ -167,6 +173,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.threads <= 0:
             raise UsageError(f"--threads {args.threads}: must be a positive number")
         target_options["threads"] = args.threads
+    for flag, key, value in (("--tune-trials", "trials", args.tune_trials), ("--tuning-db", "tuning_db", args.tuning_db)):
+        if value is not None:
+            from .registry import TARGETS
+
+            if not getattr(TARGETS.get(args.target), "tunable", False):
+                raise UsageError(f"{flag}: target {args.target!r} does not tune; it applies to the TVM targets "
+                                 "(x86, rpi4, cuda)")
+            target_options[key] = value
     cfg = RunConfig(model=args.model, target=args.target, passes=[p for p in args.passes.split(",") if p.strip()],
                     strategy=args.strategy, budget=Budget.parse(args.budget), data=args.data, metric=args.metric,
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,

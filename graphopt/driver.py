@@ -280,6 +280,7 @@ class Search:
                 stage = "compile"
                 t = time.monotonic()
                 cand_dir = Path(tempfile.mkdtemp(prefix="cand-", dir=self.workdir))
+                self._inform_target()
                 artifact = self.target.compile(model, cand_dir)
                 timings["compile"] = time.monotonic() - t
                 stage = "measure"
@@ -351,6 +352,25 @@ class Search:
         return min(feasible, key=lambda r: (r.latency_ms, r.id)) if feasible else None
 
     # ---------------------------------------------------------------------------- loop
+    def _profile_best(self, report: dict[str, Any], best: Record | None) -> None:
+        """Per-layer latency of the chosen graph, where the target can give it (Target.profile)."""
+        prof = getattr(self.target, "profile", None)
+        if prof is None or best is None or report.get("best") is None or self.stopped_because == "interrupted":
+            return
+        try:
+            model, _ = materialize(self.base, self.space, best.genotype, self.passes, self.ctx)
+            report["best"].update(prof(model, self.data.sample(0)))
+        except Exception as e:  # noqa: BLE001 - the report stands without it
+            log.warning("could not profile the best candidate per layer: %s", _one_line(e))
+
+    def _inform_target(self) -> None:
+        """Tell a tuning target the run's deadline and the best latency so far (cheap-first policy)."""
+        if hasattr(self.target, "deadline") and self.cfg.budget.seconds is not None:
+            self.target.deadline = self.t_start + self.cfg.budget.seconds
+        if hasattr(self.target, "incumbent_ms"):
+            best = self.best_record()
+            self.target.incumbent_ms = best.latency_ms if best is not None else None
+
     def _time_left(self) -> float:
         if self.cfg.budget.seconds is None:
             return math.inf
@@ -424,6 +444,7 @@ class Search:
             confirmed["verdict"] = f"candidate {best.id} confirmed faster than the original in every round"
         report = build_report(self, records, best)
         report["confirmed"] = confirmed
+        self._profile_best(report, best)
         try:
             report_exit = write_outputs(self, report, best)
         finally:

@@ -47,6 +47,28 @@ def _latency_block(rec: "Record | None") -> dict[str, Any] | None:
             "notes": m.get("extra", {})}
 
 
+def tuning_summary(records: list["Record"]) -> dict[str, Any] | None:
+    """Per-run totals of the TVM targets' tuning stats (None when no candidate was tuned).
+
+    Workload counts are summed over candidates: a workload shared by 10 candidates is seen 10
+    times, tuned at most once, reused the other times.
+    """
+    stats = [r.measurement.get("extra", {}).get("tuning") for r in records if r.measurement]
+    stats = [t for t in stats if t]
+    if not stats:
+        return None
+    keys = ("workloads_seen", "workloads_reused", "workloads_tuned", "workloads_untuned", "trials")
+    out: dict[str, Any] = {k: sum(int(t.get(k, 0)) for t in stats) for k in keys}
+    out["tuning_s"] = round(sum(float(t.get("tuning_s", 0.0)) for t in stats), 3)
+    out["candidates"] = len(stats)
+    out["candidates_partly_untuned"] = sum(1 for t in stats if t.get("partly_untuned"))
+    out["trials_per_workload"] = stats[-1].get("trials_per_task")
+    out["db"] = stats[-1].get("db")
+    seen = out["workloads_seen"]
+    out["reuse_ratio"] = round(out["workloads_reused"] / seen, 4) if seen else None
+    return out
+
+
 def moves(search: "Search", rec: "Record") -> list[dict[str, Any]]:
     out = []
     for key, choice in rec.genotype.items():
@@ -108,6 +130,7 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
                              "sites_per_pass": {k: len(v) for k, v in search.space.by_pass().items()}},
                    "candidates": {"total_in_store": len(records), "tried_this_run": search.counts["new"]
                                   + search.counts["cached"], **search.counts, "by_status": statuses}},
+        "tuning": tuning_summary(records),
         "wall_time_s": round(time.monotonic() - search.t_start, 3),
         "timings_s": {k: round(v, 3) for k, v in search.timings.items()},
         "versions": versions(),

@@ -1,8 +1,9 @@
-"""x86: this machine's CPU through Apache TVM (Relax, LLVM), timed in-process. Untuned for now.
+"""x86: this machine's CPU through Apache TVM (Relax, LLVM, MetaSchedule), timed in-process or over RPC.
 
-Compile flow (tvm_common's docstring): fold_constants -> import_onnx -> _lower (untuned: tvm.compile; a
-MetaSchedule step will override _lower: tune the fused module, compile_relax on the raw one)
--> Artifact(handle=Executable). Importing this module does not import tvm.
+Compile flow: fold_constants -> import_onnx (QDQ lowered to integer ops) -> _lower: MetaSchedule
+tuning of the workloads the persistent database lacks (targets/tuning.py), then compile_relax with
+the database; with trials=0, TVM's default (untuned) pipeline -> Artifact(handle=Executable).
+Importing this module does not import tvm.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
 from . import rpc
 from . import tvm_common as tc
 
+TRIALS_ENV = "GRAPHOPT_TUNE_TRIALS"
+DEFAULT_TRIALS = 8  # MetaSchedule trials per new workload
+
 UNTUNED_NOTE = (
     "untuned TVM CPU code (default Relax pipeline, no schedules: naive single-threaded loops) "
     "is 40-110x slower than tuned code and onnxruntime; do not read it as TVM's speed"
@@ -26,7 +30,9 @@ UNTUNED_NOTE = (
 
 class X86Target(Target):
     name = "x86"
-    description = "This machine's x86 CPU via Apache TVM Relax + LLVM (untuned), timed in-process."
+    description = ("This machine's x86 CPU via Apache TVM Relax + LLVM, MetaSchedule-tuned (persistent database), "
+                   "timed in-process or over RPC.")
+    tunable = True
 
     def __init__(
         self,
@@ -36,16 +42,33 @@ class X86Target(Target):
         repeat: int = 5,
         warmup: int = 1,
         mattr: list[str] | None = None,
+        trials: int | None = None,
+        tuning_db: str | None = None,
+        max_new_tasks: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
-                         mattr=mattr, **options)
+                         mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
-                f"repeat, warmup, mattr, {', '.join(rpc.OPTION_NAMES)}"
+                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, {', '.join(rpc.OPTION_NAMES)}"
             )
+        if trials is None:
+            trials = os.environ.get(TRIALS_ENV, DEFAULT_TRIALS)
+        try:
+            self.trials = int(trials)
+            self.max_new_tasks = None if max_new_tasks is None else int(max_new_tasks)
+        except (TypeError, ValueError):
+            raise UsageError(f"{self.name} target: trials and max_new_tasks must be integers, got "
+                             f"trials={trials!r} max_new_tasks={max_new_tasks!r}") from None
+        if self.trials < 0 or (self.max_new_tasks is not None and self.max_new_tasks < 0):
+            raise UsageError(f"{self.name} target: trials and max_new_tasks must be >= 0 (trials=0: no tuning)")
+        self.tuning_db_root = tuning_db
+        # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
+        self.deadline: float | None = None
+        self.incumbent_ms: float | None = None
         self.threads = int(threads) if threads is not None else (os.cpu_count() or 1)
         if self.threads < 1:
             raise UsageError(f"x86 target: threads must be >= 1, got {threads}")
@@ -102,9 +125,16 @@ class X86Target(Target):
             "device": tc.cpu_model_name(),
             "threads": self.threads,
             "mcpu": self.mcpu,
-            "tuned": False,
+            "tuned": self.trials > 0,
+            **({"tuning": {"trials_per_workload": self.trials, "db": str(self.tuning_db_dir)}} if self.trials else {}),
             **self._rpc_describe(),
         }
+
+    @property
+    def tuning_db_dir(self) -> Path:
+        from . import tuning
+
+        return tuning.db_dir_for(self.target_json(), self.tuning_db_root)
 
     def _rpc_describe(self) -> dict[str, Any]:
         if self.rpc_config is None:
@@ -138,8 +168,24 @@ class X86Target(Target):
         return Artifact(target=self.name, files=[], handle=ex, info=info)
 
     def _lower(self, mod, workdir: Path) -> tuple[Any, dict[str, Any]]:
-        """Relax IRModule -> Executable. The tuning step replaces this (returns tuned=True)."""
-        return tc.build(mod, self.target), {"tuned": False}
+        """Relax IRModule -> Executable: tuned through the persistent database when trials > 0.
+
+        Cheap-first (see the README): only workloads the database lacks are tuned, most-called
+        first, until the run's deadline; when the workloads already known put this candidate's
+        kernel time above 1.1x the best latency so far, it cannot win and none are tuned.
+        """
+        if self.trials <= 0:
+            return tc.build(mod, self.target), {"tuned": False}
+        from . import tuning
+
+        lower_bound_s = None if self.incumbent_ms is None else 1.1 * self.incumbent_ms / 1000.0
+        ex, stats = tuning.tune_and_build(
+            mod, self.target, db_dir=self.tuning_db_dir, trials_per_task=self.trials, work_dir=workdir,
+            max_new_tasks=self.max_new_tasks, deadline=self.deadline, runner=self.ms_runner(),
+            builder=self.ms_builder(), num_threads=self.threads, skip_if_known_exceeds_s=lower_bound_s,
+        )
+        info = {"tuned": stats.workloads_seen > 0 and not stats.partly_untuned, "tuning": stats.to_dict()}
+        return ex, info
 
     # ---------------------------------------------------------------------------- running
     def _ordered_inputs(self, artifact: Artifact, inputs: Mapping[str, Any]) -> list:
@@ -175,8 +221,7 @@ class X86Target(Target):
                                      repeat=self.repeat, warmup=self.warmup)
         tuned = bool(artifact.info.get("tuned", False))
         extra: dict[str, Any] = {"mcpu": self.mcpu, "compiler": f"tvm relax {tc.tvm_version()}"}
-        if not tuned:
-            extra["note"] = UNTUNED_NOTE
+        self._tuning_extra(artifact, extra)
         if threads != self.threads:
             extra["threads_warning"] = (
                 f"asked for {self.threads} threads, TVM's pool has {threads}: tvm was imported "
@@ -190,6 +235,17 @@ class X86Target(Target):
             device=f"{tc.cpu_model_name()} (llvm mcpu={self.mcpu})",
             extra=extra,
         )
+
+    @staticmethod
+    def _tuning_extra(artifact: Artifact, extra: dict[str, Any]) -> None:
+        """Say how tuned the measured code was: the note for untuned code, the tuning stats."""
+        stats = artifact.info.get("tuning")
+        if stats is not None:
+            extra["tuning"] = stats
+        if not artifact.info.get("tuned", False):
+            extra["note"] = UNTUNED_NOTE if stats is None else (
+                f"partly untuned: {stats['workloads_untuned']} of {stats['workloads_seen']} workloads ran TVM's "
+                f"default schedules ({stats.get('stopped_because') or 'not tuned'})")
 
     def export(self, artifact: Artifact, out_dir: Path) -> list[Path]:
         return [tc.export_library(artifact.handle, Path(out_dir) / "model.so")]
@@ -232,8 +288,7 @@ class X86Target(Target):
         tuned = bool(artifact.info.get("tuned", False))
         extra: dict[str, Any] = {"mcpu": self.mcpu, "compiler": f"tvm relax {tc.tvm_version()}",
                                  "rpc": self.rpc_config.where(), "library": lib.name}
-        if not tuned:
-            extra["note"] = UNTUNED_NOTE
+        self._tuning_extra(artifact, extra)
         return Measurement(
             latency=LatencyStats.from_samples(samples, runs_per_repeat=number),
             method="rpc",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,12 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "models" / "efficientnet_lite0.onnx"
 EXAMPLE_CALIB = ROOT / "models" / "efficientnet_lite0_calib.npz"
+
+# TVM targets tune by default (minutes per model on 2 cores). Tests compile untuned unless a test
+# asks for trials itself, and never touch the user's ~/.cache tuning databases. Subprocesses
+# (run_cli) inherit both.
+os.environ["GRAPHOPT_TUNE_TRIALS"] = "0"
+os.environ["GRAPHOPT_TUNING_DB"] = tempfile.mkdtemp(prefix="graphopt-test-tuning-")
 
 
 def _const(name: str, arr: np.ndarray):

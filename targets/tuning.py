@@ -1,0 +1,321 @@
+"""MetaSchedule tuning shared by the TVM targets, with one persistent database per target.
+
+Tuning is the expensive part of a compiler-in-the-loop search (16 tasks x 8 trials took 689 s
+on this 2-core machine), and candidates of one model share most of their workloads (a conv's
+kernel changed from 3x3 to 5x5 leaves 15 of 16 tasks the same). So:
+
+- one JSON MetaSchedule database per *target* (llvm mcpu, cores, features...) lives in a cache
+  directory shared by every candidate, run and model: `$GRAPHOPT_TUNING_DB`, else
+  `$XDG_CACHE_HOME/graphopt/tuning` (default `~/.cache/graphopt/tuning`), one sub-folder per
+  target key (`db_dir_for`);
+- a candidate's workloads are extracted from its fused Relax module; only those the database
+  does not have yet are tuned, each with `trials_per_task` trials (a per-task cap, so one big
+  task cannot eat the whole budget: TVM_NOTES trap 3);
+- tuning stops at a deadline (the run's time budget) or after `max_new_tasks`; what it could
+  not tune is built with TVM's default schedules and the stats say so (`untuned` > 0).
+
+The flow (TVM_NOTES traps 1 and 2): prepare the raw module (DecomposeOpsForInference,
+CanonicalizeBindings) -> fuse it with the "zero" pipeline -> extract and tune tasks from the
+*fused* module -> `compile_relax(db, prepared_raw)` (the *raw* one; it fuses again itself, with
+the same passes, so the database keys match).
+
+Importing this module does not import tvm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import CompileError
+
+from . import tvm_common as tc
+
+log = logging.getLogger("graphopt.tuning")
+
+DB_ENV = "GRAPHOPT_TUNING_DB"
+
+
+def default_db_root() -> Path:
+    """$GRAPHOPT_TUNING_DB, else $XDG_CACHE_HOME/graphopt/tuning, else ~/.cache/graphopt/tuning."""
+    env = os.environ.get(DB_ENV)
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "graphopt" / "tuning"
+
+
+def target_key(target_json: dict[str, Any]) -> str:
+    """A folder name for one compilation target, e.g. 'llvm-znver3-2c-1a2b3c4d'.
+
+    Schedules tuned for one mcpu/feature set/core count are not valid for another, so each
+    gets its own database; the hash covers the whole target dict.
+    """
+    blob = json.dumps(target_json, sort_keys=True)
+    h = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    kind = str(target_json.get("kind", "target"))
+    cpu = str(target_json.get("mcpu") or target_json.get("arch") or "")
+    cores = target_json.get("num-cores")
+    parts = [kind] + ([cpu] if cpu else []) + ([f"{cores}c"] if cores else []) + [h]
+    return "-".join(p.replace("/", "_") for p in parts)
+
+
+def db_dir_for(target_json: dict[str, Any], root: str | Path | None = None) -> Path:
+    """The database folder of one target: <root or default_db_root()>/<target_key>."""
+    return (Path(root).expanduser() if root is not None else default_db_root()) / target_key(target_json)
+
+
+@dataclass
+class TuningStats:
+    """What tuning did for one compile; goes into Artifact.info["tuning"] and the report."""
+
+    db: str = ""
+    trials_per_task: int = 0
+    workloads_seen: int = 0  # distinct tuning tasks in this candidate
+    workloads_reused: int = 0  # already in the database before this compile
+    workloads_tuned: int = 0  # tuned now
+    workloads_untuned: int = 0  # new, not tuned (deadline / max_new_tasks / skipped by policy)
+    trials: int = 0  # trials spent now
+    tuning_s: float = 0.0
+    extract_s: float = 0.0
+    build_s: float = 0.0
+    stopped_because: str = ""
+    untuned_tasks: list[str] = field(default_factory=list)
+
+    @property
+    def partly_untuned(self) -> bool:
+        return self.workloads_untuned > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["partly_untuned"] = self.partly_untuned
+        d["untuned_tasks"] = d["untuned_tasks"][:20]
+        return d
+
+
+def _quiet_meta_schedule() -> None:
+    # MetaSchedule logs every task's progress at INFO on the root handlers; keep it to warnings
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def prepare(raw_mod, target):
+    """(prepared raw module, fused module): the two forms tuning and compile_relax need."""
+    tvm = tc.load_tvm()
+    from tvm import relax
+
+    with target:
+        prepared = tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+        ])(raw_mod)
+        fused = relax.get_pipeline("zero")(prepared)
+    return prepared, fused
+
+
+def open_db(db_dir: Path):
+    tc.load_tvm()
+    import tvm.s_tir.meta_schedule as ms
+
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+
+
+def task_best_seconds(db, task) -> float | None:
+    """The database's best measured run time of a task's workload (seconds), or None."""
+    mod = task.dispatched[0]
+    if not db.has_workload(mod):
+        return None
+    top = db.get_top_k(db.commit_workload(mod), 1)
+    if not top or not top[0].run_secs:
+        return None
+    secs = [float(s) for s in top[0].run_secs]
+    mean = sum(secs) / len(secs)
+    return mean if mean < 1e9 else None  # MetaSchedule stores 1e10 s for a failed trial
+
+
+def tune_and_build(
+    raw_mod,
+    target,
+    *,
+    db_dir: str | Path,
+    trials_per_task: int,
+    work_dir: str | Path,
+    max_new_tasks: int | None = None,
+    deadline: float | None = None,
+    runner: Any = None,
+    builder: Any = None,
+    num_threads: int | None = None,
+    seed: int = 0,
+    skip_if_known_exceeds_s: float | None = None,
+):
+    """Tune the workloads of `raw_mod` the database lacks, then build with the database.
+
+    Returns (executable, TuningStats). `deadline` is a time.monotonic() value: no new batch of
+    tasks starts when it would likely end after it. `runner`/`builder` default to MetaSchedule's
+    local ones (an RPCRunner measures on a remote device instead). Raises CompileError when the
+    build fails. `skip_if_known_exceeds_s`: when the workloads the database already knows add up
+    (best time x calls) to more than this, the candidate cannot beat the incumbent: tune nothing.
+    """
+    tc.load_tvm(num_threads)
+    import tvm.s_tir.meta_schedule as ms
+
+    _quiet_meta_schedule()
+    db_dir = Path(db_dir)
+    stats = TuningStats(db=str(db_dir), trials_per_task=int(trials_per_task))
+    t0 = time.monotonic()
+    try:
+        prepared, fused = prepare(raw_mod, target)
+        tasks = ms.relax_integration.extract_tasks(fused, target)
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"MetaSchedule task extraction failed: {type(e).__name__}: {tc._first_line(e)}") from e
+    stats.extract_s = time.monotonic() - t0
+    db = open_db(db_dir)
+    # a workload whose earlier trials all failed has no usable record: it counts as new
+    todo = [t for t in tasks if task_best_seconds(db, t) is None]
+    stats.workloads_seen = len(tasks)
+    stats.workloads_reused = len(tasks) - len(todo)
+    # most weighted (most often called) tasks first: they matter most when time runs out
+    todo.sort(key=lambda t: -float(t.weight))
+    if todo and skip_if_known_exceeds_s is not None:
+        known_s, _ = estimate_seconds(db, tasks)
+        if known_s > skip_if_known_exceeds_s:
+            stats.untuned_tasks = [t.task_name for t in todo]
+            stats.stopped_because = (f"cannot win: its known workloads alone take {known_s * 1000:.3f} ms "
+                                     f"> {skip_if_known_exceeds_s * 1000:.3f} ms (1.1x the best so far)")
+            todo = []
+    if max_new_tasks is not None and len(todo) > max_new_tasks:
+        stats.untuned_tasks += [t.task_name for t in todo[max_new_tasks:]]
+        stats.stopped_because = f"max_new_tasks={max_new_tasks}"
+        todo = todo[:max_new_tasks]
+
+    per_task_s: float | None = None
+    failed: list[str] = []
+    i = 0
+    t_tune = time.monotonic()
+    while i < len(todo) and trials_per_task > 0:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            guess = per_task_s if per_task_s is not None else 0.0
+            if left <= 0 or left < 0.5 * guess:
+                stats.stopped_because = "deadline"
+                break
+            batch = len(todo) - i if guess == 0 else max(1, min(len(todo) - i, int(left // max(guess, 1e-3))))
+            if per_task_s is None:
+                batch = 1  # learn what one task costs first
+        else:
+            batch = len(todo) - i
+        chunk = todo[i:i + batch]
+        tb = time.monotonic()
+        _tune_tasks(ms, chunk, target, db, Path(work_dir), trials_per_task, runner, builder, num_threads, seed + i)
+        spent = time.monotonic() - tb
+        per_task_s = spent / len(chunk) if per_task_s is None else 0.5 * per_task_s + 0.5 * spent / len(chunk)
+        stats.trials += len(chunk) * int(trials_per_task)
+        for t in chunk:
+            if task_best_seconds(db, t) is None:
+                failed.append(t.task_name)
+            else:
+                stats.workloads_tuned += 1
+        i += len(chunk)
+    if failed:
+        stats.stopped_because = (stats.stopped_because + "; " if stats.stopped_because else "") + \
+            f"{len(failed)} task(s) had no successful trial"
+    stats.untuned_tasks = failed + [t.task_name for t in todo[i:]] + stats.untuned_tasks
+    stats.workloads_untuned = len(stats.untuned_tasks)
+    stats.tuning_s = time.monotonic() - t_tune
+
+    tb = time.monotonic()
+    try:
+        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"TVM build with the tuning database failed: {type(e).__name__}: {tc._first_line(e)}") from e
+    stats.build_s = time.monotonic() - tb
+    return ex, stats
+
+
+def search_strategy(ms, trials: int):
+    """MetaSchedule's evolutionary search, sized to the per-task trial budget.
+
+    Its defaults (population 512, 50 unmeasured initial samples, 4 genetic rounds) are sized for
+    hundreds of trials per task; with a handful of trials that sampling, not the measurements,
+    dominates: on this 2-core machine it took ~60 s per task at 2 trials. A population of a few
+    times the trial count keeps the search's shape at a fraction of the cost.
+    """
+    if os.environ.get("GRAPHOPT_MS_STRATEGY") == "replay-trace":
+        return "replay-trace"
+    if trials >= 64:
+        return "evolutionary"
+    pop = max(16, 4 * int(trials))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=pop, init_measured_ratio=0.2, init_min_unmeasured=max(8, pop // 2),
+        genetic_num_iters=2,
+    )
+
+
+def _timeout_s() -> float:
+    """Per-trial build/run timeout. MetaSchedule's 30 s default counts the worker's start, and a
+    worker imports tvm (and, through tvm_ffi, torch): on a loaded 2-core machine that alone took
+    over 30 s, so every trial 'failed' with a timeout. $GRAPHOPT_MS_TIMEOUT overrides."""
+    try:
+        return float(os.environ.get("GRAPHOPT_MS_TIMEOUT", "180"))
+    except ValueError:
+        return 180.0
+
+
+def local_builder(ms):
+    return ms.builder.LocalBuilder(timeout_sec=_timeout_s())
+
+
+def local_runner(ms):
+    return ms.runner.LocalRunner(timeout_sec=_timeout_s())
+
+
+def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, builder, num_threads, seed) -> None:
+    wd = Path(tempfile.mkdtemp(prefix="ms-", dir=work_dir))
+    try:
+        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir=str(wd), num_threads=num_threads or "physical", seed=seed,
+            strategy=search_strategy(ms, trials),
+        )
+        if not ctxs:
+            return
+        per_iter = max(1, min(int(trials), 16))
+        ms.tune.tune_tasks(
+            tasks=ctxs,
+            task_weights=weights,
+            work_dir=str(wd),
+            max_trials_global=int(trials) * len(ctxs),
+            max_trials_per_task=int(trials),
+            num_trials_per_iter=per_iter,
+            builder=builder if builder is not None else local_builder(ms),
+            runner=runner if runner is not None else local_runner(ms),
+            database=db,
+        )
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"MetaSchedule tuning failed: {type(e).__name__}: {tc._first_line(e)}") from e
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def estimate_seconds(db, tasks) -> tuple[float, int]:
+    """(estimated seconds, tasks without a record): the sum of each known task's best database
+    time times its weight (how often the model calls it); tasks the database lacks are counted."""
+    total = 0.0
+    unknown = 0
+    for t in tasks:
+        s = task_best_seconds(db, t)
+        if s is None or not math.isfinite(s):
+            unknown += 1
+            continue
+        total += s * float(t.weight)
+    return total, unknown

@@ -1,0 +1,122 @@
+"""MetaSchedule tuning with a persistent database (targets/tuning.py, X86Target with trials > 0).
+
+Tuning is slow (tens of seconds per workload on 2 cores even at 2 trials), so these tests use
+one-workload models and share one database across the module: the first test tunes, the later
+ones must reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import float_init, make_model, run_cli
+from onnx import helper
+
+pytest.importorskip("tvm")
+
+from graphopt.targets import tuning  # noqa: E402
+from graphopt.targets.x86 import X86Target  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+def matmul_model(k: int = 32, n: int = 16, seed: int = 0):
+    """x[1,8,k] @ W[k,n] + b: one tuning workload (fused matmul+add)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    inits = [float_init("W", rng.standard_normal((k, n)) * 0.1), float_init("b", rng.standard_normal(n))]
+    return make_model(nodes, {"x": [1, 8, k]}, ["y"], inits)
+
+
+@pytest.fixture(scope="module")
+def db_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tuning-db")
+
+
+def test_db_dir_is_per_target_and_overridable(tmp_path, monkeypatch):
+    a = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+    b = {"kind": "llvm", "mcpu": "znver3", "num-cores": 4}
+    assert tuning.target_key(a) == tuning.target_key(dict(a))
+    assert tuning.target_key(a) != tuning.target_key(b)
+    assert tuning.target_key(a).startswith("llvm-znver3-2c-")
+    monkeypatch.setenv("GRAPHOPT_TUNING_DB", str(tmp_path / "env"))
+    assert tuning.db_dir_for(a) == tmp_path / "env" / tuning.target_key(a)
+    assert tuning.db_dir_for(a, tmp_path / "flag") == tmp_path / "flag" / tuning.target_key(a)
+
+
+def test_tuned_compile_then_database_reuse(db_root, tmp_path):
+    model = matmul_model()
+    target = X86Target(threads=2, trials=2, tuning_db=str(db_root))
+    try:
+        art = target.compile(model, tmp_path)
+        first = art.info["tuning"]
+        assert first["workloads_seen"] >= 1
+        assert first["workloads_tuned"] == first["workloads_seen"], first
+        assert first["workloads_reused"] == 0 and first["trials"] == 2 * first["workloads_seen"]
+        assert art.info["tuned"] is True
+        # numerics: the tuned code computes what onnxruntime computes
+        x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(target.run_once(art, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+        m = target.measure(art, {"x": x})
+        assert m.tuned is True and m.extra["tuning"]["workloads_tuned"] == first["workloads_tuned"]
+        assert "note" not in m.extra  # no "untuned" warning on tuned code
+
+        # the same model again: everything comes from the database, nothing is tuned
+        again = target.compile(model, tmp_path).info["tuning"]
+        assert again["workloads_tuned"] == 0 and again["workloads_reused"] == again["workloads_seen"]
+        assert again["tuning_s"] < 1.0
+    finally:
+        target.close()
+
+
+def test_new_workloads_over_the_cap_are_measured_and_marked_partly_untuned(db_root, tmp_path):
+    target = X86Target(threads=2, trials=2, tuning_db=str(db_root), max_new_tasks=0)
+    try:
+        art = target.compile(matmul_model(k=48), tmp_path)  # another shape: a workload the db lacks
+        stats = art.info["tuning"]
+        assert stats["workloads_untuned"] >= 1 and stats["partly_untuned"] is True
+        assert stats["workloads_tuned"] == 0
+        assert art.info["tuned"] is False
+        m = target.measure(art, {"x": np.zeros((1, 8, 48), np.float32)})
+        assert m.latency.median_ms > 0
+        assert m.extra["note"].startswith("partly untuned: 1 of 1 workloads"), m.extra["note"]
+    finally:
+        target.close()
+
+
+def test_cli_run_reports_tuning_and_reuse(db_root, tmp_path):
+    """Through the CLI: the original's workload is already in the database (tuned above)."""
+    model = matmul_model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    r = run_cli("run", path, "--target", "x86", "--tune-trials", "2", "--tuning-db", db_root, "--budget", "1",
+                "--out", out, "--json", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["tuned"] is True
+    t = rep["tuning"]
+    assert t["workloads_seen"] >= 1 and t["workloads_reused"] == t["workloads_seen"], t
+    assert t["workloads_tuned"] == 0 and t["reuse_ratio"] == 1.0
+    assert rep["target"]["tuning"]["trials_per_workload"] == 2
+
+
+def test_tune_flags_rejected_for_a_target_that_does_not_tune(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(matmul_model().SerializeToString())
+    r = run_cli("run", path, "--target", "ort", "--tune-trials", "4", "--out", tmp_path / "o")
+    assert r.returncode == 2
+    assert "does not tune" in r.stderr and "x86" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_trials_option():
+    with pytest.raises(Exception, match="trials"):
+        X86Target(trials="many")
+    with pytest.raises(Exception, match=">= 0"):
+        X86Target(trials=-1)
