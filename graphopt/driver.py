@@ -138,6 +138,27 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
     return model, applied
 
 
+def split_calibration(data: CalibrationData, passes: Mapping[str, Pass], pass_options: Mapping[str, Any],
+                      finetune_steps: int = 0) -> tuple[CalibrationData, CalibrationData]:
+    """(fit, fidelity) data. Passes that fit weights to data (repair, finetune) get the first half
+    of the samples and fidelity is measured on the other half, so a candidate is never judged on
+    the data it was fit to. `graphopt export` rebuilds candidates with the same split."""
+    n = data.num_samples
+    if (finetune_steps > 0 and n >= 2) or (pass_options.get("repair", True) and n >= 4
+                                           and any(getattr(p, "uses_calibration", False) for p in passes.values())):
+        half = n // 2
+        return (CalibrationData({k: v[:half] for k, v in data.arrays.items()}, data.source),
+                CalibrationData({k: v[half:] for k, v in data.arrays.items()}, data.source))
+    return data, data
+
+
+def move_context(base: LoadedModel, fit_data: CalibrationData, pass_options: Mapping[str, Any],
+                 finetune_steps: int = 0, seed: int = 0) -> MoveContext:
+    return MoveContext(base_model=base.proto, calibration=fit_data.arrays,
+                       options=dict(pass_options, **({"finetune_steps": finetune_steps, "seed": seed}
+                                                     if finetune_steps else {})))
+
+
 # ------------------------------------------------------------------------------------ search
 @dataclass
 class SearchResult:
@@ -194,22 +215,15 @@ class Search:
                                        "passes": list(cfg.passes), "shapes": {k: list(v) for k, v in cfg.shapes.items()},
                                        "metric": cfg.metric, "min_fidelity": cfg.min_fidelity,
                                        "data": str(Path(cfg.data).resolve()) if cfg.data else None,
-                                       "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps})
+                                       "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps,
+                                       "seed": cfg.seed, "synthetic_samples": cfg.synthetic_samples})
         # Passes that fit weights to data (repair) get one half of the calibration samples and
         # fidelity is measured on the other half, so it is never judged on the data it was fit to.
-        fit_data, self.fidelity_data = self.data, self.data
-        n = self.data.num_samples
-        if (cfg.finetune_steps > 0 and n >= 2) or (cfg.pass_options.get("repair", True) and n >= 4
-                                      and any(getattr(p, "uses_calibration", False) for p in self.passes.values())):
-            half = n // 2
-            fit_data = CalibrationData({k: v[:half] for k, v in self.data.arrays.items()}, self.data.source)
-            self.fidelity_data = CalibrationData({k: v[half:] for k, v in self.data.arrays.items()},
-                                                 self.data.source)
+        fit_data, self.fidelity_data = split_calibration(self.data, self.passes, cfg.pass_options,
+                                                         cfg.finetune_steps)
         self.fit_samples = fit_data.num_samples if fit_data is not self.data else 0
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
-        self.ctx = MoveContext(base_model=self.base.proto, calibration=fit_data.arrays,
-                               options=dict(cfg.pass_options, **({"finetune_steps": cfg.finetune_steps,
-                                                                   "seed": cfg.seed} if cfg.finetune_steps else {})))
+        self.ctx = move_context(self.base, fit_data, cfg.pass_options, cfg.finetune_steps, cfg.seed)
         self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed)
         # A resumed run replays the store: the strategy learns what was measured and the
         # budget counts those candidates as done.

@@ -53,7 +53,6 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
     from .genotype import SearchSpace
     from .ir import load_model
     from .outputs import atomic_write_bytes
-    from .plugin import MoveContext
     from .registry import PASSES
 
     store = open_store(out_dir)
@@ -73,12 +72,17 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
     passes = {n: PASSES.create(n) for n in cfg["passes"]}
     graph = base.graph()
     space = SearchSpace([s for p in passes.values() for s in p.sites(graph)])
-    calib = {}
-    if cfg.get("data"):
-        from .evaluate import load_data
+    from .driver import move_context, split_calibration
+    from .evaluate import load_data, synthetic_data
 
-        calib = load_data(cfg["data"], base.inputs).arrays
-    ctx = MoveContext(base_model=base.proto, calibration=calib, options=cfg.get("pass_options") or {})
+    seed = int(cfg.get("seed") or 0)
+    data = (load_data(cfg["data"], base.inputs) if cfg.get("data")
+            else synthetic_data(base.inputs, base.proto, samples=int(cfg.get("synthetic_samples") or 8), seed=seed))
+    options = cfg.get("pass_options") or {}
+    steps = int(cfg.get("finetune_steps") or 0)
+    # the same data and fit half the run used, so the rebuilt candidate is the one that was measured
+    fit, _ = split_calibration(data, passes, options, steps)
+    ctx = move_context(base, fit, options, steps, seed)
     model, _ = materialize(base, space, rec.genotype, passes, ctx)
     return atomic_write_bytes(Path(dest), model.SerializeToString())
 

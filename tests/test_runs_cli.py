@@ -46,3 +46,30 @@ def test_runs_export_report(convbn_path, tmp_path):
     assert bad.returncode == 2 and "no candidate 99" in bad.stderr
     bad = run_cli("runs", tmp_path)
     assert bad.returncode == 2 and "holds no run store" in bad.stderr
+
+
+def test_export_rebuilds_a_repaired_candidate_exactly(tmp_path):
+    """Repair fits weights to the run's calibration half: export must use the same half, so the
+    exported file is the graph that was measured (the model hash stored in the run)."""
+    from conftest import conv_bn_model
+
+    from graphopt.ir import model_hash
+    from graphopt.store import RunStore
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(conv_bn_model(channels=8, size=12, blocks=2).SerializeToString())
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((8, 1, 3, 12, 12)).astype(np.float32))
+    out = tmp_path / "o"
+    res = run_cli("run", path, "--target", "ort", "--passes", "depthwise", "--data", data, "--budget", "3",
+                  "--min-fidelity", "0", "--out", out)
+    assert res.returncode == 0, res.stderr
+    store = RunStore.in_dir(out)
+    try:
+        rec = next(r for r in store.records() if r.genotype and r.graph_hash)
+    finally:
+        store.close()
+    dest = tmp_path / "e.onnx"
+    res = run_cli("export", out, "--candidate", rec.id, "-o", dest)
+    assert res.returncode == 0, res.stderr
+    assert model_hash(onnx.load(dest)) == rec.graph_hash
