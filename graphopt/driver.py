@@ -210,6 +210,8 @@ class Search:
             "target_config": _stable(target_desc.get("config", {k: v for k, v in target_desc.items()
                                                               if k in ("compiler", "device", "threads", "target")})),
             "data": self.data.fingerprint(), "metric": cfg.metric,
+            # how moves are built (repair on/off, pass options, finetune): same genotype, other graph
+            "move_options": _stable({**cfg.pass_options, "finetune_steps": cfg.finetune_steps}),
         })
         self.store.set_meta("config", {"model": str(Path(cfg.model).resolve()), "target": cfg.target,
                                        "passes": list(cfg.passes), "shapes": {k: list(v) for k, v in cfg.shapes.items()},

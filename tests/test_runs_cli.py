@@ -73,3 +73,11 @@ def test_export_rebuilds_a_repaired_candidate_exactly(tmp_path):
     res = run_cli("export", out, "--candidate", rec.id, "-o", dest)
     assert res.returncode == 0, res.stderr
     assert model_hash(onnx.load(dest)) == rec.graph_hash
+
+
+def test_resume_refuses_other_move_options(convbn_path, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--out", out).returncode == 0
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--no-repair", "--out", out)
+    assert res.returncode == 2
+    assert "different move_options" in res.stderr
