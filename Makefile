@@ -30,9 +30,11 @@ demo: models
 	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target ort --passes conv_bn \
 		--data models/efficientnet_lite0_calib.npz --budget 10 --out $(OUT)
 
+# TVM x86, MetaSchedule-tuned: the first run fills the tuning database (~/.cache/graphopt/tuning,
+# 47 workloads: about an hour on 2 cores at 2 trials each); later runs and candidates reuse it.
 demo-x86: models
-	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target x86 --passes conv_bn \
-		--data models/efficientnet_lite0_calib.npz --budget 2 --out out/demo-x86
+	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target x86 --passes kernel --tune-trials 2 \
+		--data models/efficientnet_lite0_calib.npz --budget 3 --out out/demo-x86
 
 test: models
 	$(PY) -m pytest -q tests

@@ -79,7 +79,7 @@ def ort_ms(sess, feed, number: int = 10, repeat: int = 7) -> float:
     return statistics.median(samples)
 
 
-def bench_model(name: str, budgets: list[int], rounds: int, work: Path) -> list[dict]:
+def bench_model(name: str, budgets: list[int], rounds: int, work: Path, db_root: Path) -> list[dict]:
     path, calib = MODELS[name]
     if not path.exists():
         log(f"{name}: {path} missing: run `make models`; skipped")
@@ -90,7 +90,7 @@ def bench_model(name: str, budgets: list[int], rounds: int, work: Path) -> list[
     mut, mut_desc = mutated(loaded)
     rows = []
     for b in budgets:
-        db = work / f"{name}-b{b}"
+        db = db_root / f"{name}-b{b}"  # kept: `graphopt run --tuning-db` can start from it
         shutil.rmtree(db, ignore_errors=True)
         tgt = X86Target(threads=THREADS, trials=b, tuning_db=str(db))
         log(f"{name}: tuning the original, {b} trials per workload (fresh database {db})")
@@ -149,7 +149,7 @@ def main() -> None:
     rows = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            rows += bench_model(name, budgets, args.rounds, work)
+            rows += bench_model(name, budgets, args.rounds, work, args.out / "tuning-db")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = table(rows)

@@ -177,3 +177,13 @@ def refit_conv(x: np.ndarray, target: np.ndarray, w0: np.ndarray, attrs: Mapping
     if intercept:
         return res[0].reshape(w0.shape), res[1]
     return res.reshape(w0.shape)
+
+
+def base_tensor_names(ctx) -> set[str]:
+    """Names of the original model's tensors (node outputs and graph inputs), cached per run:
+    a repair can only fit to activations the original model computes."""
+    names = ctx.cache.get("base_tensor_names")
+    if names is None:
+        g = ctx.base_model.graph
+        names = ctx.cache["base_tensor_names"] = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    return names

@@ -170,15 +170,12 @@ def _repair(ctx: MoveContext, x_name: str, y_name: str, bias: np.ndarray | None,
             dw_attrs: dict, pw) -> bool:
     """Least-squares refit of the pointwise weights so that pointwise(depthwise(x)) matches the
     original conv's output on the calibration inputs (x and y from the original model)."""
-    from graphopt.repair import activations, refit_pointwise, run_conv
+    from graphopt.repair import activations, base_tensor_names, refit_pointwise, run_conv
 
     act = activations(ctx)
     if act is None:
         return False
-    names = ctx.cache.get("base_tensor_names")
-    if names is None:
-        g = ctx.base_model.graph
-        names = ctx.cache["base_tensor_names"] = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    names = base_tensor_names(ctx)
     if x_name not in names or y_name not in names:
         return False  # an earlier move made these tensors: no original activations to match
     a = act.get([x_name, y_name])

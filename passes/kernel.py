@@ -208,15 +208,12 @@ def _repair(ctx: MoveContext, conv: "gs.Node") -> bool:
     is no calibration data or the conv's tensors are not the base model's."""
     import onnx_graphsurgeon as gs
 
-    from graphopt.repair import activations, refit_conv
+    from graphopt.repair import activations, base_tensor_names, refit_conv
 
     act = activations(ctx)
     if act is None:
         return False
-    names = ctx.cache.get("base_tensor_names")
-    if names is None:
-        g = ctx.base_model.graph
-        names = ctx.cache["base_tensor_names"] = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    names = base_tensor_names(ctx)
     x_name, y_name = conv.inputs[0].name, conv.outputs[0].name
     if x_name not in names or y_name not in names:
         return False

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import CompileError, DataError, TargetUnreachable, UsageError
+from graphopt.errors import CompileError, TargetUnreachable, UsageError
 from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
 
 from . import rpc as rpc_mod
@@ -325,19 +325,7 @@ class CudaTarget(Target):
 
     # ---------------------------------------------------------------------------- running
     def _ordered_inputs(self, artifact: Artifact, inputs: Mapping[str, Any]) -> list:
-        import numpy as np
-
-        specs = artifact.info["inputs"]
-        names = [n for n, _, _ in specs]
-        if set(inputs) != set(names):
-            raise DataError(f"cuda target: inputs {sorted(inputs)} do not match the model's {sorted(names)}")
-        out = []
-        for name, shape, dtype in specs:
-            x = np.asarray(inputs[name])
-            if list(x.shape) != list(shape):
-                raise DataError(f"cuda target: input {name!r} has shape {list(x.shape)}, the model declares {shape}")
-            out.append(x.astype(dtype, copy=False))
-        return out
+        return tc.ordered_inputs(artifact.info["inputs"], inputs, "cuda")
 
     def _lib(self, artifact: Artifact) -> Path:
         lib = artifact.info.get("lib")

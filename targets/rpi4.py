@@ -335,7 +335,10 @@ class Rpi4Target(X86Target):
         tc.load_tvm()
         import tvm.s_tir.meta_schedule as ms
 
-        return ms.builder.LocalBuilder(f_export=functools.partial(export_for_runner, self.cross_compiler))
+        from .tuning import timeout_s
+
+        return ms.builder.LocalBuilder(f_export=functools.partial(export_for_runner, self.cross_compiler),
+                                       timeout_sec=timeout_s())
 
     # ----------------------------------------------------------------------------- running
     def _export_remote(self, artifact: Artifact, stem: Path) -> Path:

@@ -262,7 +262,7 @@ def search_strategy(ms, trials: int):
     )
 
 
-def _timeout_s() -> float:
+def timeout_s() -> float:
     """Per-trial build/run timeout. MetaSchedule's 30 s default counts the worker's start, and a
     worker imports tvm (and, through tvm_ffi, torch): on a loaded 2-core machine that alone took
     over 30 s, so every trial 'failed' with a timeout. $GRAPHOPT_MS_TIMEOUT overrides."""
@@ -273,11 +273,11 @@ def _timeout_s() -> float:
 
 
 def local_builder(ms):
-    return ms.builder.LocalBuilder(timeout_sec=_timeout_s())
+    return ms.builder.LocalBuilder(timeout_sec=timeout_s())
 
 
 def local_runner(ms):
-    return ms.runner.LocalRunner(timeout_sec=_timeout_s())
+    return ms.runner.LocalRunner(timeout_sec=timeout_s())
 
 
 def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, builder, num_threads, seed) -> None:

@@ -366,6 +366,25 @@ def export_library(executable, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------- run
+def ordered_inputs(specs, inputs: Mapping[str, Any], target_name: str) -> list:
+    """One sample's inputs as arrays in the model's input order, checked against `specs`
+    ((name, shape, dtype) from input_specs); DataError naming the mismatch otherwise."""
+    import numpy as np
+
+    from graphopt.errors import DataError
+
+    names = [n for n, _, _ in specs]
+    if set(inputs) != set(names):
+        raise DataError(f"{target_name} target: inputs {sorted(inputs)} do not match the model's {sorted(names)}")
+    out = []
+    for name, shape, dtype in specs:
+        x = np.asarray(inputs[name])
+        if list(x.shape) != list(shape):
+            raise DataError(f"{target_name} target: input {name!r} has shape {list(x.shape)}, the model declares {shape}")
+        out.append(x.astype(dtype, copy=False))
+    return out
+
+
 def make_vm(executable_or_vm, dev):
     """A relax.VirtualMachine on dev, from an Executable, a runtime Module or a VM."""
     load_tvm()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from graphopt.errors import DataError, UsageError
+from graphopt.errors import UsageError
 from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
 
 from . import rpc
@@ -189,19 +189,7 @@ class X86Target(Target):
 
     # ---------------------------------------------------------------------------- running
     def _ordered_inputs(self, artifact: Artifact, inputs: Mapping[str, Any]) -> list:
-        import numpy as np
-
-        specs = artifact.info["inputs"]
-        names = [n for n, _, _ in specs]
-        if set(inputs) != set(names):
-            raise DataError(f"x86 target: inputs {sorted(inputs)} do not match the model's {sorted(names)}")
-        out = []
-        for name, shape, dtype in specs:
-            x = np.asarray(inputs[name])
-            if list(x.shape) != list(shape):
-                raise DataError(f"x86 target: input {name!r} has shape {list(x.shape)}, the model declares {shape}")
-            out.append(x.astype(dtype, copy=False))
-        return out
+        return tc.ordered_inputs(artifact.info["inputs"], inputs, self.name)
 
     def run_once(self, artifact: Artifact, inputs: Mapping[str, Any]) -> list:
         """Run the compiled module once; outputs as numpy arrays in graph output order."""
