@@ -125,24 +125,6 @@ def test_cli_run_over_rpc(cluster, tmp_path):
     assert (tmp_path / "out" / "model.so").exists()
 
 
-def test_metaschedule_tunes_through_rpc(cluster, tmp_path):
-    """MetaSchedule's RPCRunner measures the trials on the tracker's device: every workload of a
-    one-matmul model gets a successful record (not MetaSchedule's 1e10 s failure value)."""
-    from test_tuning import matmul_model
-
-    t = _x86(cluster, trials=1, tuning_db=str(tmp_path / "db"))
-    try:
-        art = t.compile(matmul_model(), tmp_path)
-        stats = art.info["tuning"]
-        assert stats["workloads_seen"] >= 1
-        assert stats["workloads_tuned"] == stats["workloads_seen"], stats
-        assert art.info["tuned"] is True
-        x = np.random.default_rng(0).standard_normal((1, 8, 32)).astype(np.float32)
-        assert t.measure(art, {"x": x}).tuned is True
-    finally:
-        t.close()
-
-
 def test_session_timeout_is_unreachable_with_the_fix(cluster, tmp_path):
     t = _x86(cluster, session_timeout=1, number=200000, repeat=3, warmup=0)
     art = t.compile(conv_bn_model(), tmp_path)
