@@ -16,11 +16,11 @@ from conftest import ROOT, conv_bn_model
 
 def test_sigint_keeps_store_and_writes_report(tmp_path):
     p = tmp_path / "m.onnx"
-    onnx.save(conv_bn_model(blocks=4), p)
+    onnx.save(conv_bn_model(blocks=6), p)  # 2^6 genotypes: the budget of 50 cannot run out of space
     out = tmp_path / "o"
     # slow measurements (many repeats) so the run is still going when the signal arrives
     proc = subprocess.Popen([sys.executable, "-m", "graphopt", "run", str(p), "--target", "ort", "--budget", "50",
-                             "--target-opt", "repeat=400", "--out", str(out), "--json"], cwd=ROOT,
+                             "--target-opt", "repeat=2000", "--out", str(out), "--json"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     store = out / "runs.sqlite"
