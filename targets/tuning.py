@@ -272,12 +272,71 @@ def timeout_s() -> float:
         return 180.0
 
 
+_BUILDER = None
+_RUNNER = None
+
+
 def local_builder(ms):
-    return ms.builder.LocalBuilder(timeout_sec=timeout_s())
+    """One MetaSchedule builder per process, whose worker processes outlive a build() call.
+
+    MetaSchedule's LocalBuilder starts a fresh pool of worker processes for every batch, and each
+    worker's first build imports tvm.s_tir.tensor_intrin, which took 45-80 s on this 2-core
+    machine: it dominated tuning (~60 s per workload at 2 trials, for a trivial build). The
+    pool here is kept and recycled every RECYCLE_BUILDS batches (TVM restarts it per batch
+    because of a memory leak in long-lived workers).
+    """
+    global _BUILDER
+    if _BUILDER is None:
+        _BUILDER = _persistent_builder_class(ms)(timeout_sec=timeout_s())
+    return _BUILDER
 
 
 def local_runner(ms):
-    return ms.runner.LocalRunner(timeout_sec=timeout_s())
+    """One LocalRunner per process (its single worker process is kept by TVM itself)."""
+    global _RUNNER
+    if _RUNNER is None:
+        _RUNNER = ms.runner.LocalRunner(timeout_sec=timeout_s())
+    return _RUNNER
+
+
+RECYCLE_BUILDS = 64
+
+
+def _persistent_builder_class(ms):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class PersistentLocalBuilder(ms.builder.PyBuilder):
+        def __init__(self, timeout_sec: float, max_workers: int | None = None) -> None:
+            super().__init__()
+            self.timeout_sec = timeout_sec
+            self.max_workers = max_workers or lb.cpu_count(logical=True)
+            self._pool = None
+            self._uses = 0
+
+        def build(self, build_inputs):
+            if self._pool is None or self._uses >= RECYCLE_BUILDS:
+                if self._pool is not None:
+                    self._pool.shutdown()
+                self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec)
+                self._uses = 0
+            self._uses += 1
+            results = []
+            args = [(None, None, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
+            for r in self._pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
+                else:
+                    results.append(ms.builder.BuilderResult(None, "LocalBuilder: An exception occurred\n"
+                                                            + str(r.value)))
+            return results
+
+    return PersistentLocalBuilder
 
 
 def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, builder, num_threads, seed) -> None:
