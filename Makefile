@@ -31,7 +31,7 @@ demo: models
 		--data models/efficientnet_lite0_calib.npz --budget 10 --out $(OUT)
 
 # TVM x86, MetaSchedule-tuned: the first run fills the tuning database (~/.cache/graphopt/tuning,
-# 47 workloads: about an hour on 2 cores at 2 trials each); later runs and candidates reuse it.
+# 47 workloads: ~3 min on 2 cores at 2 trials each, ~5 min at 8); later runs and candidates reuse it.
 demo-x86: models
 	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target x86 --passes kernel --tune-trials 2 \
 		--data models/efficientnet_lite0_calib.npz --budget 3 --out out/demo-x86
