@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import onnx
@@ -21,20 +22,28 @@ def test_sigint_keeps_store_and_writes_report(tmp_path):
     # slow measurements (many repeats) so the run is still going when the signal arrives
     proc = subprocess.Popen([sys.executable, "-m", "graphopt", "run", str(p), "--target", "ort", "--budget", "50",
                              "--target-opt", "repeat=2000", "--out", str(out), "--json"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    store = out / "runs.sqlite"
-    while time.time() < deadline:
-        if store.exists():
-            try:
-                n = sqlite3.connect(store).execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
-            except sqlite3.Error:
-                n = 0
-            if n >= 2:
-                break
-        time.sleep(0.2)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test run started in the background (`make test &`) inherits SIGINT as
+                            # ignored, and Python then installs no KeyboardInterrupt handler: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # wait until the progress log (stderr) shows two candidates done, then Ctrl-C
+    lines: list[str] = []
+
+    def read_err():
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not any("[2/50]" in ln for ln in lines) and proc.poll() is None:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout = proc.stdout.read()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    store = out / "runs.sqlite"
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     rep = json.loads(stdout)
