@@ -10,6 +10,9 @@ from onnx import helper, numpy_helper
 
 from conftest import float_init as _init
 from conftest import make_model as _model
+from conftest import net_model
+from conftest import random_feeds as _feeds
+from conftest import run_ort_unoptimized as _run
 from graphopt.ir import export_graph, load_proto, node_by_name
 from graphopt.passes.kernel import KernelResize
 from graphopt.plugin import MoveContext
@@ -34,61 +37,6 @@ def conv_model(*, bias=True, group=1, cin=4, cout=6, k=3, hw=8, batch=2, seed=0,
         conv_attrs.setdefault("pads", [k // 2] * 4)
     nodes = [helper.make_node("Conv", conv_in, ["y"], name="/conv", group=group, **conv_attrs)]
     return _model(nodes, {"x": [batch, cin, hw, hw]}, ["y"], inits)
-
-
-def net_model(seed: int = 0) -> onnx.ModelProto:
-    """stem conv -> relu -> [dilated conv -> BN] + residual -> (depthwise || grouped 5x5) -> Concat
-    -> strided conv -> SAME_UPPER conv -> 1x1 conv -> GAP -> Flatten -> Gemm."""
-    rng = _rng(seed)
-
-    def w(*shape):  # fan-in scaled, so activations stay O(1) and float32 error stays small
-        return rng.normal(0, 1.0 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.1, shape)
-
-    inits = [
-        _init("stem_w", w(8, 4, 3, 3)), _init("stem_b", w(8)),
-        _init("blk_w", w(8, 8, 3, 3)),
-        _init("bn_g", rng.uniform(0.5, 1.5, 8)), _init("bn_b", w(8)), _init("bn_m", w(8)),
-        _init("bn_v", rng.uniform(0.5, 2.0, 8)),
-        _init("dw_w", w(8, 1, 3, 3)), _init("dw_b", w(8)),
-        _init("grp_w", w(8, 4, 5, 5)),
-        _init("down_w", w(16, 16, 3, 3)), _init("down_b", w(16)),
-        _init("same_w", w(16, 16, 3, 3)),
-        _init("proj_w", w(12, 16, 1, 1)),
-        _init("fc_w", w(10, 12)), _init("fc_b", w(10)),
-    ]
-    mk = helper.make_node
-    nodes = [
-        mk("Conv", ["x", "stem_w", "stem_b"], ["s"], name="/stem", pads=[1, 1, 1, 1]),
-        mk("Relu", ["s"], ["a"], name="/stem_relu"),
-        mk("Conv", ["a", "blk_w"], ["bc"], name="/block/conv", pads=[2, 2, 2, 2], dilations=[2, 2]),
-        mk("BatchNormalization", ["bc", "bn_g", "bn_b", "bn_m", "bn_v"], ["bn"], name="/block/bn"),
-        mk("Add", ["a", "bn"], ["res"], name="/block/add"),
-        mk("Conv", ["res", "dw_w", "dw_b"], ["c"], name="/dw", group=8, pads=[1, 1, 1, 1]),
-        mk("Conv", ["res", "grp_w"], ["d"], name="/grouped", group=2, pads=[2, 2, 2, 2]),
-        mk("Concat", ["c", "d"], ["cat"], name="/concat", axis=1),
-        mk("Conv", ["cat", "down_w", "down_b"], ["e"], name="/down", strides=[2, 2], pads=[1, 1, 1, 1]),
-        mk("Relu", ["e"], ["er"], name="/down_relu"),
-        mk("Conv", ["er", "same_w"], ["f"], name="/same", auto_pad="SAME_UPPER"),
-        mk("Conv", ["f", "proj_w"], ["g"], name="/proj"),
-        mk("GlobalAveragePool", ["g"], ["gap"], name="/gap"),
-        mk("Flatten", ["gap"], ["flat"], name="/flatten"),
-        mk("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="/fc", transB=1),
-    ]
-    return _model(nodes, {"x": [2, 4, 12, 12]}, ["logits", "f"], inits)
-
-
-# ------------------------------------------------------------------------------------- helpers
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
-def _feeds(loaded, seed: int = 123) -> dict[str, np.ndarray]:
-    rng = _rng(seed)
-    return {i.name: rng.normal(0, 1, i.shape).astype(i.dtype) for i in loaded.inputs}
 
 
 def _apply(loaded, moves: dict[str, int]) -> onnx.ModelProto:
