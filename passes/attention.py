@@ -20,7 +20,11 @@ Choices per site:
              the mask (additive float, or a bool mask turned into 0 / float32-min) as its
              `attention_bias` input (broadcast to [., ., S, T] with an Expand when needed). The
              scale is folded into the Q weights when it is not the default 1/sqrt(D), because
-             TVM's importer rejects the `scale` attribute. com.microsoft.Attention is the one
+             TVM's importer rejects the `scale` attribute. A mask that calibration data shows
+             to be a padding mask of a [B, T] graph input (see padding_masks) is passed instead
+             as `mask_index` (that input cast to int32), the form onnxruntime's QAttention
+             keeps when int8 dynamic quantization quantizes the fused op.
+             com.microsoft.Attention is the one
              contrib attention op that both onnxruntime and TVM 0.27 import
              (TVM -> R.nn.attention); MultiHeadAttention and the opset-23 op fail in TVM.
   "prune_k"  approximate: the fused op with the k least important heads removed, and the rows
@@ -446,7 +450,22 @@ def _prune_counts(heads: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------- rewrite
-def _rewrite(graph: gs.Graph, m: _Match, keep_heads: list[int] | None = None) -> None:
+def _mask_index(graph: gs.Graph, source: str):
+    """The int32 [B, T] copy of the padding-mask graph input `source` (one Cast per graph)."""
+    import onnx_graphsurgeon as gs
+
+    name = f"{source}_mask_index_i32"
+    tensors = graph.tensors(check_duplicates=False)
+    if name in tensors:
+        return tensors[name]
+    src = next(t for t in graph.inputs if t.name == source)
+    out = gs.Variable(name, dtype=np.int32, shape=list(src.shape) if src.shape is not None else None)
+    graph.nodes.append(gs.Node("Cast", f"{source}/to_mask_index", attrs={"to": 6}, inputs=[src], outputs=[out]))
+    return out
+
+
+def _rewrite(graph: gs.Graph, m: _Match, keep_heads: list[int] | None = None,
+             mask_source: str | None = None) -> None:
     import onnx_graphsurgeon as gs
 
     h, d = m.heads, m.head_dim
@@ -468,7 +487,9 @@ def _rewrite(graph: gs.Graph, m: _Match, keep_heads: list[int] | None = None) ->
     w_c = gs.Constant(_fresh_name(taken, base + "_qkv_weight"), np.ascontiguousarray(np.concatenate(ws, 1).astype(dtype)))
     b_c = gs.Constant(_fresh_name(taken, base + "_qkv_bias"), np.ascontiguousarray(np.concatenate(bs).astype(dtype)))
     inputs = [m.q.x, w_c, b_c]
-    if m.mask is not None:
+    if m.mask is not None and mask_source is not None:
+        inputs.append(_mask_index(graph, mask_source))  # mask_index [B, T]: 1 keep, 0 padding
+    elif m.mask is not None:
         bias = m.mask
         s, t = _shape(m.q.x)[1], _shape(m.k.x)[1]
         if m.mask_is_bool:
@@ -556,6 +577,111 @@ def _importance(ctx: MoveContext, site: Site) -> np.ndarray:
     return cache[site.key]
 
 
+def _ancestor_inputs(graph: gs.Graph, t) -> set[str]:
+    """Names of the graph inputs that tensor `t` depends on."""
+    inputs = {x.name for x in graph.inputs}
+    seen, stack, found = set(), [t], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x.name in inputs:
+            found.add(x.name)
+        for p in x.inputs:  # producer nodes
+            stack.extend(p.inputs)
+    return found
+
+
+def padding_masks(ctx: MoveContext) -> dict[str, str]:
+    """Mask tensors of the base model's attention blocks that are padding masks: tensor name ->
+    the rank-2 integer/bool graph input [B, T] they are computed from.
+
+    A mask qualifies when (a) the only graph input it depends on is that [B, T] input, and (b) on
+    every calibration sample (up to 16) the mask, broadcast to [B, ., S, T], is exactly 0 where
+    the input is non-zero and <= -1e4 where it is zero, for every query row (a bool mask: True
+    and False); and at least one
+    zero was seen. Such a mask can be passed as com.microsoft.Attention's `mask_index` (ORT adds
+    mask_filter_value -1e4 at zeros; after the softmax that is the same 0 weight as -3.4e38),
+    which onnxruntime's quantizer keeps when it turns Attention into QAttention (it drops an
+    `attention_bias` input, so quantized attention would attend to padding). Cached per run.
+    """
+    if "attention_padding_masks" in ctx.cache:
+        return ctx.cache["attention_padding_masks"]
+    out: dict[str, str] = {}
+    ctx.cache["attention_padding_masks"] = out
+    if not ctx.calibration or ctx.base_model is None:
+        return out
+    import onnx
+    import onnxruntime as ort
+
+    from graphopt.ir import import_graph
+
+    base = import_graph(ctx.base_model)
+    masks, mask_dtypes = {}, {}
+    for n in _candidates(base):
+        mm = _match(n)
+        if isinstance(mm, _Match) and mm.mask is not None and mm.mask.name:
+            ms = _shape(mm.mask)
+            srcs = _ancestor_inputs(base, mm.mask)
+            if ms is None or len(srcs) != 1:
+                continue
+            src = next(x for x in base.inputs if x.name in srcs)
+            ss = src.shape
+            if (ss is None or len(ss) != 2 or ss[1] != ms[-1] or src.dtype is None
+                    or not (np.issubdtype(np.dtype(src.dtype), np.integer) or np.dtype(src.dtype) == np.bool_)):
+                continue
+            if mm.mask.dtype is None:
+                continue
+            masks[mm.mask.name] = src.name
+            mask_dtypes[mm.mask.name] = mm.mask.dtype
+    if not masks:
+        return out
+    model = onnx.ModelProto()
+    model.CopyFrom(ctx.base_model)
+    have = {o.name for o in model.graph.output}
+    names = sorted(masks)
+    for nm in names:
+        if nm not in have:
+            dt = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(mask_dtypes[nm]))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(nm, dt, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - an unverifiable mask keeps the exact bias form
+        return out
+    feeds = {i.name for i in sess.get_inputs()}
+    if not feeds <= set(ctx.calibration):
+        return out
+    n = min(_MAX_IMPORTANCE_SAMPLES, next(iter(ctx.calibration.values())).shape[0])
+    ok = {nm: True for nm in names}
+    zeros = {nm: False for nm in names}
+    for i in range(n):
+        feed = {k: ctx.calibration[k][i] for k in feeds}
+        for nm, val in zip(names, sess.run(names, feed)):
+            keep = np.asarray(feed[masks[nm]]) != 0  # [B, T]
+            is_bool = np.asarray(val).dtype == np.bool_  # bool masks: True = attend
+            v = np.asarray(val, dtype=np.float64)
+            if v.ndim > 4:
+                ok[nm] = False
+                continue
+            v = v.reshape((1,) * (4 - v.ndim) + v.shape)
+            try:
+                v = np.broadcast_to(v, (keep.shape[0],) + v.shape[1:3] + (keep.shape[1],))
+            except ValueError:
+                ok[nm] = False
+                continue
+            kb = np.broadcast_to(keep[:, None, None, :], v.shape)
+            zeros[nm] |= bool((~keep).any())
+            if is_bool:
+                ok[nm] &= bool(np.all(v[kb] == 1.0) and np.all(v[~kb] == 0.0))
+            else:
+                ok[nm] &= bool(np.all(v[kb] == 0.0) and np.all(v[~kb] <= -1e4))
+    out.update({nm: masks[nm] for nm in names if ok[nm] and zeros[nm]})
+    return out
+
+
 # ------------------------------------------------------------------------------------- the pass
 class AttentionFusion(Pass):
     name = "attention"
@@ -589,15 +715,16 @@ class AttentionFusion(Pass):
         m = _match(anchor)
         if isinstance(m, str):
             return False
+        src = padding_masks(ctx).get(m.mask.name) if m.mask is not None else None
         if choice == "fused":
-            _rewrite(graph, m)
+            _rewrite(graph, m, mask_source=src)
             return True
         k = int(str(choice).split("_", 1)[1])
         if not 0 < k < m.heads or not _can_prune(m):
             return False
         imp = _importance(ctx, site)
         keep = sorted(np.argsort(-imp, kind="stable")[: m.heads - k].tolist())
-        _rewrite(graph, m, keep_heads=keep)
+        _rewrite(graph, m, keep_heads=keep, mask_source=src)
         return True
 
     def rejections(self, graph: gs.Graph) -> list[tuple[str, str]]:

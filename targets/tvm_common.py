@@ -253,6 +253,59 @@ def input_specs(model: "onnx.ModelProto") -> list[tuple[str, list[int | str | No
 from graphopt.ir import fold_constants, normalize_constants  # noqa: E402,F401  (re-exported)
 
 
+def mask_index_to_bias(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """com.microsoft.Attention with a 2-D mask_index [B, T] and no attention_bias, rewritten to
+    the equivalent additive attention_bias (1 - mask) * mask_filter_value as [B, 1, 1, T].
+
+    TVM 0.27's importer passes a 2-D mask_index to R.nn.attention as a 2-D bias and fails
+    ("The bias should have 4 dimensions"). passes/attention.py emits mask_index for padding
+    masks (onnxruntime's QAttention keeps it). Returns `model` itself when nothing matches,
+    else a copy.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def is_target(n) -> bool:
+        ins = list(n.input)
+        return (n.op_type == "Attention" and n.domain == "com.microsoft" and len(ins) >= 4 and bool(ins[3])
+                and not (len(ins) > 5 and ins[5]))
+
+    if not any(is_target(n) for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
+    made: dict[str, str] = {}
+    nodes = []
+    for n in out.graph.node:
+        if is_target(n):
+            mask = n.input[3]
+            fill = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "mask_filter_value"), -10000.0)
+            key = f"{mask}|{fill}"
+            if key not in made:
+                base = f"{mask}_as_bias_{len(made)}"
+                consts = [numpy_helper.from_array(np.array(1.0, np.float32), base + "_one"),
+                          numpy_helper.from_array(np.array(fill, np.float32), base + "_fill")]
+                out.graph.initializer.extend(consts)
+                nodes.append(helper.make_node("Cast", [mask], [base + "_f"], to=TensorProto.FLOAT, name=base + "/cast"))
+                nodes.append(helper.make_node("Sub", [base + "_one", base + "_f"], [base + "_inv"], name=base + "/sub"))
+                nodes.append(helper.make_node("Mul", [base + "_inv", base + "_fill"], [base + "_2d"], name=base + "/mul"))
+                if opset >= 13:
+                    out.graph.initializer.append(numpy_helper.from_array(np.array([1, 2], np.int64), base + "_axes"))
+                    nodes.append(helper.make_node("Unsqueeze", [base + "_2d", base + "_axes"], [base], name=base + "/unsq"))
+                else:
+                    nodes.append(helper.make_node("Unsqueeze", [base + "_2d"], [base], axes=[1, 2], name=base + "/unsq"))
+                made[key] = base
+            ins = list(n.input)[:3] + ["", "", made[key]]
+            del n.input[:]
+            n.input.extend(ins)
+        nodes.append(n)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 def import_onnx(
     model: "onnx.ModelProto",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -288,6 +341,7 @@ def import_onnx(
     if given:
         raise CompileError(f"input_shapes names unknown inputs {sorted(given)}; model inputs: {sorted(shapes)}")
 
+    model = mask_index_to_bias(model)
     model = fold_constants(model) if fold else normalize_constants(model)
     missing = unsupported_ops(model)
     if missing:

@@ -343,3 +343,103 @@ def test_minilm_variants_fused_match(minilm, variant, form):
         pytest.skip(f"{variant} could not be exported here (see models/minilm.py --variants)")
     # measured: sdpa 1.3e-7, onnx23 0.0
     assert _minilm_fused_error(path, form) <= 1e-4
+
+
+# ------------------------------------------------------------------ padding mask -> mask_index
+def padded_model(causal=False):
+    """classic attention whose additive mask is computed from a [B, S] int64 `attention_mask`
+    input the way BERT exporters do it: (1 - Cast(mask)) * -10000, reshaped to [B, 1, 1, S].
+    causal=True adds a lower-triangular term, so the mask is no longer a pure padding mask."""
+    g = _G(4)
+    q, k, v = g.heads("x", "q"), g.heads("x", "k", kt=True), g.heads("x", "v")
+    s = g.op("Div", [g.op("MatMul", [q, k], "scores"), g.c(math.sqrt(D))], "scaled")
+    m = g.op("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
+    m = g.op("Mul", [g.op("Sub", [g.c(1.0), m], "inv"), g.c(-10000.0)], "mask_bias")
+    m = g.op("Reshape", [m, g.c([B, 1, 1, S], True)], "mask_4d")
+    if causal:
+        m = g.op("Add", [m, g.c(np.triu(np.full((S, S), -10000.0), 1))], "mask_causal")
+    p = g.op("Softmax", [g.op("Add", [s, m], "masked")], "softmax", axis=-1)
+    g.merge_out(g.op("MatMul", [p, v], "ctx"))
+    return g.model([_x_in(), helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, S])])
+
+
+def _padded_feeds(n, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(0, 1, (n, B, S, HID)).astype(np.float32)
+    masks = np.ones((n, B, S), np.int64)
+    for i in range(n):  # sample i: the last (i % 4) + 1 keys of batch row 1 are padding
+        masks[i, 1, S - (i % 4) - 1:] = 0
+    return {"x": xs, "attention_mask": masks}
+
+
+def _attention_nodes(model):
+    return [n for n in model.graph.node if n.op_type in ("Attention", "QAttention")]
+
+
+def test_padding_mask_becomes_mask_index_and_stays_exact():
+    base = load_proto(padded_model())
+    calib = _padded_feeds(6)
+    fused, _ = _apply(base, "fused", _ctx(base, calib))
+    onnx.checker.check_model(fused)
+    (attn,) = _attention_nodes(fused)
+    assert len(attn.input) == 4 and attn.input[3], list(attn.input)  # mask_index, no attention_bias
+    cast = next(n for n in fused.graph.node if attn.input[3] in n.output)
+    assert cast.op_type == "Cast" and list(cast.input) == ["attention_mask"]
+    ev = _padded_feeds(4, seed=1)
+    for i in range(4):
+        feeds = {k: v[i] for k, v in ev.items()}
+        err = float(np.abs(_run(base.proto, feeds) - _run(fused, feeds)).max())
+        assert err <= TOL, err
+
+
+def test_mask_that_is_not_padding_keeps_the_bias_form():
+    base = load_proto(padded_model(causal=True))
+    fused, _ = _apply(base, "fused", _ctx(base, _padded_feeds(6)))
+    (attn,) = _attention_nodes(fused)
+    assert len(attn.input) == 6 and attn.input[5] and not attn.input[3]
+    feeds = {k: v[0] for k, v in _padded_feeds(1, seed=2).items()}
+    assert float(np.abs(_run(base.proto, feeds) - _run(fused, feeds)).max()) <= TOL
+
+
+def test_without_calibration_the_bias_form_is_kept():
+    base = load_proto(padded_model())
+    fused, _ = _apply(base, "fused", _ctx(base, {}))
+    (attn,) = _attention_nodes(fused)
+    assert len(attn.input) == 6 and attn.input[5]
+
+
+def test_quantized_attention_still_masks_padding(tmp_path):
+    """onnxruntime's quantize_dynamic turns the fused op into QAttention and drops an
+    attention_bias input; with mask_index the padding stays masked."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    base = load_proto(padded_model())
+    out = {}
+    for form, calib in (("index", _padded_feeds(6)), ("bias", {})):
+        fused, _ = _apply(base, "fused", _ctx(base, calib))
+        src, dst = tmp_path / f"{form}.onnx", tmp_path / f"{form}_q.onnx"
+        onnx.save(fused, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
+        q = onnx.load(dst)
+        assert [n.op_type for n in _attention_nodes(q)] == ["QAttention"]
+        feeds = {k: v[3] for k, v in _padded_feeds(4, seed=3).items()}  # 4 padded keys in row 1
+        ref = _run(base.proto, feeds)[1]
+        out[form] = float(np.abs(_run(q, feeds)[1] - ref).max()) / float(np.abs(ref).max())
+    # measured: index 0.02 (int8 rounding), bias 0.5 (the padding is attended)
+    assert out["index"] < 0.1 < out["bias"], out
+
+
+def test_tvm_x86_compiles_mask_index_form_and_matches_ort():
+    if importlib.util.find_spec("tvm") is None:
+        pytest.skip("apache-tvm not installed")
+    from graphopt.targets.tvm_common import build, import_onnx, load_tvm, run_vm
+
+    tvm = load_tvm(2)
+    base = load_proto(padded_model())
+    fused, _ = _apply(base, "fused", _ctx(base, _padded_feeds(6)))
+    feeds = {k: v[3] for k, v in _padded_feeds(4, seed=4).items()}
+    ex = build(import_onnx(fused), tvm.target.Target({"kind": "llvm", "num-cores": 2}))
+    got = run_vm(ex, tvm.cpu(), [feeds["x"], feeds["attention_mask"]])[0]
+    err = float(np.abs(_run(base.proto, feeds) - got).max())
+    assert err <= 1e-4, err
