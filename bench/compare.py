@@ -29,7 +29,7 @@ MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
 CALIB = ROOT / "models" / "efficientnet_lite0_calib.npz"
 EVAL = ROOT / "models" / "efficientnet_lite0_eval.npz"
 THREADS = 2
-PASSES = "conv_bn,depthwise,kernel"
+PASSES = "conv_bn,depthwise,kernel,int8"
 STRATEGIES = ("random", "grid", "evolutionary")
 MIN_FIDELITY = 0.99
 WARMUP, REPEAT, NUMBER = 5, 15, 10
@@ -38,7 +38,7 @@ WARMUP, REPEAT, NUMBER = 5, 15, 10
 MODELS = {
     "efficientnet": ("EfficientNet-Lite0", MODEL, CALIB, EVAL, PASSES, "images"),
     "minilm": ("all-MiniLM-L6-v2 (seq 128)", ROOT / "models" / "minilm.onnx", ROOT / "models" / "minilm_calib.npz",
-               ROOT / "models" / "minilm_eval.npz", "attention", "sentences"),
+               ROOT / "models" / "minilm_eval.npz", "attention,int8", "sentences"),
 }
 
 
@@ -281,11 +281,12 @@ def main() -> None:
           f"Search curves: best feasible latency (ms) so far, from each search's own measurements (one per "
           f"candidate, not interleaved; index i = graphopt candidate id i+1)\n\n{curves_table(curves)}\n")
     print(md)
-    (out / "compare.md").write_text(md)
+    stem = "compare" if args.model == "efficientnet" else f"compare_{args.model}"
+    (out / f"{stem}.md").write_text(md)
     raw = {"header": header, "total_s": total, "curves": curves,
            "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
-    (out / "compare.json").write_text(json.dumps(raw, indent=2))
-    log(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    (out / f"{stem}.json").write_text(json.dumps(raw, indent=2))
+    log(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
 
 
 if __name__ == "__main__":
