@@ -144,6 +144,30 @@ def task_best_seconds(db, task) -> float | None:
     return mean if mean < 1e9 else None  # MetaSchedule stores 1e10 s for a failed trial
 
 
+def task_failed_trials(db, task, limit: int) -> int:
+    """How many failed trials (1e10 s) the database holds for the task's workload, counted up to
+    `limit`; 0 when it does not know the workload or has a successful record for it.
+    (get_top_k leaves failed records out, so this scans all records: ~1 ms per 1000 here.)"""
+    mod = task.dispatched[0]
+    if limit <= 0 or not db.has_workload(mod):
+        return 0
+    wl = db.commit_workload(mod)
+    n = 0
+    for rec in db.get_all_tuning_records():
+        if not rec.workload.same_as(wl):
+            continue
+        secs = [float(s) for s in (rec.run_secs or [])]
+        if secs and sum(secs) / len(secs) < 1e9:
+            return 0
+        n += 1
+    return min(n, limit)
+
+
+def retry_failed() -> bool:
+    """$GRAPHOPT_MS_RETRY_FAILED=1: tune again the workloads whose earlier trials all failed."""
+    return os.environ.get("GRAPHOPT_MS_RETRY_FAILED", "") not in ("", "0")
+
+
 def tune_and_build(
     raw_mod,
     target,
@@ -181,10 +205,16 @@ def tune_and_build(
         raise CompileError(f"MetaSchedule task extraction failed: {type(e).__name__}: {tc._first_line(e)}") from e
     stats.extract_s = time.monotonic() - t0
     db = open_db(db_dir)
-    # a workload whose earlier trials all failed has no usable record: it counts as new
     todo = [t for t in tasks if task_best_seconds(db, t) is None]
     stats.workloads_seen = len(tasks)
     stats.workloads_reused = len(tasks) - len(todo)
+    # a workload that already failed at least this many trials (MiniLM has 3 such on this CPU) is
+    # not tuned again at every compile (~35 s each here): it runs TVM's default schedule, untuned
+    known_bad: list[str] = []
+    if not retry_failed() and trials_per_task > 0:
+        bad = [task_failed_trials(db, t, int(trials_per_task)) >= trials_per_task for t in todo]
+        known_bad = [t.task_name for t, b in zip(todo, bad) if b]
+        todo = [t for t, b in zip(todo, bad) if not b]
     # most weighted (most often called) tasks first: they matter most when time runs out
     todo.sort(key=lambda t: -float(t.weight))
     if todo and skip_if_known_exceeds_s is not None:
@@ -230,7 +260,11 @@ def tune_and_build(
     if failed:
         stats.stopped_because = (stats.stopped_because + "; " if stats.stopped_because else "") + \
             f"{len(failed)} task(s) had no successful trial"
-    stats.untuned_tasks = failed + [t.task_name for t in todo[i:]] + stats.untuned_tasks
+    if known_bad:
+        stats.stopped_because = (stats.stopped_because + "; " if stats.stopped_because else "") + \
+            (f"{len(known_bad)} task(s) failed all of >= {trials_per_task} earlier trials; not retried "
+             "(GRAPHOPT_MS_RETRY_FAILED=1 retries them)")
+    stats.untuned_tasks = failed + known_bad + [t.task_name for t in todo[i:]] + stats.untuned_tasks
     stats.workloads_untuned = len(stats.untuned_tasks)
     stats.tuning_s = time.monotonic() - t_tune
 

@@ -120,3 +120,51 @@ def test_bad_trials_option():
         X86Target(trials="many")
     with pytest.raises(Exception, match=">= 0"):
         X86Target(trials=-1)
+
+
+def test_workload_that_failed_every_trial_is_not_tuned_again(tmp_path, monkeypatch):
+    """A workload whose earlier trials all failed (MetaSchedule records 1e10 s) is not tuned again
+    at the next compile with the same budget; it is reported untuned, with why."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    calls = [0]  # trials the runner was asked to run (derived_object hides class attributes)
+
+    @derived_object
+    class FailingRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs):
+            calls[0] += len(runner_inputs)
+            return [_Done(ms.runner.RunnerResult(run_secs=None, error_msg="test: device says no"))
+                    for _ in runner_inputs]
+
+    @derived_object
+    class _Done(ms.runner.PyRunnerFuture):
+        def __init__(self, result):
+            super().__init__()
+            self._result = result
+
+        def done(self):
+            return True
+
+        def result(self):
+            return self._result
+
+    from graphopt.targets import tvm_common as tc
+
+    tc.load_tvm(2)
+    mod = tc.import_onnx(matmul_model(k=40))
+    target = tc.llvm_target(tc.host_mcpu(), 2)
+    db = tmp_path / "db"
+    _, first = tuning.tune_and_build(mod, target, db_dir=db, trials_per_task=2, work_dir=tmp_path,
+                                     runner=FailingRunner(), num_threads=2)
+    assert calls[0] >= 1 and first.workloads_tuned == 0 and first.workloads_untuned == first.workloads_seen
+    assert "no successful trial" in first.stopped_because
+    before = calls[0]
+    _, again = tuning.tune_and_build(mod, target, db_dir=db, trials_per_task=2, work_dir=tmp_path,
+                                     runner=FailingRunner(), num_threads=2)
+    assert calls[0] == before and again.trials == 0, again  # not tuned again
+    assert again.workloads_untuned == again.workloads_seen and "not retried" in again.stopped_because
+    monkeypatch.setenv("GRAPHOPT_MS_RETRY_FAILED", "1")
+    _, third = tuning.tune_and_build(mod, target, db_dir=db, trials_per_task=2, work_dir=tmp_path,
+                                     runner=FailingRunner(), num_threads=2)
+    assert calls[0] > before and third.trials > 0
