@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from graphopt import optimize
@@ -161,6 +162,42 @@ def make_graphopt(out: Path, strategy: str, budget: int) -> tuple[dict, list]:
     return row, curve(res.records)
 
 
+def make_graphopt_fixed(out: Path, name: str, genes: dict, note: str) -> dict:
+    """A row made by graphopt's own passes with a fixed genotype (no search), calibrated on the
+    calibration set: shows one move's cost and fidelity on held-out data, feasible or not."""
+    from graphopt.driver import materialize, move_context
+    from graphopt.evaluate import CalibrationData
+    from graphopt.genotype import Genotype, SearchSpace
+    from graphopt.ir import load_model
+    from graphopt.registry import PASSES as REGISTRY
+
+    t0 = time.perf_counter()
+    base = load_model(MODEL)
+    passes = {n: REGISTRY.get(n)() for n in sorted({k.split(":", 1)[0] for k in genes})}
+    graph = base.graph()
+    space = SearchSpace([s for p in passes.values() for s in p.sites(graph)])
+    every = {k.split(":", 1)[0]: v for k, v in genes.items() if k.endswith(":<every site>")}
+    genes = {k: v for k, v in genes.items() if not k.endswith(":<every site>")}
+    genes |= {s.key: every[s.pass_name] for s in space.sites if s.pass_name in every and s.key not in genes}
+    with np.load(CALIB) as z:
+        calib = CalibrationData({k: z[k] for k in z.files}, str(CALIB))
+    model, _ = materialize(base, space, Genotype(genes), passes, move_context(base, calib, {}))
+    path = out / (name.replace(" ", "_").replace("=", "_").replace(":", "").replace("*", "all").replace("(", "").replace(")", "") + ".onnx")
+    onnx.save(model, str(path))
+    return {"name": name, "path": path, "produce_s": time.perf_counter() - t0, "note": note}
+
+
+# int8 as one fixed move per model (the searches may reject it at cosine >= 0.99)
+FIXED = {
+    "efficientnet": [("graphopt conv_bn + int8:*=all (fixed)", {"conv_bn:<every site>": "fuse", "int8:*": "all"},
+                      "BN folded, then static QDQ whole model, per-channel, uint8 activations, reduce_range "
+                      "auto; no search")],
+    "minilm": [("graphopt attention fused + int8:*=dynamic (fixed)",
+                {"attention:" + f"/bert/encoder/layer.{i}/attention/self/Softmax": "fused" for i in range(6)}
+                | {"int8:*": "dynamic"}, "bench/minilm.py's best row; no search")],
+}
+
+
 def curve(records) -> list:
     """Best feasible latency so far after each candidate (id order; index 0 = the original)."""
     best, out = None, []
@@ -261,6 +298,12 @@ def main() -> None:
     rows += make_quantized(models, calib)
     log("onnxslim")
     rows.append(make_slim(models))
+    for fname, genes, note in FIXED.get(args.model, []):
+        log(fname)
+        try:
+            rows.append(make_graphopt_fixed(models, fname, genes, note))
+        except Exception as e:  # noqa: BLE001 - the row says why
+            rows.append({"name": fname, "path": None, "produce_s": 0.0, "note": f"error: {type(e).__name__}: {e}"})
     curves = {}
     for s in STRATEGIES:
         log(f"graphopt {s}, budget {args.budget}")
