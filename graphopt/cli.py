@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tuning-db", metavar="DIR",
                      help="TVM targets: root of the persistent tuning databases, one sub-folder per target "
                           "(default $GRAPHOPT_TUNING_DB or ~/.cache/graphopt/tuning)")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="measure up to N candidates at once on the devices behind an RPC tracker (several "
+                          "devices under one key), compiling the next candidates meanwhile; default 1. "
+                          "Results are told to the strategy as they land, so seeded runs repeat only with 1")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
     run.add_argument("--json", action="store_true", help="print report.json to stdout (logs stay on stderr)")
@@ -186,7 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
-                    pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune)
+                    pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
+                    jobs=args.jobs)
     result = run_search(cfg)
     rep = result.report
     if args.json:

@@ -24,7 +24,7 @@ from .errors import GraphoptError, NoFeasibleCandidate, TargetUnreachable, Usage
 from .evaluate import METRICS, CalibrationData, FidelityChecker, load_data, synthetic_data
 from .genotype import Genotype, SearchSpace
 from .ir import LoadedModel, export_graph, load_model, model_hash
-from .plugin import Artifact, MoveContext, Pass, Strategy, Target
+from .plugin import Artifact, Measurement, MoveContext, Pass, Strategy, Target
 from .registry import PASSES, STRATEGIES, TARGETS, parse_names
 from .store import Record, RunStore
 
@@ -89,6 +89,7 @@ class RunConfig:
     max_latency_ms: float | None = None
     progress: bool = True  # a progress bar on stderr when it is a terminal
     finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.finetune; needs torch)
+    jobs: int = 1  # candidates measured at once (> 1: remote devices only; see Search._run_pipelined)
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -101,6 +102,8 @@ class RunConfig:
         parse_names(PASSES, self.passes)
         parse_names(TARGETS, [self.target])
         parse_names(STRATEGIES, [self.strategy])
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise UsageError(f"--jobs {self.jobs}: must be a positive number of candidates measured at once")
         if self.finetune_steps < 0:
             raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
         if self.finetune_steps > 0:
@@ -161,6 +164,16 @@ def move_context(base: LoadedModel, fit_data: CalibrationData, pass_options: Map
 
 # ------------------------------------------------------------------------------------ search
 @dataclass
+class _Pending:
+    """A compiled candidate waiting for (or being given) its measurement."""
+
+    rec: Record
+    timings: dict[str, float]
+    artifact: Artifact | None
+    started: float = 0.0
+
+
+@dataclass
 class SearchResult:
     report: dict[str, Any]
     exit_code: int
@@ -203,6 +216,11 @@ class Search:
         self.space = SearchSpace(sites)
         self.target: Target = TARGETS.create(cfg.target, **cfg.target_options)
         self.target.check()
+        if cfg.jobs > 1 and not self.target.concurrent_measure:
+            raise UsageError(
+                f"--jobs {cfg.jobs}: target {cfg.target} measures on one device here, and measurements run at "
+                "once would disturb each other; --jobs > 1 needs devices behind an RPC tracker "
+                "(--target-opt tracker=HOST:PORT --target-opt key=NAME, several devices under that key)")
         self.store = RunStore.in_dir(self.out)
         target_desc = self.target.describe()
         self.resumed = self.store.check_identity({
@@ -256,6 +274,21 @@ class Search:
     # ---------------------------------------------------------------------- one candidate
     def evaluate(self, genotype: Genotype) -> tuple[Record, bool]:
         """(record, cached). Never raises for a bad candidate; raises for an unreachable target."""
+        pending = self._prepare(genotype)
+        if not isinstance(pending, _Pending):
+            return pending
+        try:
+            result: Any = self._measure(pending)
+        except TargetUnreachable:
+            raise
+        except Exception as e:  # failure is a value
+            result = e
+        return self._finish(pending, result), False
+
+    def _prepare(self, genotype: Genotype) -> "tuple[Record, bool] | _Pending":
+        """Everything up to a compiled artifact: store lookup, materialize, dedup, fidelity,
+        compile. Returns (record, cached) when the candidate is settled without a measurement,
+        else a _Pending for _measure/_finish."""
         cached = self.store.get(genotype)
         if cached is not None:
             self.counts["cached"] += 1
@@ -263,7 +296,6 @@ class Search:
         timings: dict[str, float] = {}
         rec = Record(genotype=genotype, status="failed")
         stage = "materialize"
-        artifact = None
         try:
             t = time.monotonic()
             model, rec.applied = materialize(self.base, self.space, genotype, self.passes, self.ctx)
@@ -272,6 +304,7 @@ class Search:
             rec.size_bytes = model.ByteSize()
             if genotype and all(v != "applied" for v in rec.applied.values()):
                 raise GraphoptError("no move of this genotype applied")
+            self._settle_graph(rec.graph_hash)  # pipelined: the same graph in flight lands first
             dup = self.store.by_graph_hash(rec.graph_hash)
             if dup is not None:
                 self.counts["duplicates"] += 1
@@ -299,11 +332,7 @@ class Search:
                 self._inform_target()
                 artifact = self.target.compile(model, cand_dir)
                 timings["compile"] = time.monotonic() - t
-                stage = "measure"
-                t = time.monotonic()
-                m = self.target.measure(artifact, self.data.sample(0))
-                timings["measure"] = time.monotonic() - t
-                rec.status, rec.latency_ms, rec.measurement = "ok", m.latency.median_ms, m.to_dict()
+                return _Pending(rec, timings, artifact)
         except TargetUnreachable:
             raise
         except Exception as e:  # failure is a value
@@ -311,6 +340,29 @@ class Search:
             rec.error = f"{stage}: {type(e).__name__}: {_one_line(e)}" if not isinstance(e, GraphoptError) \
                 else f"{stage}: {_one_line(e)}"
             log.debug("candidate failed", exc_info=True)
+        return self._finish(_Pending(rec, timings, None), None), False
+
+    def _measure(self, p: "_Pending") -> tuple[Measurement, float]:
+        """Time the artifact on the device: (measurement, seconds). Safe to run in a worker
+        thread for targets with concurrent_measure (nothing here touches the store)."""
+        t = time.monotonic()
+        m = self.target.measure(p.artifact, self.data.sample(0))
+        return m, time.monotonic() - t
+
+    def _finish(self, p: "_Pending", result: Any) -> Record:
+        """Record the outcome (a (Measurement, seconds), an exception from measuring, or None
+        when nothing was measured) and commit it. Raises TargetUnreachable from the device."""
+        rec, timings, artifact = p.rec, p.timings, p.artifact
+        if isinstance(result, TargetUnreachable):
+            raise result
+        if isinstance(result, BaseException):
+            rec.status = "failed"
+            rec.error = f"measure: {type(result).__name__}: {_one_line(result)}" \
+                if not isinstance(result, GraphoptError) else f"measure: {_one_line(result)}"
+        elif result is not None:
+            m, secs = result
+            timings["measure"] = secs
+            rec.status, rec.latency_ms, rec.measurement = "ok", m.latency.median_ms, m.to_dict()
         for k, v in timings.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
         rec.timings = timings
@@ -322,11 +374,21 @@ class Search:
             self.counts["infeasible"] += 1
         if artifact is not None and rec.status == "ok":  # keep the original's and the best's compiled form
             best = self.best_record()
-            keep = {self._baseline_id(), best.id if best else None, rec.id if not genotype else None}
+            keep = {self._baseline_id(), best.id if best else None, rec.id if not rec.genotype else None}
             if rec.id in keep:
                 self.artifacts[rec.id] = artifact
             self.artifacts = {k: v for k, v in self.artifacts.items() if k in keep}
-        return rec, False
+        return rec
+
+    def _settle_graph(self, graph_hash: str | None) -> None:
+        """Pipelined mode: if a candidate with this graph is being measured, wait for it and record
+        it first, so the dedup check sees it (a graph is measured once)."""
+        inflight = getattr(self, "_inflight", None)
+        if not inflight or graph_hash is None:
+            return
+        for fut, p in list(inflight.items()):
+            if p.rec.graph_hash == graph_hash:
+                self._land(fut)
 
     def _baseline_id(self) -> int | None:
         base = getattr(self, "baseline", None)
@@ -408,7 +470,9 @@ class Search:
         try:
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)
-            while True:
+            if self.cfg.jobs > 1:
+                self._run_pipelined(budget, done)
+            while self.cfg.jobs == 1:
                 if budget.trials is not None and done >= budget.trials:
                     self.stopped_because = "budget (candidates)"
                     break
@@ -431,10 +495,16 @@ class Search:
                 self._progress(done, rec, cached)
         except KeyboardInterrupt:
             self.stopped_because = "interrupted"
-            log.warning("interrupted: writing the report for the %d candidates done; the run store keeps them", done)
+            log.warning("interrupted: writing the report for the %d candidates done; the run store keeps them",
+                        max(done, getattr(self, "_done", 0)))
         except TargetUnreachable as e:
             self.stopped_because = f"target unreachable: {e}"
             self.unreachable = e
+        finally:
+            pool = getattr(self, "_pool", None)
+            if pool is not None:  # measurements still in flight are dropped, not recorded
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool, self._inflight = None, {}
         if self.bar is not None:
             self.bar.close()
         records = self.store.records()
@@ -468,6 +538,73 @@ class Search:
             self.target.close()
             self.store.close()
         return SearchResult(report=report, exit_code=report_exit, out_dir=self.out, best=best, records=records)
+
+    def _run_pipelined(self, budget: Budget, done: int) -> None:
+        """--jobs N > 1 on a target whose devices measure concurrently (an RPC tracker with several
+        devices under one key: each measurement asks the tracker for a free device).
+
+        Candidates are prepared (materialized, fidelity-checked, compiled) here, one at a time,
+        while up to N measurements run in worker threads on the devices; each result is recorded
+        and told to the strategy when it lands, in landing order (so a seeded run is reproducible
+        only with --jobs 1). A graph already in flight is waited for, not measured twice.
+        """
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        jobs = self.cfg.jobs
+        self._done = done
+        self._inflight: dict[Any, _Pending] = {}
+        self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="graphopt-measure")
+        durations: list[float] = []
+        exhausted = False
+        while True:
+            while not exhausted and len(self._inflight) < jobs:
+                if budget.trials is not None and self._done + len(self._inflight) >= budget.trials:
+                    self.stopped_because = "budget (candidates)"
+                    exhausted = True
+                    break
+                if self._time_left() <= 0.5 * (statistics.median(durations) if durations else 0.0):
+                    self.stopped_because = "budget (time)"
+                    exhausted = True
+                    break
+                asked = self.strategy.ask(1)
+                if not asked:
+                    self.stopped_because = "search space exhausted"
+                    exhausted = True
+                    break
+                t0 = time.monotonic()
+                res = self._prepare(asked[0])
+                if isinstance(res, _Pending):
+                    res.started = t0
+                    self._inflight[self._pool.submit(self._measure, res)] = res
+                else:
+                    rec, cached = res
+                    self._told(rec, cached)
+            if not self._inflight:
+                break
+            landed, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
+            for fut in landed:
+                p = self._inflight.get(fut)
+                self._land(fut)
+                if p is not None:
+                    durations.append(time.monotonic() - p.started)
+
+    def _land(self, fut) -> None:
+        """Record a finished (or, waiting for it, finishing) measurement and tell the strategy."""
+        p = self._inflight.pop(fut, None)
+        if p is None:
+            return
+        try:
+            result: Any = fut.result()
+        except TargetUnreachable:
+            raise
+        except Exception as e:  # failure is a value
+            result = e
+        self._told(self._finish(p, result), False)
+
+    def _told(self, rec: Record, cached: bool) -> None:
+        self._done += 1
+        self.strategy.tell([(rec.genotype, self._score(rec))])
+        self._progress(self._done, rec, cached)
 
     def _progress(self, i: int, rec: Record, cached: bool) -> None:
         total = self.cfg.budget.trials

@@ -156,8 +156,9 @@ class Artifact:
 class Target:
     """A compiler plus a device. compile() and measure() are separate steps.
 
-    compile(model, workdir) builds the candidate (may run in parallel with other compiles);
-    measure(artifact, inputs) times it on the device (one at a time); export(artifact, out_dir)
+    compile(model, workdir) builds the candidate (in the search's thread, one at a time);
+    measure(artifact, inputs) times it on the device (one at a time, unless concurrent_measure:
+    then up to --jobs at once, in worker threads, while the next candidate compiles); export(artifact, out_dir)
     writes the deployable files for the best candidate and returns their paths.
     `describe()` returns the facts a report needs (compiler, device, threads, tuned or not).
     """
@@ -170,6 +171,12 @@ class Target:
 
     def check(self) -> None:
         """Raise TargetUnreachable / UsageError before the search if the target cannot work."""
+
+    @property
+    def concurrent_measure(self) -> bool:
+        """True when measure() may run in several threads at once without the measurements
+        disturbing each other (separate remote devices); enables `--jobs N`."""
+        return False
 
     def compile(self, model: "onnx.ModelProto", workdir: Path) -> Artifact:
         raise NotImplementedError

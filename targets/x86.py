@@ -84,6 +84,12 @@ class X86Target(Target):
         self.rpc_config = self._rpc_config(rpc_options)
         self._rpc_dir: str | None = None
 
+    @property
+    def concurrent_measure(self) -> bool:
+        """Through a tracker, each measurement asks for a free device under the key: several run
+        at once on several devices (the tracker queues a request when all are busy)."""
+        return self.rpc_config is not None and self.rpc_config.tracker is not None
+
     def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:
         """Measure through TVM RPC when tracker/server options are given (x86 ignores the
         GRAPHOPT_RPC_* environment: it means this machine unless told otherwise)."""
