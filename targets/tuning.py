@@ -108,6 +108,25 @@ def _quiet_meta_schedule() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _ms_logger_handlers_fixup() -> None:
+    """Drop handlers MetaSchedule cannot re-configure from its global logger.
+
+    Each tuning call runs MetaSchedule's create_loggers, which lists the global logger's
+    handlers *by name* in a logging.dictConfig: a handler without a name crashes it
+    ("'NoneType' object has no attribute 'format'"), and a named one it did not define makes
+    dictConfig fail. Seen here in the test suite: after a first tuning call in the process,
+    pytest's unnamed LogCaptureHandler sat on that logger and the next tuning call crashed.
+    An application that attaches its own handler there would hit the same. MetaSchedule's own
+    handlers (".console", ".file") are kept.
+    """
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    own = ("tvm.s_tir.meta_schedule.console", "tvm.s_tir.meta_schedule.file")
+    for h in list(lg.handlers):
+        if h.get_name() not in own:
+            log.debug("removing handler %r from the MetaSchedule logger (MetaSchedule cannot re-configure it)", h)
+            lg.removeHandler(h)
+
+
 def prepare(raw_mod, target):
     """(prepared raw module, fused module): the two forms tuning and compile_relax need."""
     tvm = tc.load_tvm()
@@ -375,6 +394,7 @@ def _persistent_builder_class(ms):
 
 def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, builder, num_threads, seed) -> None:
     wd = Path(tempfile.mkdtemp(prefix="ms-", dir=work_dir))
+    _ms_logger_handlers_fixup()
     try:
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(wd), num_threads=num_threads or "physical", seed=seed,

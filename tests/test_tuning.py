@@ -168,3 +168,21 @@ def test_workload_that_failed_every_trial_is_not_tuned_again(tmp_path, monkeypat
     _, third = tuning.tune_and_build(mod, target, db_dir=db, trials_per_task=2, work_dir=tmp_path,
                                      runner=FailingRunner(), num_threads=2)
     assert calls[0] > before and third.trials > 0
+
+
+def test_foreign_handlers_on_the_meta_schedule_logger_do_not_crash_tuning():
+    """MetaSchedule re-configures its logger by handler name at every tuning call; an unnamed
+    handler (pytest's LogCaptureHandler ended up there in this suite) crashed it."""
+    import logging
+
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    own, foreign = logging.StreamHandler(), logging.StreamHandler()
+    own.set_name("tvm.s_tir.meta_schedule.console")
+    lg.addHandler(own)
+    lg.addHandler(foreign)
+    try:
+        tuning._ms_logger_handlers_fixup()
+        assert own in lg.handlers and foreign not in lg.handlers
+    finally:
+        lg.removeHandler(own)
+        lg.removeHandler(foreign)
