@@ -166,7 +166,7 @@ def task_best_seconds(db, task) -> float | None:
 def task_failed_trials(db, task, limit: int) -> int:
     """How many failed trials (1e10 s) the database holds for the task's workload, counted up to
     `limit`; 0 when it does not know the workload or has a successful record for it.
-    (get_top_k leaves failed records out, so this scans all records: ~1 ms per 1000 here.)"""
+    (get_top_k leaves failed records out, so this scans all records.)"""
     mod = task.dispatched[0]
     if limit <= 0 or not db.has_workload(mod):
         return 0

@@ -154,3 +154,12 @@ def run_ort_unoptimized(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) ->
 def random_feeds(loaded, seed: int = 123) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {i.name: rng.normal(0, 1, i.shape).astype(i.dtype) for i in loaded.inputs}
+
+
+def matmul_model(k: int = 32, n: int = 16, rows: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x[1,rows,k] @ W[k,n] + b: one TVM tuning workload (fused matmul+add)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    inits = [float_init("W", rng.standard_normal((k, n)) * 0.1), float_init("b", rng.standard_normal(n))]
+    return make_model(nodes, {"x": [1, rows, k]}, ["y"], inits)

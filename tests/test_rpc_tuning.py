@@ -14,21 +14,11 @@ import math
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import float_init, make_model
-from onnx import helper
+from conftest import matmul_model
 from rpc_cluster import RpcCluster
 
 pytestmark = [pytest.mark.tvm,
               pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="apache-tvm not installed")]
-
-
-def matmul_model(k: int = 24, n: int = 8, seed: int = 0):
-    """x[1,4,k] @ W[k,n] + b: one tuning workload (fused matmul+add)."""
-    rng = np.random.default_rng(seed)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
-    inits = [float_init("W", rng.standard_normal((k, n)) * 0.1), float_init("b", rng.standard_normal(n))]
-    return make_model(nodes, {"x": [1, 4, k]}, ["y"], inits)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def _records(db_dir):
 def test_tuning_through_rpc_measures_on_the_device(cluster, tmp_path):
     from graphopt.targets.x86 import X86Target
 
-    model = matmul_model()
+    model = matmul_model(k=24, n=8, rows=4)
     target = X86Target(threads=2, trials=1, tuning_db=str(tmp_path / "db"), tracker=cluster.tracker, key="local")
     assert target.rpc_config is not None and target.rpc_config.tracker == ("127.0.0.1", cluster.tracker_port)
     try:

@@ -12,8 +12,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import float_init, make_model, run_cli
-from onnx import helper
+from conftest import matmul_model, run_cli
 
 pytest.importorskip("tvm")
 
@@ -21,15 +20,6 @@ from graphopt.targets import tuning  # noqa: E402
 from graphopt.targets.x86 import X86Target  # noqa: E402
 
 pytestmark = pytest.mark.tvm
-
-
-def matmul_model(k: int = 32, n: int = 16, seed: int = 0):
-    """x[1,8,k] @ W[k,n] + b: one tuning workload (fused matmul+add)."""
-    rng = np.random.default_rng(seed)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
-    inits = [float_init("W", rng.standard_normal((k, n)) * 0.1), float_init("b", rng.standard_normal(n))]
-    return make_model(nodes, {"x": [1, 8, k]}, ["y"], inits)
 
 
 @pytest.fixture(scope="module")
