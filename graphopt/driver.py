@@ -351,10 +351,8 @@ class Search:
 
     def _finish(self, p: "_Pending", result: Any) -> Record:
         """Record the outcome (a (Measurement, seconds), an exception from measuring, or None
-        when nothing was measured) and commit it. Raises TargetUnreachable from the device."""
+        when nothing was measured) and commit it. Callers re-raise TargetUnreachable themselves."""
         rec, timings, artifact = p.rec, p.timings, p.artifact
-        if isinstance(result, TargetUnreachable):
-            raise result
         if isinstance(result, BaseException):
             rec.status = "failed"
             rec.error = f"measure: {type(result).__name__}: {_one_line(result)}" \
