@@ -15,7 +15,7 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              target_options: Mapping[str, Any] | None = None,
              pass_options: Mapping[str, Any] | None = None, max_size_mb: float | None = None,
              max_latency_ms: float | None = None, progress: bool = False, finetune_steps: int = 0,
-             jobs: int = 1) -> SearchResult:
+             jobs: int = 1, compile_workers: int = 1) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -23,6 +23,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     Raises graphopt.errors.GraphoptError subclasses for bad input (each has `.exit_code`).
     `finetune_steps` > 0 distils each candidate toward the original (`--finetune`; needs torch).
     `jobs` > 1 measures that many candidates at once (`--jobs`; targets with concurrent_measure).
+    `compile_workers` > 1 compiles that many candidates at once in worker processes
+    (`--compile-workers`; targets with concurrent_measure and portable_artifacts).
     """
     if isinstance(passes, str):
         passes = [p for p in passes.split(",") if p]
@@ -33,5 +35,6 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         shapes={k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}, seed=int(seed), out=out,
         target_options=dict(target_options or {}), pass_options=dict(pass_options or {}),
         max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, progress=progress,
-        finetune_steps=int(finetune_steps), jobs=jobs)
+        finetune_steps=int(finetune_steps), jobs=jobs,
+        compile_workers=compile_workers)
     return run_search(cfg)

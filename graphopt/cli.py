@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure up to N candidates at once on the devices behind an RPC tracker (several "
                           "devices under one key), compiling the next candidates meanwhile; default 1. "
                           "Results are told to the strategy as they land, so seeded runs repeat only with 1")
+    run.add_argument("--compile-workers", type=int, default=1, metavar="M",
+                     help="compile up to M candidates at once in M worker processes while the devices measure "
+                          "(each worker imports the compiler, ~0.5 GB; tuning targets share one tuning database "
+                          "under a file lock); default 1: compile in this process. M > 1 needs devices behind an "
+                          "RPC tracker, as --jobs > 1 does, and turns on the pipelined loop even with --jobs 1")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
     run.add_argument("--json", action="store_true", help="print report.json to stdout (logs stay on stderr)")
@@ -191,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
                     pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
-                    jobs=args.jobs)
+                    jobs=args.jobs, compile_workers=args.compile_workers)
     result = run_search(cfg)
     rep = result.report
     if args.json:

@@ -90,6 +90,7 @@ class RunConfig:
     progress: bool = True  # a progress bar on stderr when it is a terminal
     finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.finetune; needs torch)
     jobs: int = 1  # candidates measured at once (> 1: remote devices only; see Search._run_pipelined)
+    compile_workers: int = 1  # > 1: compiles in that many worker processes (graphopt.compile_pool)
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -104,6 +105,10 @@ class RunConfig:
         parse_names(STRATEGIES, [self.strategy])
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be a positive number of candidates measured at once")
+        if isinstance(self.compile_workers, bool) or not isinstance(self.compile_workers, int) \
+                or self.compile_workers < 1:
+            raise UsageError(f"--compile-workers {self.compile_workers}: must be a positive number of worker "
+                             "processes (1 = compile in the search's own process)")
         if self.finetune_steps < 0:
             raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
         if self.finetune_steps > 0:
@@ -171,6 +176,10 @@ class _Pending:
     timings: dict[str, float]
     artifact: Artifact | None
     started: float = 0.0
+    model: Any = None  # --compile-workers: the candidate a worker process is to compile
+    cand_dir: Path | None = None
+    submitted: float = 0.0  # when it went to a compile worker (time.monotonic())
+    gen: int = 0  # which set of compile workers has it (a new set after a worker died)
 
 
 @dataclass
@@ -221,6 +230,8 @@ class Search:
                 f"--jobs {cfg.jobs}: target {cfg.target} measures on one device here, and measurements run at "
                 "once would disturb each other; --jobs > 1 needs devices behind an RPC tracker "
                 "(--target-opt tracker=HOST:PORT --target-opt key=NAME, several devices under that key)")
+        if cfg.compile_workers > 1:
+            self._check_compile_workers()
         self.store = RunStore.in_dir(self.out)
         target_desc = self.target.describe()
         self.resumed = self.store.check_identity({
@@ -259,6 +270,24 @@ class Search:
                  ",".join(cfg.passes) or "no passes", self.space.log10_size(), cfg.target, self.data.source,
                  self.data.num_samples, "; resuming from the run store" if self.resumed else "")
 
+    def _check_compile_workers(self) -> None:
+        """--compile-workers M > 1: the target must measure elsewhere (compiles on this machine would
+        disturb a measurement here) and hand its artifacts between processes."""
+        cfg, target = self.cfg, self.target
+        if not target.concurrent_measure:
+            raise UsageError(
+                f"--compile-workers {cfg.compile_workers}: target {cfg.target} measures on this machine here, and "
+                "compiles running meanwhile in worker processes would disturb its measurements; --compile-workers > 1 "
+                "needs devices behind an RPC tracker (--target-opt tracker=HOST:PORT --target-opt key=NAME); "
+                "use --compile-workers 1")
+        if not target.portable_artifacts:
+            raise UsageError(
+                f"--compile-workers {cfg.compile_workers}: target {cfg.target} cannot move a compiled candidate from a "
+                "worker process to the search's process (Target.portable/load_portable); use --compile-workers 1")
+        from .compile_pool import class_path
+
+        self._target_class = class_path(type(target))
+
     def _score(self, rec: Record) -> float:
         """Latency if the record meets every constraint, else inf. Judged anew on each run, so a
         resumed run with other constraints re-ranks what is stored."""
@@ -285,10 +314,11 @@ class Search:
             result = e
         return self._finish(pending, result), False
 
-    def _prepare(self, genotype: Genotype) -> "tuple[Record, bool] | _Pending":
+    def _prepare(self, genotype: Genotype, defer_compile: bool = False) -> "tuple[Record, bool] | _Pending":
         """Everything up to a compiled artifact: store lookup, materialize, dedup, fidelity,
         compile. Returns (record, cached) when the candidate is settled without a measurement,
-        else a _Pending for _measure/_finish."""
+        else a _Pending for _measure/_finish. defer_compile (--compile-workers): stop before the
+        compile and return a _Pending holding the model, for a worker process to compile."""
         cached = self.store.get(genotype)
         if cached is not None:
             self.counts["cached"] += 1
@@ -329,6 +359,8 @@ class Search:
                 stage = "compile"
                 t = time.monotonic()
                 cand_dir = Path(tempfile.mkdtemp(prefix="cand-", dir=self.workdir))
+                if defer_compile:
+                    return _Pending(rec, timings, None, model=model, cand_dir=cand_dir)
                 self._inform_target()
                 artifact = self.target.compile(model, cand_dir)
                 timings["compile"] = time.monotonic() - t
@@ -361,6 +393,9 @@ class Search:
             m, secs = result
             timings["measure"] = secs
             rec.status, rec.latency_ms, rec.measurement = "ok", m.latency.median_ms, m.to_dict()
+            where = artifact.info.get("compiled_in") if artifact is not None else None
+            if where:  # --compile-workers: which worker process compiled it, and when (wall clock)
+                rec.measurement["compiled_in"] = dict(where, process="compile worker")
         for k, v in timings.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
         rec.timings = timings
@@ -379,12 +414,14 @@ class Search:
         return rec
 
     def _settle_graph(self, graph_hash: str | None) -> None:
-        """Pipelined mode: if a candidate with this graph is being measured, wait for it and record
-        it first, so the dedup check sees it (a graph is measured once)."""
-        inflight = getattr(self, "_inflight", None)
-        if not inflight or graph_hash is None:
+        """Pipelined mode: if a candidate with this graph is being compiled (in a worker process) or
+        measured, wait for it and record it first, so the dedup check sees it (a graph is measured once)."""
+        if graph_hash is None:
             return
-        for fut, p in list(inflight.items()):
+        for fut, p in list(getattr(self, "_compiling", {}).items()):
+            if p.rec.graph_hash == graph_hash:
+                self._compiled(fut)  # a failed compile is recorded now; a good one goes to _inflight
+        for fut, p in list(getattr(self, "_inflight", {}).items()):
             if p.rec.graph_hash == graph_hash:
                 self._land(fut)
 
@@ -441,11 +478,19 @@ class Search:
 
     def _inform_target(self) -> None:
         """Tell a tuning target the run's deadline and the best latency so far (cheap-first policy)."""
+        for name, value in self._target_knobs().items():
+            setattr(self.target, name, value)
+
+    def _target_knobs(self) -> dict[str, Any]:
+        """The cheap-first inputs the target has attributes for: `deadline` (time.monotonic()) and
+        `incumbent_ms`; they travel with each job to a compile worker (graphopt.compile_pool)."""
+        knobs: dict[str, Any] = {}
         if hasattr(self.target, "deadline") and self.cfg.budget.seconds is not None:
-            self.target.deadline = self.t_start + self.cfg.budget.seconds
+            knobs["deadline"] = self.t_start + self.cfg.budget.seconds
         if hasattr(self.target, "incumbent_ms"):
             best = self.best_record()
-            self.target.incumbent_ms = best.latency_ms if best is not None else None
+            knobs["incumbent_ms"] = best.latency_ms if best is not None else None
+        return knobs
 
     def _time_left(self) -> float:
         if self.cfg.budget.seconds is None:
@@ -468,9 +513,10 @@ class Search:
         try:
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)
-            if self.cfg.jobs > 1:
+            pipelined = self.cfg.jobs > 1 or self.cfg.compile_workers > 1
+            if pipelined:
                 self._run_pipelined(budget, done)
-            while self.cfg.jobs == 1:
+            while not pipelined:
                 if budget.trials is not None and done >= budget.trials:
                     self.stopped_because = "budget (candidates)"
                     break
@@ -499,6 +545,10 @@ class Search:
             self.stopped_because = f"target unreachable: {e}"
             self.unreachable = e
         finally:
+            cpool = getattr(self, "_cpool", None)
+            if cpool is not None:  # compiles still in flight are dropped, their workers ended
+                cpool.close(kill=True)
+                self._cpool, self._compiling = None, {}
             pool = getattr(self, "_pool", None)
             if pool is not None:  # measurements still in flight are dropped, not recorded
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -539,27 +589,41 @@ class Search:
 
     def _run_pipelined(self, budget: Budget, done: int) -> None:
         """--jobs N > 1 on a target whose devices measure concurrently (an RPC tracker with several
-        devices under one key: each measurement asks the tracker for a free device).
+        devices under one key: each measurement asks the tracker for a free device), and/or
+        --compile-workers M > 1 (compiles in M worker processes, graphopt.compile_pool).
 
-        Candidates are prepared (materialized, fidelity-checked, compiled) here, one at a time,
-        while up to N measurements run in worker threads on the devices; each result is recorded
-        and told to the strategy when it lands, in landing order (so a seeded run is reproducible
-        only with --jobs 1). A graph already in flight is waited for, not measured twice.
+        Candidates are prepared (materialized, fidelity-checked) here, one at a time, and compiled
+        here too (M = 1) or in the worker processes (up to M at once), while up to N measurements
+        run in threads on the devices; a compiled candidate waits for a free measuring thread.
+        Each result is recorded and told to the strategy when it lands, in landing order (so a
+        seeded run is reproducible only with --jobs 1 --compile-workers 1). A graph already being
+        compiled or measured is waited for, not measured twice. A compile that fails in a worker is
+        a failed record; a worker that dies fails the compiles in flight and the pool is restarted
+        (after 3 deaths, compiles go on in this process).
         """
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        jobs = self.cfg.jobs
+        jobs, workers = self.cfg.jobs, self.cfg.compile_workers
         self._done = done
-        self._inflight: dict[Any, _Pending] = {}
+        self._inflight: dict[Any, _Pending] = {}  # measurements (running, or queued for a thread)
+        self._compiling: dict[Any, _Pending] = {}  # compiles in worker processes
+        self._durations: list[float] = []
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="graphopt-measure")
-        durations: list[float] = []
+        self._cpool = None
+        self._cpool_gen, self._cpool_deaths = 0, 0
+        if workers > 1:
+            from .compile_pool import CompilePool
+
+            self._cpool = CompilePool(workers, self.cfg.target, self._target_class, self.cfg.target_options)
         exhausted = False
         while True:
-            while not exhausted and len(self._inflight) < jobs:
-                if budget.trials is not None and self._done + len(self._inflight) >= budget.trials:
+            while not exhausted and self._room(jobs, workers):
+                if budget.trials is not None and \
+                        self._done + len(self._inflight) + len(self._compiling) >= budget.trials:
                     self.stopped_because = "budget (candidates)"
                     exhausted = True
                     break
+                durations = self._durations
                 if self._time_left() <= 0.5 * (statistics.median(durations) if durations else 0.0):
                     self.stopped_because = "budget (time)"
                     exhausted = True
@@ -570,21 +634,135 @@ class Search:
                     exhausted = True
                     break
                 t0 = time.monotonic()
-                res = self._prepare(asked[0])
+                res = self._prepare(asked[0], defer_compile=self._cpool is not None)
                 if isinstance(res, _Pending):
                     res.started = t0
-                    self._inflight[self._pool.submit(self._measure, res)] = res
+                    if res.model is not None:
+                        self._submit_compile(res)
+                    else:
+                        self._inflight[self._pool.submit(self._measure, res)] = res
                 else:
                     rec, cached = res
                     self._told(rec, cached)
-            if not self._inflight:
+            if not self._inflight and not self._compiling:
                 break
-            landed, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
+            # a timeout, so a pending Ctrl-C is acted on within a second even when no signal wakes this thread
+            landed, _ = wait([*self._compiling, *self._inflight], timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in landed:
-                p = self._inflight.get(fut)
-                self._land(fut)
-                if p is not None:
-                    durations.append(time.monotonic() - p.started)
+                if fut in self._compiling:
+                    self._compiled(fut)
+                else:
+                    self._land(fut)
+        if self._cpool is not None:
+            self._cpool.close()
+            self._cpool = None
+
+    def _room(self, jobs: int, workers: int) -> bool:
+        """May the pipelined loop prepare another candidate now? In-process compiles: while fewer
+        than N are being measured. Worker compiles: while a worker is free and at most M compiled
+        candidates wait behind the N being measured (so the devices never wait for a compile)."""
+        if self._cpool is None:
+            return len(self._inflight) < jobs
+        return len(self._compiling) < workers and len(self._inflight) < jobs + workers
+
+    def _submit_compile(self, p: "_Pending") -> None:
+        """Hand a prepared candidate to a compile worker: its ONNX file in its candidate folder,
+        and the target's cheap-first inputs (a deadline as wall-clock time)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        import onnx
+
+        model, p.model = p.model, None
+        try:
+            path = Path(p.cand_dir) / "candidate.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000)
+        except Exception as e:  # failure is a value
+            self._compile_failed(p, e)
+            return
+        knobs = self._target_knobs()
+        if "deadline" in knobs:
+            knobs["deadline_wall"] = time.time() + (knobs.pop("deadline") - time.monotonic())
+        for attempt in (1, 2):
+            try:
+                fut = self._cpool.submit(path, p.cand_dir, knobs)
+                break
+            except BrokenProcessPool as e:  # a worker died since the last landing
+                self._compile_pool_died(e, sum(q.gen == self._cpool_gen for q in self._compiling.values()))
+                if self._cpool is None or attempt == 2:
+                    self._compile_failed(p, e)
+                    return
+        p.submitted, p.gen = time.monotonic(), self._cpool_gen
+        self._compiling[fut] = p
+
+    def _compiled(self, fut) -> None:
+        """A compile landed (or, waiting for it, lands): measure it, or record why it failed."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        p = self._compiling.pop(fut, None)
+        if p is None:
+            return
+        try:
+            fut.exception()  # wait for it; then its ONNX file, read by the worker, can go
+        finally:
+            for name in ("candidate.onnx", "candidate.onnx.data"):
+                (Path(p.cand_dir) / name).unlink(missing_ok=True)
+        try:
+            portable = fut.result()
+        except TargetUnreachable:
+            raise
+        except BrokenProcessPool as e:
+            if p.gen == self._cpool_gen:  # the first to see it: warn once, start fresh workers
+                self._compile_pool_died(e, 1 + sum(q.gen == p.gen for q in self._compiling.values()))
+            p.timings["compile"] = time.monotonic() - p.submitted
+            self._compile_failed(p, e)
+            return
+        except Exception as e:  # failure is a value
+            p.timings["compile"] = time.monotonic() - p.submitted
+            self._compile_failed(p, e)
+            return
+        # compile + portable() in the worker: the queue and the hand-over are left out
+        p.timings["compile"] = float(portable.info.get("compiled_in", {}).get("total_s",
+                                                                            time.monotonic() - p.submitted))
+        try:
+            p.artifact = self.target.load_portable(portable)
+        except TargetUnreachable:
+            raise
+        except Exception as e:
+            self._compile_failed(p, e, "loading the compiled candidate")
+            return
+        self._inflight[self._pool.submit(self._measure, p)] = p
+
+    def _compile_failed(self, p: "_Pending", e: BaseException, what: str = "") -> None:
+        """Record a candidate whose compile in a worker failed (or never started) and tell the strategy."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        rec = p.rec
+        rec.status = "failed"
+        if isinstance(e, BrokenProcessPool):
+            rec.error = ("compile: the compile worker process died (BrokenProcessPool) while this candidate was "
+                         "being compiled (perhaps by another candidate compiled at the same time)")
+        else:
+            text = _one_line(e) if isinstance(e, GraphoptError) else f"{type(e).__name__}: {_one_line(e)}"
+            rec.error = f"compile: {what + ': ' if what else ''}{text}"
+        log.debug("candidate failed to compile in a worker: %s", getattr(e, "remote_traceback", "") or e)
+        self._told(self._finish(p, None), False)
+
+    def _compile_pool_died(self, e: BaseException, in_flight: int) -> None:
+        """A compile worker process died: the executor is broken for good. Start fresh workers
+        (after 3 deaths: compile in this process from now on)."""
+        self._cpool_deaths += 1
+        self._cpool_gen += 1
+        if self._cpool_deaths < 3:
+            log.warning("a compile worker process died (%s: %s); the %d candidate(s) being compiled are recorded as "
+                        "failed, starting %d fresh workers", type(e).__name__, _one_line(e), in_flight,
+                        self._cpool.workers)
+            self._cpool.restart()
+        else:
+            log.warning("a compile worker process died again (%s: %s; %d times in this run); the %d candidate(s) "
+                        "being compiled are recorded as failed, compiling in this process from now on",
+                        type(e).__name__, _one_line(e), self._cpool_deaths, in_flight)
+            self._cpool.close(kill=True)
+            self._cpool = None
 
     def _land(self, fut) -> None:
         """Record a finished (or, waiting for it, finishing) measurement and tell the strategy."""
@@ -597,6 +775,8 @@ class Search:
             raise
         except Exception as e:  # failure is a value
             result = e
+        if p.started:
+            self._durations.append(time.monotonic() - p.started)
         self._told(self._finish(p, result), False)
 
     def _told(self, rec: Record, cached: bool) -> None:

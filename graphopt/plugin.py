@@ -156,10 +156,12 @@ class Artifact:
 class Target:
     """A compiler plus a device. compile() and measure() are separate steps.
 
-    compile(model, workdir) builds the candidate (in the search's thread, one at a time);
-    measure(artifact, inputs) times it on the device (one at a time, unless concurrent_measure:
-    then up to --jobs at once, in worker threads, while the next candidate compiles); export(artifact, out_dir)
-    writes the deployable files for the best candidate and returns their paths.
+    compile(model, workdir) builds the candidate (in the search's thread, one at a time, or with
+    --compile-workers M in M worker processes, each with its own instance of the target: see
+    portable()); measure(artifact, inputs) times it on the device (one at a time, unless
+    concurrent_measure: then up to --jobs at once, in worker threads, while the next candidates
+    compile); export(artifact, out_dir) writes the deployable files for the best candidate and
+    returns their paths.
     `describe()` returns the facts a report needs (compiler, device, threads, tuned or not).
     """
 
@@ -178,8 +180,27 @@ class Target:
         disturbing each other (separate remote devices); enables `--jobs N`."""
         return False
 
+    @property
+    def portable_artifacts(self) -> bool:
+        """True when portable()/load_portable() carry this target's artifacts from a compile
+        worker process to the search's process; enables `--compile-workers M > 1`."""
+        return False
+
     def compile(self, model: "onnx.ModelProto", workdir: Path) -> Artifact:
         raise NotImplementedError
+
+    def portable(self, artifact: Artifact, workdir: Path) -> Artifact:
+        """Worker side of --compile-workers: an Artifact that can be pickled to the search's
+        process (handle=None; what measure/export need written to files under `workdir`, named
+        in `files`/`info`). Default: the artifact itself when it has no in-process handle."""
+        if artifact.handle is not None:
+            raise NotImplementedError(f"target {self.name!r} cannot move a compiled artifact between processes")
+        return artifact
+
+    def load_portable(self, artifact: Artifact) -> Artifact:
+        """Search-process side of --compile-workers: turn what portable() returned into an Artifact
+        that measure() and export() accept (e.g. load the library). Default: as it is."""
+        return artifact
 
     def measure(self, artifact: Artifact, inputs: Mapping[str, "np.ndarray"]) -> Measurement:
         raise NotImplementedError

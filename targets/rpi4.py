@@ -369,10 +369,22 @@ class Rpi4Target(X86Target):
                    **artifact.info.get("estimate", {})},
         )
 
+    def load_portable(self, artifact: Artifact) -> Artifact:
+        """--compile-workers: the aarch64 library cannot load here; measure() uploads it (RPC) or
+        reads the estimate, export() copies it."""
+        return artifact
+
     def export(self, artifact: Artifact, out_dir: Path) -> list[Path]:
         out_dir = Path(out_dir)
         cc = self.cross_compiler
-        lib = export_aarch64(artifact.handle, out_dir / ("model.so" if cc else "model.tar"), cc)
+        name = "model.so" if cc else "model.tar"
+        portable = artifact.info.get("library")
+        if artifact.handle is None and portable and Path(portable).suffix == Path(name).suffix:  # compiled in a worker
+            from .x86 import _copy_file
+
+            lib = _copy_file(Path(portable), out_dir / name)
+        else:
+            lib = export_aarch64(artifact.handle, out_dir / name, cc)
         inputs = {n: (list(s), d) for n, s, d in artifact.info.get("inputs", [])}
         note = ("\nmodel.tar holds object files: the Pi links them when it loads the file, so it needs gcc\n"
                 "(sudo apt install gcc). Install gcc-aarch64-linux-gnu or `pip install ziglang` here to get a .so.\n"

@@ -24,6 +24,7 @@ Importing this module does not import tvm.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,7 +189,16 @@ def retry_failed() -> bool:
     return os.environ.get("GRAPHOPT_MS_RETRY_FAILED", "") not in ("", "0")
 
 
-def tune_and_build(
+def tune_and_build(raw_mod, target, *, db_dir: str | Path, **kwargs: Any):
+    """Tune the workloads of `raw_mod` the database lacks, then build with the database: see
+    _tune_and_build. The database lock it takes (db_lock) is released on every way out."""
+    try:
+        return _tune_and_build(raw_mod, target, db_dir=db_dir, **kwargs)
+    finally:
+        unlock_db(db_dir)
+
+
+def _tune_and_build(
     raw_mod,
     target,
     *,
@@ -223,7 +234,7 @@ def tune_and_build(
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"MetaSchedule task extraction failed: {type(e).__name__}: {tc._first_line(e)}") from e
     stats.extract_s = time.monotonic() - t0
-    db = open_db(db_dir)
+    db = open_db_locked(db_dir)  # exclusive until unlock_db below (or this call's end): see db_lock
     todo = [t for t in tasks if task_best_seconds(db, t) is None]
     stats.workloads_seen = len(tasks)
     stats.workloads_reused = len(tasks) - len(todo)
@@ -286,6 +297,7 @@ def tune_and_build(
     stats.untuned_tasks = failed + known_bad + [t.task_name for t in todo[i:]] + stats.untuned_tasks
     stats.workloads_untuned = len(stats.untuned_tasks)
     stats.tuning_s = time.monotonic() - t_tune
+    unlock_db(db_dir)  # compile_relax reads the records loaded above: builds need no lock
 
     tb = time.monotonic()
     try:
@@ -432,3 +444,62 @@ def estimate_seconds(db, tasks) -> tuple[float, int]:
             continue
         total += s * float(t.weight)
     return total, unknown
+
+
+# ------------------------------------------------------------------------- the database lock
+LOCK_FILE = ".graphopt-db.lock"
+_held = threading.local()  # db dir -> the open lock file this thread holds
+
+
+@contextlib.contextmanager
+def db_lock(db_dir: str | Path):
+    """Hold an exclusive lock on the tuning database in `db_dir` (fcntl.flock on a lock file in
+    it) while reading and writing it. Compiles in several processes (--compile-workers) share one
+    JSON database: MetaSchedule appends records to its files and reads them all when a database is
+    opened, so two writers at once could interleave lines, and a database opened while another
+    process tunes would not see those records and tune the same workloads again. The lock is
+    released when the holder's file closes, so a worker that dies does not leave it held."""
+    open_db_locked(db_dir, and_open=False)
+    try:
+        yield
+    finally:
+        unlock_db(db_dir)
+
+
+def open_db_locked(db_dir: str | Path, and_open: bool = True):
+    """Take db_lock on db_dir (waiting for another process to finish), then open the database,
+    so it holds every record written before. Held until unlock_db(db_dir); tune_and_build also
+    releases it when it returns or raises."""
+    import fcntl
+
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    held = _held.__dict__
+    key = str(db_dir.resolve())
+    if key not in held:
+        f = open(db_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed by unlock_db
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for the tuning database lock %s (another compile is tuning)", db_dir / LOCK_FILE)
+                t = time.monotonic()
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                log.info("tuning database lock taken after %.1f s", time.monotonic() - t)
+        except BaseException:
+            f.close()
+            raise
+        held[key] = f
+    return open_db(db_dir) if and_open else None
+
+
+def unlock_db(db_dir: str | Path) -> None:
+    """Release the lock this thread holds on db_dir (no-op when it holds none)."""
+    f = _held.__dict__.pop(str(Path(db_dir).resolve()), None)
+    if f is not None:
+        import fcntl
+
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        finally:
+            f.close()

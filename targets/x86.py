@@ -242,7 +242,33 @@ class X86Target(Target):
                 f"default schedules ({stats.get('stopped_because') or 'not tuned'})")
 
     def export(self, artifact: Artifact, out_dir: Path) -> list[Path]:
+        if artifact.handle is None and artifact.info.get("library"):  # compiled in a worker process
+            return [_copy_file(Path(artifact.info["library"]), Path(out_dir) / "model.so")]
         return [tc.export_library(artifact.handle, Path(out_dir) / "model.so")]
+
+    # ------------------------------------------------------------- across processes
+    @property
+    def portable_artifacts(self) -> bool:
+        return True
+
+    def portable(self, artifact: Artifact, workdir: Path) -> Artifact:
+        """Worker side of --compile-workers: the executable exported as the library a device loads
+        (what _remote_lib would write), so the search's process measures and exports that file."""
+        if artifact.handle is None:
+            return artifact
+        path = self._export_remote(artifact, Path(workdir) / "model")
+        info = dict(artifact.info, library=str(path))
+        if self.rpc_config is not None:
+            info["rpc_lib"] = str(path)  # _remote_lib uploads it as it is
+        return Artifact(target=artifact.target, files=[*artifact.files, path], handle=None, info=info)
+
+    def load_portable(self, artifact: Artifact) -> Artifact:
+        """Over RPC the library file is all measure() and export() need; measuring on this machine
+        loads it into this process."""
+        if artifact.handle is None and self.rpc_config is None and artifact.info.get("library"):
+            tvm = tc.load_tvm(self.threads)
+            artifact.handle = tvm.runtime.load_module(artifact.info["library"])
+        return artifact
 
     # ------------------------------------------------------------------------ over RPC
     def ms_runner(self):
@@ -299,3 +325,14 @@ class X86Target(Target):
 
             shutil.rmtree(self._rpc_dir, ignore_errors=True)
             self._rpc_dir = None
+
+
+def _copy_file(src: Path, dst: Path) -> Path:
+    """Copy src to dst atomically (temp name + os.replace)."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
