@@ -1,16 +1,19 @@
 """int8 on TVM x86 and onnxruntime: fp32 vs fake-quant QDQ vs QDQ lowered to integer kernels.
 
-    .venv/bin/python bench/int8.py [--models small,example] [--tune-trials 0] [--threads 2]
+    .venv/bin/python bench/int8.py [--models small,pointwise,example] [--tune-trials 0] [--threads 2]
 
-For each model: the fp32 ONNX model and its QDQ form (passes/int8.quantize: static, per-channel
+Models: `small` (3x3 convs), `pointwise` (1x1 convs, the bulk of a MobileNet/EfficientNet),
+`example` (EfficientNet-Lite0, models/). For each model: the fp32 ONNX model and its QDQ form (passes/int8.quantize: static, per-channel
 int8 weights, uint8 MinMax activations, whole model, calibrated on the model's calibration
 samples) are
 
 - run on onnxruntime (targets/ort.py settings: ORT_ENABLE_ALL, --threads intra-op threads),
   where the QDQ model executes as QLinear* integer kernels;
 - compiled for this CPU with TVM Relax (targets/tvm_common: host mcpu, --threads cores)
-  three ways: fp32; QDQ as imported (fake quantization in float32, lower_int8=False); QDQ
-  lowered to integer conv2d/matmul (targets/qdq_lower.py). Untuned (default pipeline), and,
+  three or four ways: fp32; QDQ as imported (fake quantization in float32, lower_int8=False); QDQ
+  lowered to Relax's integer conv2d/matmul (targets/qdq_lower.py, kernels="generic"); and, on
+  a CPU with AVX2, QDQ lowered with kernels="avx2": matmuls and 1x1 convs on the packed int16
+  weight kernel MetaSchedule tensorizes with vpmaddwd (targets/x86_int8.py). Untuned (default pipeline), and,
   with --tune-trials N > 0, tuned with MetaSchedule (targets/tuning.tune_and_build, N trials
   per task, a database under --db).
 
@@ -61,6 +64,35 @@ def small_net(size: int = 56, channels: int = 64, seed: int = 0) -> onnx.ModelPr
     return m
 
 
+def pointwise_net(size: int = 28, channels: int = 128, seed: int = 0) -> onnx.ModelProto:
+    """x[1,channels,size,size] -> 3 x (Conv 1x1 channels->4*channels -> Relu -> Conv 1x1 back -> Relu)
+    -> GAP -> Flatten -> Gemm -> y[1,100]: the pointwise convs that carry most of a MobileNet's or
+    EfficientNet's multiply-adds (a 1x1 conv is a matmul over channels)."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    nodes, inits, cur = [], [], "x"
+    for i in range(3):
+        for j, (cin, cout) in enumerate(((channels, 4 * channels), (4 * channels, channels))):
+            n = f"{i}_{j}"
+            inits += [onnx.numpy_helper.from_array((rng.standard_normal((cout, cin, 1, 1)) * (2 / cin) ** 0.5)
+                                                   .astype(f32), f"w{n}"),
+                      onnx.numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(f32), f"b{n}")]
+            nodes += [helper.make_node("Conv", [cur, f"w{n}", f"b{n}"], [f"c{n}"], name=f"pw{n}"),
+                      helper.make_node("Relu", [f"c{n}"], [f"r{n}"], name=f"relu{n}")]
+            cur = f"r{n}"
+    inits += [onnx.numpy_helper.from_array((rng.standard_normal((100, channels)) * 0.1).astype(f32), "wg"),
+              onnx.numpy_helper.from_array(np.zeros(100, f32), "bg")]
+    nodes += [helper.make_node("GlobalAveragePool", [cur], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "pointwise",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, channels, size, size])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 100])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 def load(name: str) -> tuple[str, onnx.ModelProto, dict[str, np.ndarray]]:
     """(label, fp32 model after graphopt's load (folded, shapes inferred), calibration arrays)."""
     from graphopt.ir import load_proto
@@ -69,6 +101,10 @@ def load(name: str) -> tuple[str, onnx.ModelProto, dict[str, np.ndarray]]:
         m = small_net()
         calib = {"x": np.abs(np.random.default_rng(1).standard_normal((8, 1, 16, 56, 56))).astype(np.float32)}
         return "small conv net 16->64x3 @56x56", load_proto(m).proto, calib
+    if name == "pointwise":
+        m = pointwise_net()
+        calib = {"x": np.abs(np.random.default_rng(1).standard_normal((8, 1, 128, 28, 28))).astype(np.float32)}
+        return "pointwise net 128<->512 1x1 x3 @28x28", load_proto(m).proto, calib
     if name == "example":
         path = ROOT / "models" / "efficientnet_lite0.onnx"
         if not path.exists():
@@ -76,7 +112,7 @@ def load(name: str) -> tuple[str, onnx.ModelProto, dict[str, np.ndarray]]:
         with np.load(ROOT / "models" / "efficientnet_lite0_calib.npz") as z:
             calib = {k: z[k][:8] for k in z.files}
         return "EfficientNet-Lite0 224x224", load_proto(onnx.load(str(path))).proto, calib
-    raise SystemExit(f"unknown model {name!r}: use small or example")
+    raise SystemExit(f"unknown model {name!r}: use small, pointwise or example")
 
 
 def ort_ms(model: onnx.ModelProto, feed: dict, threads: int, repeat: int) -> tuple[float, np.ndarray]:
@@ -110,7 +146,7 @@ def output_step(qdq: onnx.ModelProto) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="small", help="comma list of: small, example")
+    ap.add_argument("--models", default="small,pointwise", help="comma list of: small, pointwise, example")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task (0: untuned only)")
@@ -146,7 +182,12 @@ def main() -> int:
         from graphopt.targets.qdq_lower import lower_qdq
 
         mods["QDQ lowered int8"], stats = lower_qdq(mods["QDQ fake-quant"])
-        print(f"lowering: {stats}")
+        print(f"lowering (generic kernels): {stats}")
+        from graphopt.targets import x86_int8
+
+        if x86_int8.available(target):
+            mods["QDQ lowered int8 avx2"], stats = lower_qdq(mods["QDQ fake-quant"], kernels="avx2")
+            print(f"lowering (avx2 kernels, vpmaddwd): {stats}")
         modes = [("untuned", None)] + ([("tuned", args.tune_trials)] if args.tune_trials > 0 else [])
         for mode, trials in modes:
             base_ms = None

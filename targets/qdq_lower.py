@@ -68,18 +68,23 @@ def _ndim(expr) -> int:
     return int(_ty(expr).ndim)
 
 
-def lower_qdq(mod) -> tuple[Any, dict[str, Any]]:
-    """(lowered IRModule, stats). stats: {"conv2d": n, "matmul": n, "skipped": {reason: n}}.
+def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
+    """(lowered IRModule, stats). stats: {"conv2d": n, "matmul": n, "packed": n, "skipped": {reason: n}}.
 
     Run it on the module `from_onnx` returns, before the default pipeline or tuning.
-    Functions without dequantize are returned unchanged.
+    Functions without dequantize are returned unchanged. `kernels`: "generic" emits Relax's
+    integer conv2d/matmul; "avx2" emits matmuls with a constant weight and 1x1 convolutions
+    (stride 1, no groups) as the packed int16-weight matmul of targets/x86_int8.py, which
+    MetaSchedule tensorizes with `vpmaddwd` (count in stats["packed"]); other convs stay generic.
     """
+    if kernels not in ("generic", "avx2"):
+        raise ValueError(f"kernels={kernels!r}: 'generic' or 'avx2'")
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     tvm_ir_op = tvm.ir.Op
-    stats: dict[str, Any] = {"conv2d": 0, "matmul": 0, "skipped": {}}
+    stats: dict[str, Any] = {"conv2d": 0, "matmul": 0, "packed": 0, "skipped": {}}
 
     def skip(why: str) -> None:
         stats["skipped"][why] = stats["skipped"].get(why, 0) + 1
@@ -194,6 +199,9 @@ def lower_qdq(mod) -> tuple[Any, dict[str, Any]]:
                 return w
             xq, sx, zx = act
             wq, sw = w
+            if kernels == "avx2" and wq.shape[2:] == (1, 1) and int(a.groups) == 1 \
+                    and all(int(v) == 1 for v in (*a.strides, *a.dilation)) and not any(int(p) for p in a.padding):
+                return self._conv1x1_packed(xq, sx, zx, wq, sw)
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
             bb = self.builder_
             x = xq
@@ -211,6 +219,8 @@ def lower_qdq(mod) -> tuple[Any, dict[str, Any]]:
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
 
         def _matmul(self, call):
+            if kernels == "avx2" and _dtype(call) == "int32":
+                return self._matmul_integer(call)
             act = self._act(call.args[0])
             if isinstance(act, str):
                 return "not quantized" if act == "input is not dequantize(...)" else act
@@ -224,17 +234,101 @@ def lower_qdq(mod) -> tuple[Any, dict[str, Any]]:
             xq, sx, zx = act
             wq, sw = w
             bb = self.builder_
-            acc = bb.emit(relax.op.matmul(xq, relax.const(wq, "int8"), out_dtype="int32"))
+            if kernels == "avx2":
+                acc = self._packed(xq, wq)
+                stats["packed"] += 1
+            else:
+                acc = bb.emit(relax.op.matmul(xq, relax.const(wq, "int8"), out_dtype="int32"))
             if zx != 0:
                 corr = (zx * wq.astype(np.int64).sum(axis=0)).astype(np.int32)
                 acc = bb.emit(relax.op.subtract(acc, relax.const(corr, "int32")))
             stats["matmul"] += 1
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const((sx * sw).astype(np.float32), "float32"))
 
+        def _const_eval(self, expr) -> np.ndarray | None:
+            """The value of a constant expression of astype / subtract / expand_dims over constants."""
+            expr = self._value(expr)
+            val = _np_const(expr)
+            if val is not None or not (isinstance(expr, relax.Call) and isinstance(expr.op, tvm_ir_op)):
+                return val
+            name = expr.op.name
+            args = [self._const_eval(a) for a in expr.args[:2 if name == "relax.subtract" else 1]]
+            if any(a is None for a in args):
+                return None
+            if name == "relax.astype":
+                return args[0].astype(str(expr.attrs.dtype))
+            if name == "relax.subtract":
+                return args[0] - args[1]
+            if name == "relax.expand_dims":
+                return np.expand_dims(args[0], tuple(int(a) for a in expr.attrs.axis))
+            return None
+
+        def _matmul_integer(self, call):
+            """ONNX MatMulInteger as TVM imports it, matmul(astype(x, i32) - zx, astype(W, i32) - zw) with
+            W and zw constant and x int8/uint8 (onnxruntime's quantize_dynamic): W - zw is packed as
+            int16 (exact for any zero point) and zx (a runtime value) is corrected after."""
+            a = self._value(call.args[0])
+            zx = None
+            if isinstance(a, relax.Call) and isinstance(a.op, tvm_ir_op) and a.op.name == "relax.subtract":
+                a, zx = self._value(a.args[0]), a.args[1]
+            if not (isinstance(a, relax.Call) and isinstance(a.op, tvm_ir_op) and a.op.name == "relax.astype"
+                    and _dtype(a.args[0]) in _INT_DTYPES):
+                return "integer matmul input is not a widened int8/uint8 tensor"
+            if zx is not None and _ndim(zx) not in (0,) and int(_ty(zx).shape[-1]) != 1:
+                return "activation zero point is not per tensor or per row"
+            w = self._const_eval(call.args[1])
+            if w is None or w.ndim != 2:
+                return "integer matmul weight is not a constant matrix"
+            if np.abs(w).max(initial=0) > 32767:
+                return "integer matmul weight does not fit int16"
+            bb = self.builder_
+            acc = self._packed(a.args[0], w.astype(np.int64))
+            if zx is not None:
+                colsum = w.astype(np.int64).sum(axis=0).astype(np.int32)
+                acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zx, relax.const(colsum, "int32"))))
+            stats["matmul"] += 1
+            stats["packed"] += 1
+            return acc
+
+        def _packed(self, xq, wq):
+            """int32 acc = xq [..., K] @ wq [K, N] through x86_int8's packed matmul. No reshape around
+            it (N a multiple of 8: none at all), so the epilogue fuses into the kernel's PrimFunc."""
+            from . import x86_int8
+
+            bb = self.builder_
+            rank = _ndim(xq)
+            k, n = wq.shape
+            if k % x86_int8.PAIR:
+                xq = bb.emit(relax.op.nn.pad(xq, [0, 0] * (rank - 1) + [0, x86_int8.PAIR - k % x86_int8.PAIR],
+                                             pad_value=0.0))
+            acc = bb.emit_te(x86_int8.packed_matmul_te, xq, relax.const(x86_int8.pack_weight(wq), "int16"),
+                             primfunc_name_hint="packed_int8_matmul")
+            if int(_ty(acc).shape[-1]) != n:
+                acc = bb.emit(relax.op.strided_slice(acc, axes=[rank - 1], begin=[0], end=[n]))
+            return acc
+
+        def _conv1x1_packed(self, xq, sx, zx, wq, sw):
+            """A 1x1 conv as a matmul over channels in NHWC (acc[B, H, W, O]), its epilogue, then back to NCHW."""
+            bb = self.builder_
+            o = wq.shape[0]
+            xt = bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1]))  # NHWC: a row per pixel
+            acc = self._packed(xt, np.ascontiguousarray(wq[:, :, 0, 0].T))  # [B, H, W, O]
+            if zx != 0:
+                corr = (zx * wq.astype(np.int64).reshape(o, -1).sum(axis=1)).astype(np.int32)
+                acc = bb.emit(relax.op.subtract(acc, relax.const(corr, "int32")))
+            y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"),
+                                          relax.const((sx * sw).astype(np.float32), "float32")))
+            stats["conv2d"] += 1
+            stats["packed"] += 1
+            return relax.op.permute_dims(y, [0, 3, 1, 2])
+
     lower = _Lower(mod)
     changed = False
     for gv, func in list(mod.functions.items()):
-        if not isinstance(func, relax.Function) or "R.dequantize" not in func.script(show_meta=False):
+        if not isinstance(func, relax.Function):
+            continue
+        text = func.script(show_meta=False)
+        if "R.dequantize" not in text and not (kernels == "avx2" and 'out_dtype="int32"' in text):
             continue
         before = stats["conv2d"] + stats["matmul"]
         new = lower.visit_expr(func)

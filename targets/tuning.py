@@ -147,6 +147,9 @@ def open_db(db_dir: Path):
     tc.load_tvm()
     import tvm.s_tir.meta_schedule as ms
 
+    from . import x86_int8
+
+    x86_int8.register()  # its records name x86_int8's intrinsics: parsing them needs them registered
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
@@ -408,9 +411,13 @@ def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, buil
     wd = Path(tempfile.mkdtemp(prefix="ms-", dir=work_dir))
     _ms_logger_handlers_fixup()
     try:
+        from . import x86_int8
+
+        # on AVX2 x86, the space that tensorizes x86_int8's packed int8 matmul (default otherwise)
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(wd), num_threads=num_threads or "physical", seed=seed,
             strategy=search_strategy(ms, trials),
+            space=x86_int8.space(target) if x86_int8.available(target) else "post-order-apply",
         )
         if not ctxs:
             return

@@ -312,6 +312,7 @@ def import_onnx(
     input_dtypes: Mapping[str, str] | None = None,
     fold: bool = True,
     lower_int8: bool = True,
+    int8_kernels: str = "generic",
 ):
     """ONNX ModelProto -> Relax IRModule via tvm.relax.frontend.onnx.from_onnx.
 
@@ -321,6 +322,8 @@ def import_onnx(
     `fold`: fold constant subgraphs first (fold_constants; ~0.3 s on EfficientNet-Lite0).
     `lower_int8`: rewrite QDQ (dequantize -> conv2d/matmul) into integer conv2d/matmul with int32
     accumulation (targets/qdq_lower.py); a model without DequantizeLinear is left as it is.
+    `int8_kernels`: "avx2" lowers matmuls and 1x1 convs to the packed kernel MetaSchedule
+    tensorizes with vpmaddwd (targets/x86_int8.py; x86 with AVX2), "generic" to Relax's ops.
     Raises CompileError naming the unsupported op(s), or the node whose conversion failed.
     """
     load_tvm()
@@ -365,11 +368,12 @@ def import_onnx(
                 f"{type(e).__name__}: {_first_line(e)}"
             ) from e
         raise CompileError(f"TVM {ver} ONNX import failed: {type(e).__name__}: {_first_line(e)}") from e
-    if lower_int8 and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+    lowered_ops = ("DequantizeLinear", "MatMulInteger") if int8_kernels == "avx2" else ("DequantizeLinear",)
+    if lower_int8 and any(n.op_type in lowered_ops for n in model.graph.node):
         from .qdq_lower import lower_qdq
 
         try:
-            mod, stats = lower_qdq(mod)
+            mod, stats = lower_qdq(mod, kernels=int8_kernels)
         except Exception as e:  # noqa: BLE001
             raise CompileError(f"QDQ -> integer lowering failed: {type(e).__name__}: {_first_line(e)}; "
                                "import with lower_int8=False to run the QDQ model as fake quantization") from e

@@ -45,15 +45,17 @@ class X86Target(Target):
         trials: int | None = None,
         tuning_db: str | None = None,
         max_new_tasks: int | None = None,
+        int8_kernels: str = "auto",
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
-                         mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks, **options)
+                         mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
+                         int8_kernels=int8_kernels, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
-                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, {', '.join(rpc.OPTION_NAMES)}"
+                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, {', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
             trials = os.environ.get(TRIALS_ENV, DEFAULT_TRIALS)
@@ -66,6 +68,11 @@ class X86Target(Target):
         if self.trials < 0 or (self.max_new_tasks is not None and self.max_new_tasks < 0):
             raise UsageError(f"{self.name} target: trials and max_new_tasks must be >= 0 (trials=0: no tuning)")
         self.tuning_db_root = tuning_db
+        if int8_kernels not in ("auto", "avx2", "generic"):
+            raise UsageError(f"{self.name} target: int8_kernels={int8_kernels!r}: choose auto (avx2 where the CPU has "
+                             "AVX2), avx2 (targets/x86_int8.py: packed int16 weights, vpmaddwd) or generic "
+                             "(Relax's integer conv2d/matmul)")
+        self._int8_kernels = int8_kernels
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -108,6 +115,16 @@ class X86Target(Target):
         if self._mattr is None:  # detected cpu: mask features the (virtual) host lacks
             self._mattr = list(tc.host_mattr(self.mcpu)) if self.options.get("mcpu") is None else []
         return self._mattr
+
+    @property
+    def int8_kernels(self) -> str:
+        """How QDQ matmuls/1x1 convs are lowered: "avx2" (x86_int8's vpmaddwd kernel) when the target
+        CPU has AVX2 (option int8_kernels=auto), else "generic"."""
+        if self._int8_kernels != "auto":
+            return self._int8_kernels
+        from . import x86_int8
+
+        return "avx2" if x86_int8.available(self.target) else "generic"
 
     def target_json(self) -> dict[str, Any]:
         return tc.target_dict(self.mcpu, self.threads, mattr=self.mattr)
@@ -158,7 +175,7 @@ class X86Target(Target):
         t0 = time.perf_counter()
         folded = tc.fold_constants(model)
         tf = time.perf_counter()
-        mod = tc.import_onnx(folded, fold=False)
+        mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
         t1 = time.perf_counter()
         ex, lower_info = self._lower(mod, Path(workdir))
         t2 = time.perf_counter()

@@ -1,0 +1,155 @@
+"""Integer matmul kernels for x86 CPUs with AVX2 but no VNNI: a TVM tensor intrinsic on
+`vpmaddwd`, the packed-weight matmul it tensorizes, and the MetaSchedule search space that uses it.
+
+Why: TVM 0.27 ships x86 int8 intrinsics only for VNNI (`vpdpbusd`) and AVX-512. On an AVX2 CPU
+MetaSchedule vectorizes an int8 x int8 -> int32 matmul as 32-bit multiplies, no cheaper than
+fp32 FMAs, so lowered int8 code was not faster than fp32 after tuning. `vpmaddwd` multiplies 16
+pairs of int16 and adds adjacent products into 8 int32 lanes: 16 multiply-adds per instruction,
+exact (no saturation, unlike `vpmaddubsw`), against 8 for an fp32 FMA.
+
+The kernel computes C[i, j] = sum_k int32(A[i, k]) * int32(Bp[j // 8, k // 2, j % 8, k % 2]):
+A is the quantized activation (uint8 or int8, as it is; the intrinsic widens a pair of it),
+Bp the constant int8 weight widened to int16 and packed so that the 8 output columns x 2
+reduction steps one instruction needs are 16 adjacent int16. `MultiLevelTilingWithIntrin`
+tiles the rest of the loops and tensorizes the 8 x 2 tile (as TVM does for VNNI).
+
+Importing this module does not import tvm; `register()` does, once per process (the
+intrinsics must exist before MetaSchedule tunes or replays a schedule that names them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LANES = 8  # int32 outputs per instruction (one 256-bit register)
+PAIR = 2  # int16 products summed per lane
+INTRINS = {"uint8": "graphopt_avx2_dot_8x2_u8", "int8": "graphopt_avx2_dot_8x2_s8"}
+_registered = False
+
+
+def available(target) -> bool:
+    """True for an llvm x86 target whose features include AVX2 (the intrinsic's instruction)."""
+    try:
+        from tvm.target import codegen
+
+        if str(target.kind.name) != "llvm":
+            return False
+        triple = str(target.attrs.get("mtriple", "") or "")
+        if triple and not triple.startswith(("x86_64", "i686")):
+            return False
+        return "avx2" in {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 - an unknown target simply does not get the kernels
+        return False
+
+
+def register() -> None:
+    """Register the two intrinsics (activation uint8 or int8) with TVM, once per process."""
+    global _registered
+    if _registered:
+        return
+    from . import tvm_common as tc
+
+    tvm = tc.load_tvm()
+    from tvm.s_tir import TensorIntrin
+
+    for dtype, name in INTRINS.items():
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            TensorIntrin.register(name, *_intrin_funcs(tvm, dtype))
+    _registered = True
+
+
+def _intrin_funcs(tvm, a_dtype: str):
+    """(desc, impl) PrimFuncs for C[8] += A[2] . B[8, 2] with A `a_dtype`, B int16, C int32.
+
+    A is read as two scalars (it may be strided: an inlined transpose of the activation), widened
+    to int16 and packed into one int32, broadcast to 8 lanes and viewed as 16 int16: the pair
+    (a0, a1) in every lane. B's 16 int16 are one aligned-free vector load."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        A = T.match_buffer(a, (PAIR,), a_dtype, offset_factor=1, strides=[sa])
+        B = T.match_buffer(b, (LANES, PAIR), "int16", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:PAIR], B[0:LANES, 0:PAIR])
+            T.writes(C[0:LANES])
+            for i in T.serial(0, LANES):
+                for k in T.serial(0, PAIR):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        A = T.match_buffer(a, (PAIR,), a_dtype, offset_factor=1, strides=[sa])
+        B = T.match_buffer(b, (LANES, PAIR), "int16", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:PAIR], B[0:LANES, 0:PAIR])
+            T.writes(C[0:LANES])
+            pair = T.bitwise_or(
+                T.bitwise_and(T.cast(A[0], "int32"), T.int32(0xFFFF)),
+                T.shift_left(T.cast(A[1], "int32"), T.int32(16)),
+            )
+            C[T.ramp(T.int32(0), 1, LANES)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(pair, LANES), dtype="int16x16"),
+                B.vload([0, 0], dtype="int16x16"),
+                dtype="int32x8",
+            )
+
+    return desc, impl
+
+
+def pack_weight(w_kn: np.ndarray) -> np.ndarray:
+    """Integer weight [K, N] (int8, or any values within int16) -> int16 [ceil(N/8), ceil(K/2), 8, 2] (zero padded): Bp[j//8, k//2, j%8, k%2] = W[k, j]."""
+    k, n = w_kn.shape
+    kp, np_ = -(-k // PAIR) * PAIR, -(-n // LANES) * LANES
+    w = np.zeros((kp, np_), np.int16)
+    w[:k, :n] = w_kn
+    return np.ascontiguousarray(w.reshape(kp // PAIR, PAIR, np_ // LANES, LANES).transpose(2, 0, 3, 1))
+
+
+def packed_matmul_te(a, bp):
+    """TE: A [..., Kp] (uint8/int8) x Bp [Np/8, Kp/2, 8, 2] (int16) -> C [..., Np] int32.
+
+    Leading dims of A stay (no reshape around the kernel), so the elementwise epilogue that
+    follows (zero-point correction, scale, bias, activation, requantize) fuses into its PrimFunc.
+    """
+    from tvm import te
+
+    *lead, kp = a.shape
+    n8 = bp.shape[0]
+    k = te.reduce_axis((0, kp), name="k")
+    return te.compute(
+        (*lead, n8 * LANES),
+        lambda *idx: te.sum(
+            a[(*idx[:-1], k)].astype("int32")
+            * bp[idx[-1] // LANES, k // PAIR, idx[-1] % LANES, k % PAIR].astype("int32"),
+            axis=k),
+        name="packed_int8_matmul",
+    )
+
+
+def space(target):
+    """MetaSchedule space for `target`: the default llvm rules with MultiLevelTilingWithIntrin for
+    each intrinsic before the generic MultiLevelTiling, and RewriteTensorize among the postprocs
+    (TVM's own x86 VNNI space, with these intrinsics). Blocks that do not match an intrinsic are
+    scheduled as with the default space."""
+    register()
+    import tvm.s_tir.meta_schedule as ms
+
+    reuse = ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")
+    rules = []
+    for r in ms.ScheduleRule.create("llvm"):
+        if type(r).__name__ == "MultiLevelTiling":
+            rules += [ms.schedule_rule.MultiLevelTilingWithIntrin(name, "SSRSRS", max_innermost_factor=64,
+                                                                  reuse_write=reuse) for name in INTRINS.values()]
+        rules.append(r)
+    posts = list(ms.Postproc.create("llvm"))
+    at = next(i for i, p in enumerate(posts) if type(p).__name__ == "RewriteReductionBlock") + 1
+    posts.insert(at, ms.postproc.RewriteTensorize(vectorize_init_loop=True))
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=posts, mutator_probs="llvm")
