@@ -152,4 +152,62 @@ def space(target):
     posts = list(ms.Postproc.create("llvm"))
     at = next(i for i, p in enumerate(posts) if type(p).__name__ == "RewriteReductionBlock") + 1
     posts.insert(at, ms.postproc.RewriteTensorize(vectorize_init_loop=True))
+    posts.append(_parallel_postproc(ms)())
     return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=posts, mutator_probs="llvm")
+
+
+_PARALLEL_POSTPROC = None
+
+
+def _parallel_postproc(ms):
+    """A postproc that rejects a schedule whose packed int8 matmul runs on one thread (on a
+    target with several cores), or sits inside a vectorized loop. MetaSchedule parallelizes only
+    the outer tile loops, and at a handful of trials its search often keeps outer tiles of 1 (seen
+    on MiniLM: every int8 matmul single-threaded); a vectorized loop around the intrinsic fails
+    to build ("Cannot broadcast lanes=16 to 48"). Rejected samples are redrawn, not measured."""
+    global _PARALLEL_POSTPROC
+    if _PARALLEL_POSTPROC is not None:
+        return _PARALLEL_POSTPROC
+    from tvm.ir.utils import derived_object
+    from tvm.tirx import ForKind
+
+    @derived_object
+    class RequireParallelPackedInt8(ms.postproc.PyPostproc):
+        def __init__(self, cores: int = 0) -> None:
+            super().__init__()
+            self.cores = cores
+
+        def _initialize_with_tune_context(self, context) -> None:
+            cores = context.target.attrs.get("num-cores", 1) if context.target is not None else 1
+            self.cores = max(1, int(cores))
+
+        def apply(self, sch) -> bool:
+            for block in _packed_blocks(sch):
+                width = 1
+                for loop in sch.get_loops(block):
+                    node = sch.get(loop)
+                    if node.kind == ForKind.PARALLEL:
+                        width *= int(node.extent)
+                    elif node.kind == ForKind.VECTORIZED:  # around the intrinsic: fails to build
+                        return False
+                if width < min(self.cores, 2):
+                    return False
+            return True
+
+        def clone(self):
+            return RequireParallelPackedInt8(self.cores)
+
+    _PARALLEL_POSTPROC = RequireParallelPackedInt8
+    return _PARALLEL_POSTPROC
+
+
+def _packed_blocks(sch) -> list:
+    """The block RV of the packed int8 matmul's reduction in a task's schedule (at the stage the
+    postprocs leave it: blockized and decomposed, or not), or [] for other tasks."""
+    for name in ("packed_int8_matmul_o_update", "packed_int8_matmul_o", "packed_int8_matmul_update",
+                 "packed_int8_matmul"):
+        try:
+            return [sch.get_sblock(name)]
+        except Exception:  # noqa: BLE001 - not in this task (or not at this stage)
+            continue
+    return []

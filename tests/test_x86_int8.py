@@ -115,14 +115,38 @@ def test_every_packed_task_is_tensorized_with_vpmaddwd(qdq):
         mod = t.dispatched[0]
         ctx = ms.TuneContext(mod=mod, target=tgt, space_generator=x86_int8.space(tgt), task_name=t.task_name,
                              rand_state=0)
+        assert len(ctx.space_generator.postprocs) == len(ms.Postproc.create("llvm")) + 2  # tensorize, parallel check
         spaces = ctx.space_generator.generate_design_space(mod)
         assert spaces
-        for sch in spaces:
-            assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+        kept = [sch for sch in spaces if all(p.apply(sch) for p in ctx.space_generator.postprocs)]
+        assert kept, t.task_name  # a design space the postprocs reject is redrawn when tuning
+        for sch in kept:
             tensorized = "llvm.x86.avx2.pmadd.wd" in sch.mod.script()
             assert tensorized == ("packed_int8_matmul" in t.task_name), t.task_name
         seen += "packed_int8_matmul" in t.task_name
     assert seen == 3
+
+
+@needs_avx2
+def test_single_threaded_packed_schedules_are_rejected():
+    """The space's last postproc redraws a schedule that leaves the packed matmul on one thread of
+    a multi-core target (MetaSchedule's search kept outer tiles of 1 on MiniLM)."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    tvm = tc.load_tvm()
+    a = te.placeholder((32, 16), "uint8", name="A")
+    bp = te.placeholder((2, 8, 8, 2), "int16", name="Bp")
+    func = te.create_prim_func([a, bp, x86_int8.packed_matmul_te(a, bp)])
+    mod = tvm.IRModule({"main": func})
+    check = x86_int8._parallel_postproc(ms)(2)  # as for a 2-core target
+    sch = Schedule(mod)
+    assert check.apply(sch) is False  # 2 cores, no parallel loop
+    i, j, k = sch.get_loops(sch.get_sblock("packed_int8_matmul"))
+    sch.parallel(i)
+    assert check.apply(sch) is True
+    assert x86_int8._parallel_postproc(ms)(1).apply(Schedule(mod)) is True  # one core: nothing to ask
 
 
 @needs_avx2
