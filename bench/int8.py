@@ -151,6 +151,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task (0: untuned only)")
     ap.add_argument("--db", default=str(ROOT / "bench" / "out" / "int8_tuning_db"))
+    ap.add_argument("--variants", default="", help="comma list of TVM variants to run (default all): fp32, "
+                    "fake-quant, generic, avx2")
     args = ap.parse_args()
 
     from graphopt.passes.int8 import quantize
@@ -188,6 +190,11 @@ def main() -> int:
         if x86_int8.available(target):
             mods["QDQ lowered int8 avx2"], stats = lower_qdq(mods["QDQ fake-quant"], kernels="avx2")
             print(f"lowering (avx2 kernels, vpmaddwd): {stats}")
+        wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+        short = {"fp32": "fp32", "QDQ fake-quant": "fake-quant", "QDQ lowered int8": "generic",
+                 "QDQ lowered int8 avx2": "avx2"}
+        if wanted:
+            mods = {k: v for k, v in mods.items() if short[k] in wanted or k == "fp32"}  # fp32: the baseline
         modes = [("untuned", None)] + ([("tuned", args.tune_trials)] if args.tune_trials > 0 else [])
         for mode, trials in modes:
             base_ms = None
