@@ -277,7 +277,7 @@ def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
     fails) the model comes back with only its Constants normalized, and the importer reports
     what it cannot do.
     """
-    model = normalize_constants(model)
+    model = _plain_pad_values(normalize_constants(model))
     try:
         import onnx
         import onnx_graphsurgeon as gs
@@ -292,6 +292,57 @@ def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
         return folded
     except Exception:  # noqa: BLE001 - folding is an optimisation of the import, not required
         return model
+
+
+def _plain_pad_values(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """A Pad's constant_value given as DequantizeLinear(constant), or DequantizeLinear(
+    QuantizeLinear(constant)), replaced by its float value.
+
+    onnxruntime's static quantizer quantizes a Pad's constant_value too (EfficientNet's static
+    padding: DequantizeLinear(q=0 initializer, scale, zero point)). That keeps the Pad's constant
+    inputs from folding, and TVM 0.27's importer then fails on the Pad ("'Call' object has no
+    attribute 'value'"). The value is computed exactly as DequantizeLinear defines it, so the
+    graph computes the same numbers."""
+    import onnx
+    from onnx import numpy_helper
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                   if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    values: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        if node.op_type != "Pad" or len(node.input) < 3 or not node.input[2] or node.input[2] in values:
+            continue
+        dq = producers.get(node.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in consts for i in dq.input[1:] if i):
+            continue
+        if dq.input[0] in consts:
+            q = numpy_helper.to_array(consts[dq.input[0]]).astype(np.float64)
+        else:  # DequantizeLinear(QuantizeLinear(constant)): quantize it as ONNX defines (round half to even)
+            qn = producers.get(dq.input[0])
+            if qn is None or qn.op_type != "QuantizeLinear" or not all(i in consts for i in qn.input if i):
+                continue
+            qzp = numpy_helper.to_array(consts[qn.input[2]]) if len(qn.input) > 2 and qn.input[2] else np.uint8(0)
+            info = np.iinfo(qzp.dtype)
+            x = numpy_helper.to_array(consts[qn.input[0]]).astype(np.float64)
+            q = np.clip(np.rint(x / numpy_helper.to_array(consts[qn.input[1]]).astype(np.float64))
+                        + qzp.astype(np.float64), info.min, info.max)
+        scale = numpy_helper.to_array(consts[dq.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(consts[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else 0.0
+        if q.size != 1 or np.size(scale) != 1:
+            continue
+        values[node.input[2]] = np.asarray(((q - zp) * scale).reshape(q.shape), dtype=np.float32)
+    if not values:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] in values:
+            node.input[2] = node.input[2] + "_value"
+    for name, value in values.items():
+        out.graph.initializer.append(numpy_helper.from_array(value, name + "_value"))
+    return out
 
 
 # ------------------------------------------------------------------------------ graph IR helpers

@@ -167,3 +167,35 @@ def test_folded_weights_are_lowered_too(qdq):
     ex = tc.build(low, tvm.target.Target({"kind": "llvm"}))
     x = _calib(1, seed=9)["x"][0]
     assert np.abs(tc.run_vm(ex, tvm.cpu(), [x])[0] - _ort_reference(qdq, x)).max() <= 2 * _output_scale(qdq) + 1e-6
+
+
+def test_quantized_pad_value_imports():
+    """onnxruntime's static quantizer quantizes a Pad's constant_value too (EfficientNet-Lite0's
+    static padding): graphopt.ir.fold_constants replaces DequantizeLinear(constant) there by its
+    float value, so TVM's importer (which needs a constant) takes the model, with the same numbers."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Constant", [], ["pv"], name="padval", value=onnx.numpy_helper.from_array(
+                 np.array(0.0, np.float32))),
+             helper.make_node("Pad", ["x", "pads", "pv"], ["p"], name="pad", mode="constant"),
+             helper.make_node("Conv", ["p", "w0", "b0"], ["y"], name="conv0")]
+    inits = [onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+             float_init("w0", rng.standard_normal((4, 3, 3, 3)) * 0.3), float_init("b0", rng.standard_normal(4) * 0.1)]
+    qdq = quantize(make_model(nodes, {"x": [1, 3, 8, 8]}, ["y"], inits), _calib_shape((1, 3, 8, 8)), None,
+                   activations="uint8", reduce_range=False)
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    pad = next(n for n in qdq.graph.node if n.op_type == "Pad")
+    assert producers[pad.input[2]].op_type == "DequantizeLinear"  # what the importer could not take
+    from graphopt.ir import fold_constants
+
+    folded = fold_constants(qdq)
+    pad = next(n for n in folded.graph.node if n.op_type == "Pad")
+    assert pad.input[2] in {i.name for i in folded.graph.initializer}
+    tvm = tc.load_tvm()
+    ex = tc.build(tc.import_onnx(qdq), tvm.target.Target({"kind": "llvm"}))
+    x = np.abs(np.random.default_rng(5).standard_normal((1, 3, 8, 8))).astype(np.float32)
+    np.testing.assert_allclose(tc.run_vm(ex, tvm.cpu(), [x])[0], _ort_reference(qdq, x), rtol=0,
+                               atol=2 * _output_scale(qdq) + 1e-6)
+
+
+def _calib_shape(shape, n: int = 8) -> dict[str, np.ndarray]:
+    return {"x": np.abs(np.random.default_rng(2).standard_normal((n, *shape))).astype(np.float32)}
