@@ -702,7 +702,7 @@ class Search:
         if p is None:
             return
         try:
-            fut.exception()  # wait for it; then its ONNX file, read by the worker, can go
+            _wait_done(fut)  # then its ONNX file, read by the worker, can go
         finally:
             for name in ("candidate.onnx", "candidate.onnx.data"):
                 (Path(p.cand_dir) / name).unlink(missing_ok=True)
@@ -770,6 +770,7 @@ class Search:
         if p is None:
             return
         try:
+            _wait_done(fut)
             result: Any = fut.result()
         except TargetUnreachable:
             raise
@@ -804,6 +805,15 @@ class Search:
                  i, total if total is not None else "-", time.monotonic() - self.t_start, what,
                  rec.status + (" (cached)" if cached else ""), fid, lat, extra,
                  f"{best.latency_ms:.3f} ms" if best else "-", f" x{speed:.3f}" if speed else "")
+
+
+def _wait_done(fut) -> None:
+    """Wait for a future in steps of a second, so that a pending Ctrl-C is acted on while a
+    compile or measurement runs (an untimed wait is only woken by the future itself)."""
+    from concurrent.futures import wait
+
+    while not fut.done():
+        wait([fut], timeout=1.0)
 
 
 def run_search(config: RunConfig) -> SearchResult:
