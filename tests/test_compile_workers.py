@@ -201,12 +201,18 @@ def test_ctrl_c_ends_the_workers_without_waiting_for_their_compiles(tmp_path, sl
                 return
             time.sleep(0.05)
 
+    # a test run started in the background (`make test &`, CI runners) inherits SIGINT as ignored,
+    # and then interrupt_main() does nothing: give this test Python's own Ctrl-C handler
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c_when_both_workers_are_in_their_second_compile, daemon=True).start()
     try:
         res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, compile_workers=2, out=tmp_path / "o",
                        target_options=_opts(slow_target, sleep_s=0.3, slow_after=1))
     finally:
         done.set()
+        signal.signal(signal.SIGINT, previous)
     assert fired, "the workers never started their second compile"
     assert time.monotonic() - fired[0] < 15  # not the 60 s the compiles in flight would take
     assert res.report["search"]["stopped_because"] == "interrupted"
