@@ -1,4 +1,5 @@
-"""Fuse scaled dot-product attention blocks into one com.microsoft.Attention op; prune heads.
+"""Fuse scaled dot-product attention blocks into one com.microsoft.Attention op; prune heads; cheaper
+block-local (windowed) and linear attention forms.
 
 Recognised forms (each a self-attention block whose Q, K and V are constant-weight projections
 of one input X [B, S, hidden]):
@@ -34,9 +35,24 @@ Choices per site:
              (context_h @ W_o[h rows]); computed once per run with onnxruntime on the base model.
              Fidelity is measured by the driver (uses_calibration: held-out half).
 
-Cheaper attention forms for long sequences (windowed / linear) are not offered: at the sequence
-lengths of the bundled model (128) the attention matmuls are a small share of the time; see
-the report of the session that added this pass.
+  "window_W" approximate, a cheaper form for long sequences: block-local attention. The sequence is
+             cut into S/W blocks of W tokens and each query attends only to the keys of its own
+             block (scores [B, H, S/W, W, W] instead of [B, H, S, S]: the two attention matmuls
+             and the softmax cost W/S of the original). Plain ONNX ops (one packed qkv MatMul,
+             Reshape/Transpose, MatMul, Softmax), so every target compiles it. Offered for
+             W = S/2, S/4, S/8 (W >= 4, S % W == 0) when there is no mask or the mask does not
+             depend on the query: a key-padding mask [., ., 1, T], or a [., ., S, T] mask that
+             calibration data shows to be a padding mask (see padding_masks; the bias is then
+             rebuilt from that [B, T] input, else the move does not apply); clamped at -1e4
+             (onnxruntime's mask_filter_value) so a block whose keys are all masked gives finite
+             rows (attention within the block) instead of NaN.
+             Exact for a query whose unmasked keys all lie in its own block (a padded sentence
+             no longer than W tokens); otherwise its fidelity is measured like any other choice.
+  "linear"   approximate: linear attention, softmax(QK^T)V replaced by
+             phi(Q) (phi(K)^T V) / (phi(Q) sum_t phi(K_t)) with phi = elu + 1 (Katharopoulos et al.
+             2020), masked keys zeroed in phi(K). Cost O(S D^2) instead of O(S^2 D). Without
+             retraining the pretrained weights it is a different function; it is offered so
+             the search measures that, not assumed (see the README for what it measured).
 """
 
 from __future__ import annotations
@@ -529,6 +545,137 @@ def _rewrite(graph: gs.Graph, m: _Match, keep_heads: list[int] | None = None,
         op.inputs[1] = gs.Constant(_fresh_name(taken, base + "_out_weight"), np.ascontiguousarray(wo[cols]))
 
 
+def _local_ok(m: _Match) -> bool:
+    """Whether window/linear forms are offered: no mask, a key-padding mask [., ., 1, T], or a
+    full [., ., S, T] mask that may be a padding mask (checked on calibration data when applied)."""
+    if m.mask is None or (not m.mask_is_bool and _query_free_mask(m) is not None):
+        return True
+    ms = _shape(m.mask)
+    return ms is not None and len(ms) == 4 and ms[2:] == (_shape(m.q.x)[1], _shape(m.k.x)[1])
+
+
+def _window_sizes(m: _Match) -> list[int]:
+    """Block sizes offered for window_W: S/2, S/4, S/8 (>= 4, dividing S)."""
+    s = _shape(m.q.x)[1]
+    if not _local_ok(m):
+        return []
+    return sorted({s // f for f in (2, 4, 8) if s % f == 0 and s // f >= 4})
+
+
+def _query_free_mask(m: _Match) -> tuple[int, int] | None:
+    """(batch, heads) of a key-padding mask that broadcasts as [b, h, 1, T]; None otherwise."""
+    ms = _shape(m.mask)
+    t = _shape(m.k.x)[1]
+    if ms is None or len(ms) > 4 or not ms or ms[-1] != t:
+        return None
+    ms = (1,) * (4 - len(ms)) + ms
+    if ms[2] != 1 or ms[1] not in (1, m.heads) or ms[0] not in (1, _shape(m.q.x)[0]):
+        return None
+    return ms[0], ms[1]
+
+
+class _Builder:
+    """Appends nodes to a graph under fresh names derived from one base."""
+
+    def __init__(self, graph, base: str, dtype):
+        self.graph, self.base, self.dtype = graph, base, dtype
+        self.taken = set(graph.tensors(check_duplicates=False).keys())
+        self.names = {n.name for n in graph.nodes}
+
+    def const(self, tag: str, value) -> Any:
+        import onnx_graphsurgeon as gs
+
+        return gs.Constant(_fresh_name(self.taken, f"{self.base}_{tag}"), np.array(value, copy=True))  # keeps 0-d
+
+    def op(self, op: str, inputs: list, tag: str, out=None, dtype=None, **attrs) -> Any:
+        import onnx_graphsurgeon as gs
+
+        if out is None:
+            out = gs.Variable(_fresh_name(self.taken, f"{self.base}_{tag}"), dtype=dtype or self.dtype)
+        self.graph.nodes.append(gs.Node(op, _fresh_name(self.names, f"{self.base}/{tag}"), attrs=attrs,
+                                        inputs=inputs, outputs=[out]))
+        return out
+
+
+def _packed_qkv(m: _Match) -> tuple[np.ndarray, np.ndarray]:
+    """[hidden, 3*H*D] weight and [3*H*D] bias of Q | K | V, the total score scale folded into Q."""
+    ws, bs = [], []
+    for proj, f in ((m.q, m.scale), (m.k, 1.0), (m.v, 1.0)):
+        w = proj.w.astype(np.float64)
+        b = proj.b.astype(np.float64) if proj.b is not None else np.zeros(w.shape[1])
+        ws.append(w * f)
+        bs.append(b * f)
+    dtype = m.q.w.dtype
+    return np.concatenate(ws, 1).astype(dtype), np.concatenate(bs).astype(dtype)
+
+
+def _rewrite_local(graph: gs.Graph, m: _Match, form: str, window: int = 0, mask_source: str | None = None) -> None:
+    """Replace the block by block-local (form "window", blocks of `window` tokens) or linear
+    attention built from plain ONNX ops; the tensor the block wrote keeps its name. The mask is
+    the block's own when it is a key-padding mask [., ., 1, T]; a full [., ., S, T] mask must be
+    a verified padding mask of graph input `mask_source` [B, T], rebuilt as (1 - input) * -1e4."""
+    bsz, s, hid = _shape(m.q.x)
+    h, d = m.heads, m.head_dim
+    dtype = m.q.w.dtype
+    g = _Builder(graph, (m.anchor.name.strip("/").replace("/", "_") or "attn") + f"_{form}", dtype)
+    w, b = _packed_qkv(m)
+    qkv = g.op("Add", [g.op("MatMul", [m.q.x, g.const("qkv_weight", w)], "qkv_mm"), g.const("qkv_bias", b)], "qkv")
+    mask = None
+    if m.mask is not None and mask_source is not None:
+        src = next(t for t in graph.inputs if t.name == mask_source)
+        mb, mh = int(src.shape[0]), 1
+        keep = g.op("Cast", [src], "keep_f", to=int(_onnx_dtype(dtype)))
+        pad = g.op("Sub", [g.const("one_m", np.ones((), dtype)), keep], "padding")
+        mask = g.op("Mul", [pad, g.const("fill", np.full((), -1e4, dtype))], "padding_bias")
+        mask = g.op("Reshape", [mask, g.const("mask_shape", np.array([mb, mh, 1, s], np.int64))], "mask_4d")
+    elif m.mask is not None:
+        mb, mh = _query_free_mask(m)
+        mask = g.op("Reshape", [m.mask, g.const("mask_shape", np.array([mb, mh, 1, s], np.int64))], "mask_4d")
+        mask = g.op("Max", [mask, g.const("mask_floor", np.full((), -1e4, dtype))], "mask_clamped")
+    if form == "window":
+        n = s // window
+        t = g.op("Reshape", [qkv, g.const("qkv_shape", np.array([bsz, n, window, 3, h, d], np.int64))], "qkv_blocks")
+        t = g.op("Transpose", [t], "qkv_heads", perm=[3, 0, 4, 1, 2, 5])  # [3, B, H, n, W, D]
+        q, k, v = (g.op("Gather", [t, g.const(f"pick{i}", np.array(i, np.int64))], f"{'qkv'[i]}", axis=0)
+                   for i in range(3))
+        sc = g.op("MatMul", [q, g.op("Transpose", [k], "k_t", perm=[0, 1, 2, 4, 3])], "scores")  # [B,H,n,W,W]
+        if mask is not None:
+            mask = g.op("Reshape", [mask, g.const("mask_blocks", np.array([mb, mh, n, 1, window], np.int64))],
+                        "mask_blocks")
+            sc = g.op("Add", [sc, mask], "masked")
+        ctx = g.op("MatMul", [g.op("Softmax", [sc], "softmax", axis=-1), v], "context")  # [B, H, n, W, D]
+        ctx = g.op("Transpose", [ctx], "context_t", perm=[0, 2, 3, 1, 4])  # [B, n, W, H, D]
+    else:  # linear
+        t = g.op("Reshape", [qkv, g.const("qkv_shape", np.array([bsz, s, 3, h, d], np.int64))], "qkv_heads_rs")
+        t = g.op("Transpose", [t], "qkv_heads", perm=[2, 0, 3, 1, 4])  # [3, B, H, S, D]
+        q, k, v = (g.op("Gather", [t, g.const(f"pick{i}", np.array(i, np.int64))], f"{'qkv'[i]}", axis=0)
+                   for i in range(3))
+        one = g.const("one", np.ones((), dtype))
+        fq = g.op("Add", [g.op("Elu", [q], "elu_q"), one], "phi_q")
+        fk = g.op("Add", [g.op("Elu", [k], "elu_k"), one], "phi_k")  # [B, H, S, D]
+        if mask is not None:  # keep = 1 where the additive mask is > -1 (unmasked key)
+            keep = g.op("Cast", [g.op("Greater", [mask, g.const("keep_floor", np.full((), -1.0, dtype))],
+                                      "key_kept", dtype=np.bool_)], "keep", to=int(_onnx_dtype(dtype)))
+            keep = g.op("Transpose", [keep], "keep_t", perm=[0, 1, 3, 2])  # [b, h, T, 1]
+            fk = g.op("Mul", [fk, keep], "phi_k_masked")
+        fkt = g.op("Transpose", [fk], "phi_k_t", perm=[0, 1, 3, 2])  # [B, H, D, S]
+        kv = g.op("MatMul", [fkt, v], "kv")  # [B, H, D, D]
+        num = g.op("MatMul", [fq, kv], "numerator")  # [B, H, S, D]
+        ksum = g.op("ReduceSum", [fkt, g.const("axis_s", np.array([3], np.int64))], "k_sum", keepdims=1)
+        den = g.op("MatMul", [fq, ksum], "denominator")  # [B, H, S, 1]
+        den = g.op("Max", [den, g.const("den_floor", np.full((), 1e-6, dtype))], "denominator_safe")
+        ctx = g.op("Transpose", [g.op("Div", [num, den], "context")], "context_t", perm=[0, 2, 1, 3])
+    out = m.out
+    m.out_node.outputs.clear()
+    g.op("Reshape", [ctx, g.const("out_shape", np.array([bsz, s, h * d], np.int64))], "merge_heads", out=out)
+
+
+def _onnx_dtype(dtype) -> int:
+    import onnx
+
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
 # -------------------------------------------------------------------------------- importance
 def _importance(ctx: MoveContext, site: Site) -> np.ndarray:
     """Per-head importance of every site, from one onnxruntime run of the base model."""
@@ -685,7 +832,8 @@ def padding_masks(ctx: MoveContext) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- the pass
 class AttentionFusion(Pass):
     name = "attention"
-    description = "fuse attention blocks into com.microsoft.Attention (exact); prune least important heads"
+    description = ("fuse attention blocks into com.microsoft.Attention (exact); prune least important heads; "
+                   "block-local (window_W) or linear attention")
     stage = 20
     uses_calibration = True  # prune_k ranks heads on calibration data
 
@@ -698,6 +846,9 @@ class AttentionFusion(Pass):
             choices: tuple = ("keep", "fused")
             if _can_prune(m):
                 choices += tuple(f"prune_{k}" for k in _prune_counts(m.heads))
+            choices += tuple(f"window_{w}" for w in _window_sizes(m))
+            if _local_ok(m):
+                choices += ("linear",)
             s, hid = _shape(m.q.x)[1], m.heads * m.head_dim
             cost = 2.0 * _shape(m.q.x)[0] * (2 * s * s * hid + 3 * s * _shape(m.q.x)[2] * hid)
             out.append(Site(key=f"attention:{n.name}", pass_name=self.name, nodes=(n.name,) + tuple(
@@ -707,7 +858,8 @@ class AttentionFusion(Pass):
         return out
 
     def apply(self, graph: gs.Graph, site: Site, choice: Choice, ctx: MoveContext) -> bool:
-        if choice != "fused" and not (isinstance(choice, str) and choice.startswith("prune_")):
+        if choice not in ("fused", "linear") and not (
+                isinstance(choice, str) and choice.startswith(("prune_", "window_"))):
             raise ValueError(f"attention: unknown choice {choice!r} for site {site.key}")
         anchor = node_by_name(graph, site.nodes[0])
         if anchor is None:
@@ -716,6 +868,14 @@ class AttentionFusion(Pass):
         if isinstance(m, str):
             return False
         src = padding_masks(ctx).get(m.mask.name) if m.mask is not None else None
+        if choice == "linear" or str(choice).startswith("window_"):
+            w = int(str(choice).split("_", 1)[1]) if choice != "linear" else 0
+            if (w and w not in _window_sizes(m)) or not _local_ok(m):
+                return False
+            if m.mask is not None and src is None and (m.mask_is_bool or _query_free_mask(m) is None):
+                return False  # a query-dependent mask (causal, per-pair) has no block-local form here
+            _rewrite_local(graph, m, "window" if w else "linear", w, mask_source=src)
+            return True
         if choice == "fused":
             _rewrite(graph, m, mask_source=src)
             return True
