@@ -45,6 +45,12 @@ ARCH_HELP = ("e.g. --target-opt arch=sm_90 (H100), sm_80 (A100), sm_86 (RTX 30xx
              "sm_87 (Jetson Orin)")
 OWN_OPTIONS = ("arch", "number", "repeat", "warmup", "trials", "max_new_tasks", "tuning_db", "compiler")
 _ARCH_RE = re.compile(r"^(?:sm_?)?(\d{2,3})([a-z]?)$")
+# Per-block limits every NVIDIA GPU since Maxwell shares (TVM's own nvidia/* tags carry the same
+# values). A target built from {"kind": "cuda", "arch": ...} lacks them, and MetaSchedule's CUDA
+# schedule rules then fail with "missing attribute `max_threads_per_block` in the target" (seen on
+# an H200, 2026-11-26). Added to the TVM target only: target_json() stays the user-facing identity.
+CUDA_BLOCK_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+                     "registers_per_block": 65536}
 
 
 def parse_arch(value: Any) -> str:
@@ -184,7 +190,7 @@ class CudaTarget(Target):
         if self._target is None:
             tvm = tc.load_tvm()
             try:
-                self._target = tvm.target.Target(self.target_json())
+                self._target = tvm.target.Target({**self.target_json(), **CUDA_BLOCK_LIMITS})
             except Exception as e:  # noqa: BLE001
                 raise UsageError(f"invalid TVM cuda target {self.target_json()}: {tc._first_line(e)}") from None
         return self._target
