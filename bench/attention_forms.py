@@ -51,11 +51,6 @@ def log(msg: str) -> None:
     print(f"[attention_forms {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def documents(tok, seq: int, n: int, seed: int) -> dict[str, np.ndarray]:
     """{input: [n, 1, seq] int64}: random sentences joined to seq/2 .. seq-2 tokens each."""
     import minilm as mb
@@ -117,17 +112,14 @@ def make_rows(path: Path, calib: dict[str, np.ndarray], seq: int, out: Path) -> 
 
 
 def measure_ort(rows: list[dict], feeds: list[dict], rounds: int) -> None:
-    from compare import session, time_once
+    from compare import cosine, interleaved_rounds, session
 
     sessions = {r["name"]: session(r["path"]) for r in rows}
     ref = [sessions["original"].run(None, f)[0] for f in feeds]
     for r in rows:
         cos = [cosine(sessions[r["name"]].run(None, f)[0], x) for f, x in zip(feeds, ref)]
         r["cosine"], r["cosine_min"], r["ort_rounds_ms"] = float(np.mean(cos)), float(min(cos)), []
-    for k in range(rounds):
-        for r in rows[k % len(rows):] + rows[:k % len(rows)]:
-            r["ort_rounds_ms"].append(time_once(sessions[r["name"]], feeds[0]))
-        log(f"ort round {k + 1}/{rounds}: " + ", ".join(f"{r['name']} {r['ort_rounds_ms'][-1]:.2f}" for r in rows))
+    interleaved_rounds(rows, sessions, feeds[0], rounds, key="ort_rounds_ms", say=log)
     base = statistics.median(rows[0]["ort_rounds_ms"])
     for r in rows:
         r["ort_ms"] = statistics.median(r["ort_rounds_ms"])

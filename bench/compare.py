@@ -66,6 +66,25 @@ def time_once(sess: ort.InferenceSession, feed: dict) -> float:
     return statistics.median(samples)
 
 
+def interleaved_rounds(rows: list[dict], sessions: dict, feed: dict, rounds: int, key: str = "rounds_ms",
+                       say=None) -> None:
+    """Time each row's session once per round, round-robin with the start rotated each round (load
+    drift hits every row alike); round k's time goes to r[key][k]. The benches' shared timing loop."""
+    say = say or log
+    for r in rows:
+        r.setdefault(key, [])
+    for k in range(rounds):
+        for r in rows[k % len(rows):] + rows[:k % len(rows)]:
+            r[key].append(time_once(sessions[r["name"]], feed))
+        say(f"timing round {k + 1}/{rounds}: " + ", ".join(f"{r['name']} {r[key][-1]:.2f}" for r in rows))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened, in float64."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def load_npz(path: Path) -> list[dict]:
     """One feed dict per sample ({input name: array}; EfficientNet: {"input": [1, 3, 224, 224] float32})."""
     with np.load(path) as z:
@@ -239,11 +258,7 @@ def measure_all(rows: list[dict], eval_x: np.ndarray, rounds: int) -> None:
             r["note"] += "; SAME FILE as original: its speedup is timing noise"
         r["eval_cosine"], r["eval_top1_agree"] = fidelity(sessions[r["name"]], eval_x, ref)
         r["rounds_ms"] = []
-    feed = eval_x[0]
-    for k in range(rounds):  # round-robin, start rotated each round: load drift hits every row alike
-        for r in live[k % len(live):] + live[:k % len(live)]:
-            r["rounds_ms"].append(time_once(sessions[r["name"]], feed))
-        log(f"timing round {k + 1}/{rounds}: " + ", ".join(f"{r['rounds_ms'][-1]:.2f}" for r in live))
+    interleaved_rounds(live, sessions, eval_x[0], rounds)
     base = statistics.median(rows[0]["rounds_ms"])
     for r in live:
         r["latency_ms"] = statistics.median(r["rounds_ms"])

@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from compare import cosine  # noqa: E402 - bench/ is on the path only from here
+
 MODEL = ROOT / "models" / "minilm.onnx"
 CALIB = ROOT / "models" / "minilm_calib.npz"
 EVAL = ROOT / "models" / "minilm_eval.npz"
@@ -58,11 +60,6 @@ GOAL = 0.99
 
 def log(msg: str) -> None:
     print(f"[minilm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def graphopt_models(out: Path) -> list[dict]:
@@ -114,7 +111,7 @@ def stock_dynamic(out: Path) -> dict:
 
 
 def measure_ort(rows: list[dict], eval_feeds: list[dict], rounds: int) -> None:
-    from compare import session, time_once
+    from compare import interleaved_rounds, session
 
     sessions = {r["name"]: session(r["path"]) for r in rows}
     ref = [sessions["original"].run(None, f)[0] for f in eval_feeds]
@@ -123,10 +120,7 @@ def measure_ort(rows: list[dict], eval_feeds: list[dict], rounds: int) -> None:
         r["ort_cosine"] = float(np.mean([cosine(s.run(None, f)[0], x) for f, x in zip(eval_feeds, ref)]))
         r["size_mb"] = r["path"].stat().st_size / 1e6
         r["ort_rounds_ms"] = []
-    for k in range(rounds):
-        for r in rows[k % len(rows):] + rows[:k % len(rows)]:
-            r["ort_rounds_ms"].append(time_once(sessions[r["name"]], eval_feeds[0]))
-        log(f"ort round {k + 1}/{rounds}: " + ", ".join(f"{r['ort_rounds_ms'][-1]:.2f}" for r in rows))
+    interleaved_rounds(rows, sessions, eval_feeds[0], rounds, key="ort_rounds_ms", say=log)
     base = statistics.median(rows[0]["ort_rounds_ms"])
     for r in rows:
         r["ort_ms"] = statistics.median(r["ort_rounds_ms"])
