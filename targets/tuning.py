@@ -187,6 +187,30 @@ def task_failed_trials(db, task, limit: int) -> int:
     return min(n, limit)
 
 
+def record_failed_trials(ms, db, task, target, trials: int) -> None:
+    """Make the database say that `trials` trials of the task's workload failed.
+
+    MetaSchedule commits a 1e10 s record for a trial that fails to run, but nothing when every
+    sampled schedule is rejected before it is built (on cuda: over the GPU's thread or shared-memory
+    limits; 16 of EfficientNet-Lite0's 47 workloads at 2-4 trials). Without a record such a workload
+    looks new at every compile and is tuned again (~75 s a compile here). The records added carry the
+    workload's unscheduled trace and 1e10 s: get_top_k never returns them, so no build applies them;
+    task_failed_trials counts them, so the next compile with this budget skips the workload."""
+    missing = trials - task_failed_trials(db, task, trials)
+    if missing <= 0:
+        return
+    from tvm.s_tir import Schedule
+
+    mod = task.dispatched[0]
+    workload = db.commit_workload(mod)
+    trace = Schedule(mod).trace
+    (func,) = mod.functions.values()  # a task's workload is one PrimFunc
+    args = ms.arg_info.ArgInfo.from_prim_func(func)
+    for _ in range(missing):
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, run_secs=[1e10], target=target,
+                                                         args_info=args))
+
+
 def retry_failed() -> bool:
     """$GRAPHOPT_MS_RETRY_FAILED=1: tune again the workloads whose earlier trials all failed."""
     return os.environ.get("GRAPHOPT_MS_RETRY_FAILED", "") not in ("", "0")
@@ -287,6 +311,7 @@ def _tune_and_build(
         for t in chunk:
             if task_best_seconds(db, t) is None:
                 failed.append(t.task_name)
+                record_failed_trials(ms, db, t, target, int(trials_per_task))
             else:
                 stats.workloads_tuned += 1
         i += len(chunk)
