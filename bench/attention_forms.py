@@ -28,7 +28,6 @@ Output: stdout, <out>/attention_forms.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -212,10 +211,9 @@ def main() -> int:
               f"embedding cosine with the original under onnxruntime. Total {time.perf_counter() - t_start:.0f} s.")
     md = f"{header}\n\n{table(rows, args.tvm)}\n"
     print(md)
-    (args.out / "attention_forms.md").write_text(md)
-    raw = {"header": header, "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
-    (args.out / "attention_forms.json").write_text(json.dumps(raw, indent=2))
-    log(f"wrote {args.out / 'attention_forms.md'}")
+    from compare import write_results
+
+    write_results(args.out, "attention_forms", md, rows, say=log, header=header)
     return 0
 
 

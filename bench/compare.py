@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -77,6 +78,18 @@ def interleaved_rounds(rows: list[dict], sessions: dict, feed: dict, rounds: int
         for r in rows[k % len(rows):] + rows[:k % len(rows)]:
             r[key].append(time_once(sessions[r["name"]], feed))
         say(f"timing round {k + 1}/{rounds}: " + ", ".join(f"{r['name']} {r[key][-1]:.2f}" for r in rows))
+
+
+def write_results(out: Path, stem: str, md: str, rows: list[dict], say=None, **extra) -> None:
+    """<out>/<stem>.md and <out>/<stem>.json ({**extra, "rows": rows}, paths as strings), each written
+    atomically (a temporary file renamed into place). The benches' shared output step."""
+    say = say or log
+    raw = dict(extra, rows=[{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows])
+    for path, text in ((out / f"{stem}.md", md), (out / f"{stem}.json", json.dumps(raw, indent=2))):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    say(f"wrote {out / stem}.md and {out / stem}.json")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -340,11 +353,7 @@ def main() -> None:
           f"candidate, not interleaved; index i = graphopt candidate id i+1)\n\n{curves_table(curves)}\n")
     print(md)
     stem = "compare" if args.model == "efficientnet" else f"compare_{args.model}"
-    (out / f"{stem}.md").write_text(md)
-    raw = {"header": header, "total_s": total, "curves": curves,
-           "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
-    (out / f"{stem}.json").write_text(json.dumps(raw, indent=2))
-    log(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
+    write_results(out, stem, md, rows, header=header, total_s=total, curves=curves)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ Output: stdout, <out>/minilm.md and <out>/minilm.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -50,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare import cosine  # noqa: E402 - bench/ is on the path only from here
+from compare import cosine, write_results  # noqa: E402 - bench/ is on the path only from here
 
 MODEL = ROOT / "models" / "minilm.onnx"
 CALIB = ROOT / "models" / "minilm_calib.npz"
@@ -246,10 +245,7 @@ def main() -> int:
                  f"database {args.db}") + f". Total {total:.0f} s.")
     md = f"{header}\n\n{table(rows, not args.no_tvm)}\n\n{verdict(rows)}\n"
     print(md)
-    (args.out / "minilm.md").write_text(md)
-    raw = {"header": header, "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
-    (args.out / "minilm.json").write_text(json.dumps(raw, indent=2))
-    log(f"wrote {args.out / 'minilm.md'}")
+    write_results(args.out, "minilm", md, rows, say=log, header=header)
     return 0
 
 
