@@ -192,8 +192,8 @@ def record_failed_trials(ms, db, task, target, trials: int) -> None:
 
     MetaSchedule commits a 1e10 s record for a trial that fails to run, but nothing when every
     sampled schedule is rejected before it is built (on cuda: over the GPU's thread or shared-memory
-    limits; 16 of EfficientNet-Lite0's 47 workloads at 2-4 trials). Without a record such a workload
-    looks new at every compile and is tuned again (51-89 s a compile here). The records added carry the
+    limits; 16 of EfficientNet-Lite0's 47 workloads at 2 trials). Without a record such a workload
+    looks new at every compile and is tuned again (27-89 s a compile here). The records added carry the
     workload's unscheduled trace and 1e10 s: get_top_k never returns them, so no build applies them;
     task_failed_trials counts them, so the next compile with this budget skips the workload."""
     missing = trials - task_failed_trials(db, task, trials)

@@ -164,7 +164,7 @@ def test_workload_tuning_left_without_any_record_is_not_tuned_again(tmp_path, mo
     """MetaSchedule records a trial that fails to run (1e10 s), but a task whose sampled schedules are
     all rejected before they are built (on cuda: schedules over the GPU's thread or shared-memory
     limits) leaves no record at all. Such a workload looked new at every compile and was tuned again:
-    16 of EfficientNet-Lite0's 47 cuda workloads, 51-89 s per compile on this machine (likely also
+    16 of EfficientNet-Lite0's 47 cuda workloads, 27-89 s per compile on this machine (likely also
     why a rerun on an H200 was slow). Here the tuner is stubbed to leave nothing behind; the next compile with the same budget must
     skip those workloads, and the build with the database must still run (TVM's default schedules)."""
     from graphopt.targets import tvm_common as tc
