@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 from typing import Any, Sequence
 
@@ -22,6 +23,7 @@ exit codes:
        for the target); report.json says why
   4    target unreachable (RPC tracker/server, GPU)
   130  interrupted (Ctrl-C): the run store and a report of what was done are kept
+  143  terminated (SIGTERM: timeout, docker stop, systemd, CI): the same as Ctrl-C
 """
 
 RUN_EXAMPLES = """\
@@ -174,8 +176,21 @@ def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return dict(parse_shape(s) for s in items)
 
 
+def _pass_names(text: str) -> list[str]:
+    """'conv_bn, depthwise' -> ['conv_bn', 'depthwise']; '' -> [] (the original only); ',,' is an error."""
+    if not text.strip():
+        return []
+    names = [p.strip() for p in text.split(",")]
+    if not all(names):
+        raise UsageError(f"--passes {text!r}: an empty pass name; give comma-separated names, e.g. "
+                         "--passes conv_bn,depthwise (`graphopt list passes`)")
+    return names
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .driver import Budget, RunConfig, run_search
+    from .errors import EXIT_INTERRUPTED
+    from .rundir import EXIT_TERMINATED, TerminateAsInterrupt, cap_threads
 
     target_options = _parse_kv(args.target_opt, "--target-opt")
     if args.threads is not None:
@@ -190,21 +205,29 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{flag}: target {args.target!r} does not tune; it applies to the TVM targets "
                                  "(x86, rpi4, cuda)")
             target_options[key] = value
-    cfg = RunConfig(model=args.model, target=args.target, passes=[p for p in args.passes.split(",") if p.strip()],
+    cap_threads(args.target, target_options)  # at the CPUs this machine has, for a target measured here
+    cfg = RunConfig(model=args.model, target=args.target, passes=_pass_names(args.passes),
                     strategy=args.strategy, budget=Budget.parse(args.budget), data=args.data, metric=args.metric,
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
                     pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
                     jobs=args.jobs, compile_workers=args.compile_workers)
-    result = run_search(cfg)
+    with TerminateAsInterrupt() as term:  # SIGTERM: stop, keep the store, write the report (like Ctrl-C)
+        try:
+            result = run_search(cfg)
+        except KeyboardInterrupt:
+            if not term.received:
+                raise
+            sys.stderr.write("graphopt: terminated (SIGTERM)\n")
+            return EXIT_TERMINATED
     rep = result.report
     if args.json:
         json.dump(rep, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         print(summary(rep))
-    return result.exit_code
+    return EXIT_TERMINATED if term.received and result.exit_code == EXIT_INTERRUPTED else result.exit_code
 
 
 def summary(rep: dict[str, Any]) -> str:
@@ -220,7 +243,9 @@ def summary(rep: dict[str, Any]) -> str:
         lines.append(f"original: {base['status']}: {base.get('error')}")
     if best:
         what = "the original model" if best["is_original"] else f"{len(best['moves'])} moves"
-        lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, speedup x{rep['speedup']:.3f}, "
+        speedup = f"speedup x{rep['speedup']:.3f}" if rep.get("speedup") is not None else \
+            "speedup unknown (the original was not measured)"
+        lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, {speedup}, "
                      f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
     conf = rep.get("confirmed")
@@ -312,6 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("graphopt: interrupted\n")
         return EXIT_INTERRUPTED
+    except sqlite3.DatabaseError as e:  # a run store found broken after it was opened (truncated mid-file)
+        from .rundir import is_corrupt
+
+        if not is_corrupt(e):
+            if debug:
+                raise
+            sys.stderr.write(f"graphopt: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+                             "traceback)\n")
+            return EXIT_INTERNAL
+        if debug:
+            logging.getLogger("graphopt").exception("error")
+        sys.stderr.write(f"graphopt: error: the run store is not readable ({e}); move runs.sqlite away "
+                         "(the run starts over) or choose another --out\n")
+        return EXIT_USAGE
     except BrokenPipeError:  # `graphopt run ... --json | head`
         return 0
     except Exception as e:  # a bug: one line unless --debug

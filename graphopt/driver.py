@@ -95,6 +95,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.metric not in METRICS:
             raise UsageError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"--seed {self.seed}: must be a whole number >= 0")
         if not (0.0 <= self.min_fidelity <= 1.0) or math.isnan(self.min_fidelity):
             raise UsageError(f"--min-fidelity {self.min_fidelity}: must be between 0 and 1")
         for flag, v in (("--max-size-mb", self.max_size_mb), ("--max-latency-ms", self.max_latency_ms)):
@@ -204,19 +206,23 @@ class Search:
 
     # -------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from .outputs import prepare_out_dir
+        from . import rundir
 
         cfg = self.cfg
         if not log.isEnabledFor(logging.DEBUG):  # onnxruntime's optimizer warnings are noise to a user
             import onnxruntime
 
             onnxruntime.set_default_logger_severity(3)
-        self.out = prepare_out_dir(cfg.out)
+        # inputs are checked before --out is created or locked; an input is never a file a run writes
+        rundir.check_inputs_not_outputs(cfg.out, {"model": cfg.model, "--data": cfg.data})
         t0 = time.monotonic()
         self.base = load_model(cfg.model, cfg.shapes)
+        if cfg.data is None:  # the memory a --shape implies, before allocating it
+            rundir.check_synthetic_memory(self.base.inputs, cfg.synthetic_samples, self.base.proto, cfg.shapes)
         self.data: CalibrationData = (load_data(cfg.data, self.base.inputs) if cfg.data is not None
                                       else synthetic_data(self.base.inputs, self.base.proto,
                                                           samples=cfg.synthetic_samples, seed=cfg.seed))
+        rundir.check_finite(self.data.arrays, f"--data {cfg.data}")
         self.passes: dict[str, Pass] = {name: PASSES.create(name) for name in cfg.passes}
         base_graph = self.base.graph()
         sites = []
@@ -232,6 +238,7 @@ class Search:
                 "(--target-opt tracker=HOST:PORT --target-opt key=NAME, several devices under that key)")
         if cfg.compile_workers > 1:
             self._check_compile_workers()
+        self.out, self._lock, self._out_created = rundir.open_out_dir(cfg.out)  # created, locked, cleaned
         self.store = RunStore.in_dir(self.out)
         target_desc = self.target.describe()
         self.resumed = self.store.check_identity({
@@ -247,7 +254,8 @@ class Search:
                                        "metric": cfg.metric, "min_fidelity": cfg.min_fidelity,
                                        "data": str(Path(cfg.data).resolve()) if cfg.data else None,
                                        "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps,
-                                       "seed": cfg.seed, "synthetic_samples": cfg.synthetic_samples})
+                                       "seed": cfg.seed, "synthetic_samples": cfg.synthetic_samples,
+                                       "graphopt_version": _graphopt_version()})
         # Passes that fit weights to data (repair) get one half of the calibration samples and
         # fidelity is measured on the other half, so it is never judged on the data it was fit to.
         fit_data, self.fidelity_data = split_calibration(self.data, self.passes, cfg.pass_options,
@@ -498,6 +506,21 @@ class Search:
         return self.cfg.budget.seconds - (time.monotonic() - self.t_start)
 
     def run(self) -> SearchResult:
+        """The run, holding the lock on --out from setup to the last file written."""
+        try:
+            return self._run()
+        finally:
+            lock = getattr(self, "_lock", None)
+            if getattr(self, "workdir", None) is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            if lock is not None:
+                if getattr(self, "_out_created", False) and not hasattr(self, "store"):
+                    from .rundir import remove_if_only_lock
+
+                    remove_if_only_lock(self.out)
+                lock.release()
+
+    def _run(self) -> SearchResult:
         from .report import build_report, write_outputs
 
         self.setup()
@@ -823,6 +846,12 @@ def run_search(config: RunConfig) -> SearchResult:
 def _one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:500]
+
+
+def _graphopt_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _stable(obj: Any) -> str:

@@ -112,13 +112,15 @@ def synthetic_data(inputs: list[InputSpec], model: "onnx.ModelProto", samples: i
     out = {}
     for spec in inputs:
         shape = (samples, *spec.shape)
-        if np.issubdtype(spec.dtype, np.floating):
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        if np.issubdtype(spec.dtype, np.floating):  # drawn in the model's dtype: no float64 copy of a big input
+            draw = spec.dtype if spec.dtype in (np.float32, np.float64) else np.float32
+            out[spec.name] = rng.standard_normal(shape, dtype=draw).astype(spec.dtype, copy=False)
         elif spec.dtype == np.bool_:
             out[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         elif np.issubdtype(spec.dtype, np.integer):
             hi = bounds.get(spec.name, 2)
-            out[spec.name] = rng.integers(0, hi, size=shape).astype(spec.dtype)
+            draw = spec.dtype if np.iinfo(spec.dtype).max >= hi else np.int64
+            out[spec.name] = rng.integers(0, hi, size=shape, dtype=draw).astype(spec.dtype, copy=False)
         else:
             raise ModelError(f"input {spec.name!r} has dtype {spec.dtype}, which graphopt cannot synthesize; "
                              "pass real inputs with --data")

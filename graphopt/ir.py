@@ -142,7 +142,10 @@ def _symbolic_shapes(proto: "onnx.ModelProto", notes: list[str]) -> "onnx.ModelP
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        from .rundir import in_temp_cwd
+
+        with in_temp_cwd():  # when incomplete, it saves sym_shape_infer_temp.onnx into the current directory
+            out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         return out if out is not None else proto
     except Exception as e:
         notes.append(f"symbolic shape inference failed: {_first_line(e)}; some shapes stay unknown")

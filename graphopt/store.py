@@ -70,11 +70,21 @@ class Record:
 class RunStore:
     FILENAME = "runs.sqlite"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, readonly: bool = False):
+        from .rundir import check_run_store_tables, check_store_file, connect_read_only, store_error
+
         self.path = Path(path)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None)  # autocommit
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            if readonly:  # `graphopt runs/export/report`: never create tables or switch a file to WAL
+                self.db = connect_read_only(self.path)
+                check_run_store_tables(self.db, self.path)
+                return
+            check_store_file(self.path)  # a truncated or foreign database is refused, not written into
+            self.db = sqlite3.connect(str(self.path), isolation_level=None)  # autocommit
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise store_error(self.path, e) from None
 
     @classmethod
     def in_dir(cls, out_dir: str | Path) -> "RunStore":
