@@ -62,6 +62,11 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # a filesystem without flock
+                log.warning("--out %s: this filesystem cannot lock files (%s); a second run on this folder at the "
+                            "same time would not be refused", self.out, e.strerror)
+                self.fd = fd
+                return self
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise UsageError(f"--out {self.out}: cannot lock {self.path.name} ({e.strerror}); "

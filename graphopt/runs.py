@@ -107,8 +107,10 @@ def _check_same_inputs(out_dir: str | Path, candidate: int, cfg: dict[str, Any],
             raise UsageError(f"--data {cfg['data']} changed since the run (its contents differ from the data "
                              f"candidate {candidate} was fit and measured with); restore that file, or run graphopt "
                              "again on the new data")
-        raise UsageError(f"the synthetic inputs graphopt {__version__} draws differ from those of the run (graphopt "
-                         f"{cfg.get('graphopt_version', 'older')}); export with that version, or run graphopt again")
+        ran = cfg.get("graphopt_version")
+        raise UsageError(f"the synthetic inputs this graphopt ({__version__}) draws differ from those the run used "
+                         f"({'graphopt ' + ran if ran and ran != __version__ else 'an earlier graphopt'}); export with "
+                         "that graphopt, or run graphopt again")
     import json as _json
 
     old_opts = ident.get("id.move_options")
