@@ -330,8 +330,9 @@ def _(env, row):
 @case("--passes 'conv_bn, depthwise'", 0)
 def _(env, row):
     env.snapshot()
-    res = env.graphopt(*run_args(env, "--passes", "conv_bn, depthwise", "--json", budget=1))
-    row.checks["both passes used"] = json.loads(res.stdout)["search"]["passes"] == ["conv_bn", "depthwise"]
+    res = env.graphopt(*run_args(env, "--passes", "conv_bn, depthwise", budget=1))
+    rep = json.loads((env.out / "report.json").read_text())
+    row.checks["both passes used"] = rep["search"]["passes"] == ["conv_bn", "depthwise"]
     return res
 
 
@@ -381,7 +382,7 @@ for _kind in ("foreign", "empty"):
         res = env.graphopt("runs", env.out)
         row.checks["no -wal/-shm"] = sorted(p.name for p in env.out.iterdir()) == ["runs.sqlite"]
         return res
-    case(f"graphopt runs on a {_kind} runs.sqlite", 2)(_foreign)
+    case(f"graphopt runs on {'a foreign' if _kind == 'foreign' else 'an empty'} runs.sqlite", 2)(_foreign)
 
 
 def _incomplete(env: Env) -> None:
