@@ -174,6 +174,9 @@ def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> Non
         if name not in names:
             raise UsageError(f"--shape names input {name!r}, but the model's inputs are {names}")
     for vi in real_inputs:
+        if vi.type.WhichOneof("value") != "tensor_type":  # nothing to give a shape to: say so
+            raise ModelError(f"input {vi.name!r} is {type_str(vi.type)}, not a tensor: graphopt optimizes models "
+                             "whose inputs are tensors; export the model with tensor inputs")
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             if vi.name not in shapes:
@@ -183,7 +186,8 @@ def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> Non
                 tt.shape.dim.add().dim_value = d
             continue
         dims = tt.shape.dim
-        cur = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+        # a declared 0 is a static (empty) dimension, as onnxruntime reads it: ReduceSum's empty `axes`
+        cur = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims)
         want = shapes.get(vi.name)
         if want is not None:
             if len(want) != len(cur):
@@ -200,6 +204,27 @@ def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> Non
             example = "x".join(str(c) if c is not None else "N" for c in cur)
             raise ModelError(f"input {vi.name!r} has a dynamic shape ({_fmt(cur, dims)}); graphopt compiles "
                              f"for static shapes: pass --shape {vi.name}={example} with N filled in")
+
+
+def type_str(tp) -> str:
+    """An ONNX TypeProto as text: 'a sequence (seq(tensor(float)))', 'an optional (optional(...))'."""
+    def txt(t) -> str:
+        kind = t.WhichOneof("value")
+        if kind == "tensor_type":
+            import onnx
+
+            return f"tensor({onnx.helper.tensor_dtype_to_string(t.tensor_type.elem_type).split('.')[-1].lower()})"
+        if kind == "sequence_type":
+            return f"seq({txt(t.sequence_type.elem_type)})"
+        if kind == "optional_type":
+            return f"optional({txt(t.optional_type.elem_type)})"
+        if kind == "map_type":
+            return f"map({t.map_type.key_type}, {txt(t.map_type.value_type)})"
+        return kind or "untyped"
+
+    kind = {"sequence_type": "a sequence", "optional_type": "an optional", "map_type": "a map",
+            "sparse_tensor_type": "a sparse tensor"}.get(tp.WhichOneof("value"), "a value")
+    return f"{kind} ({txt(tp)})"
 
 
 def _fmt(cur, dims) -> str:
@@ -285,7 +310,7 @@ def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
         import onnx
         import onnx_graphsurgeon as gs
 
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(_shape_slices_explicit(model))
         graph.fold_constants().cleanup().toposort()
         folded = gs.export_onnx(graph)
         folded.ir_version = model.ir_version
@@ -295,6 +320,62 @@ def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
         return folded
     except Exception:  # noqa: BLE001 - folding is an optimisation of the import, not required
         return model
+
+
+def _shape_slices_explicit(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """A copy with every Shape(x, start=, end=) written as Slice(Shape(x), [start], [end], [0]).
+
+    onnx-graphsurgeon 0.6's shape folding ignores Shape's start/end attributes (opset 15): it folds
+    Shape(x, start=1) of a [2, 3, 4] tensor to [2, 3, 4], not [3, 4], and folds a Gather or
+    Slice of it from the wrong dimensions. The model then gives wrong results silently, or fails
+    in onnxruntime when the wrongly sized shape reaches a Slice or Reshape (ONNX conformance:
+    test_shape_start_*, test_group_normalization_*_expanded, test_causal_conv_with_state_*).
+    Slice clamps start/end to [0, rank] (after adding rank to negatives) exactly as Shape does,
+    and graphsurgeon folds a Shape -> Slice chain correctly. Subgraphs are rewritten too."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def has_sliced_shape(graph) -> bool:
+        for n in graph.node:
+            if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and any(a.name in ("start", "end") for a in n.attribute):
+                return True
+            if any(has_sliced_shape(g) for a in n.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))):
+                return True
+        return False
+
+    if not has_sliced_shape(model.graph):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    counter = [0]
+
+    def rewrite(graph) -> None:
+        nodes = []
+        for n in graph.node:
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else list(a.graphs)):
+                    rewrite(g)
+            attrs = {a.name: a.i for a in n.attribute}
+            if n.op_type != "Shape" or n.domain not in ("", "ai.onnx") or not ({"start", "end"} & attrs.keys()):
+                nodes.append(n)
+                continue
+            counter[0] += 1
+            base = f"{n.output[0]}__graphopt_shape_slice{counter[0]}"
+            full = n.__class__()
+            full.CopyFrom(n)
+            del full.attribute[:]
+            full.output[0] = base + "_full"
+            consts = []
+            for what, value in (("starts", attrs.get("start", 0)), ("ends", attrs.get("end", 2**63 - 1)), ("axes", 0)):
+                consts.append(helper.make_node("Constant", [], [f"{base}_{what}"], name=f"{base}_{what}",
+                                               value=numpy_helper.from_array(np.array([value], np.int64))))
+            nodes += [full, *consts, helper.make_node("Slice", [full.output[0]] + [c.output[0] for c in consts],
+                                                      [n.output[0]], name=(n.name or base) + "_slice")]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    rewrite(out.graph)
+    return out
 
 
 def _plain_pad_values(model: "onnx.ModelProto") -> "onnx.ModelProto":
@@ -352,7 +433,80 @@ def _plain_pad_values(model: "onnx.ModelProto") -> "onnx.ModelProto":
 def import_graph(proto: "onnx.ModelProto") -> "gs.Graph":
     import onnx_graphsurgeon as gs
 
-    return gs.import_onnx(proto)
+    graph = gs.import_onnx(proto)
+    _keep_non_tensor_types(proto.graph, graph, graph)
+    return graph
+
+
+def _subgraphs(node_proto):
+    for a in node_proto.attribute:
+        if a.HasField("g"):
+            yield a.name, a.g
+
+
+def _keep_non_tensor_types(gp, graph, top) -> None:
+    """What onnx-graphsurgeon's IR drops, kept for export_graph: the full type of every value
+    that is not a plain tensor (optional(seq(tensor)), optional(tensor), map: graphsurgeon
+    keeps only an element type, and its exporter crashes on an optional output with
+    UnboundLocalError), and TYPE_PROTO attributes (Optional's `type`, which it skips). Without
+    them `If` branches returning an Optional cannot be exported (ONNX conformance: test_if_opt).
+    Walks subgraphs; graphsurgeon imports nodes in proto order."""
+    types = top.__dict__.setdefault("_graphopt_value_types", {})
+    for vi in list(gp.input) + list(gp.output) + list(gp.value_info):
+        if vi.type.WhichOneof("value") not in ("tensor_type", None):
+            types[vi.name] = vi.type
+    if len(gp.node) != len(graph.nodes):
+        return
+    for pn, gn in zip(gp.node, graph.nodes):
+        for a in pn.attribute:
+            if a.type == a.TYPE_PROTO and a.name not in gn.attrs:
+                gn.attrs[a.name] = a.tp
+        for name, sub in _subgraphs(pn):
+            if name in gn.attrs and hasattr(gn.attrs[name], "nodes"):
+                _keep_non_tensor_types(sub, gn.attrs[name], top)
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            if hasattr(v, "nodes") and hasattr(v, "inputs"):
+                yield from _graphs(v)
+
+
+def _gs_export(graph: "gs.Graph") -> "onnx.ModelProto":
+    """gs.export_onnx, with the non-tensor value types import_graph kept put back."""
+    import onnx_graphsurgeon as gs
+
+    types = graph.__dict__.get("_graphopt_value_types", {})
+    hidden = []  # values graphsurgeon cannot write a type for: exported untyped, typed afterwards
+    for g in _graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Variable) and t.dtype is not None and (
+                    t.name in types or getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type")):
+                hidden.append((t, t.dtype))
+                t.dtype = None
+    try:
+        model = gs.export_onnx(graph, do_type_check=not hidden)
+    finally:
+        for t, dtype in hidden:
+            t.dtype = dtype
+    if types or hidden:
+        _restore_types(model.graph, types)
+    return model
+
+
+def _restore_types(gp, types) -> None:
+    for vi in list(gp.input) + list(gp.output) + list(gp.value_info):
+        if vi.name in types:
+            vi.type.CopyFrom(types[vi.name])
+    keep = [vi for vi in gp.value_info if vi.type.WhichOneof("value") is not None]
+    if len(keep) != len(gp.value_info):
+        del gp.value_info[:]
+        gp.value_info.extend(keep)
+    for node in gp.node:
+        for _, sub in _subgraphs(node):
+            _restore_types(sub, types)
 
 
 def export_graph(graph: "gs.Graph") -> "onnx.ModelProto":
@@ -364,7 +518,7 @@ def export_graph(graph: "gs.Graph") -> "onnx.ModelProto":
     import onnx_graphsurgeon as gs
 
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph)
+    model = _gs_export(graph)
     have = {o.domain for o in model.opset_import}
     for node in model.graph.node:  # a pass that emits a contrib op needs its domain declared
         if node.domain not in have and node.domain not in ("", "ai.onnx"):
