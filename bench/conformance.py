@@ -109,6 +109,49 @@ def write_case(case, dest: Path) -> Path:
     return d
 
 
+def write_model_cases(dest: Path) -> list[Path]:
+    """onnx's model test cases: the "simple" ones (multi-node graphs written in Python) and the
+    nine "light" CNNs the wheel ships (bvlc_alexnet ... zfnet512: real architectures, IR 3 /
+    opset <= 8, weights made by ConstantOfShape; the input is onnx's dummy data, arange/n, and
+    the expected output ships with the model). Each case dir holds its tolerances."""
+    import shutil
+
+    import onnx
+    import onnx.backend.test.case.model as model_cases
+
+    dest = Path(dest)
+    dirs = []
+    for case in model_cases.collect_testcases():
+        if case.kind == "simple":
+            d = write_case(case, dest)
+        elif case.url and case.url.startswith("onnx/backend/test/data/light/"):
+            src = Path(onnx.__file__).parent.parent / case.url
+            model = onnx.load(str(src))
+            d = dest / case.name
+            ds = d / "test_data_set_0"
+            ds.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, d / "model.onnx")
+            inits = {i.name for i in model.graph.initializer}
+            for j, vi in enumerate(i for i in model.graph.input if i.name not in inits):
+                shape = [dd.dim_value if dd.HasField("dim_value") else 1 for dd in vi.type.tensor_type.shape.dim]
+                n = int(np.prod(shape))
+                x = (np.arange(n).reshape(shape) / n).astype(np.float32)  # Runner.generate_dummy_data
+                (ds / f"input_{j}.pb").write_bytes(numpy_helper_from_array(x, vi.name))
+            for j in range(len(model.graph.output)):
+                shutil.copy(src.with_name(f"{src.stem}_output_{j}.pb"), ds / f"output_{j}.pb")
+        else:
+            continue
+        (d / "tolerance.json").write_text(json.dumps({"rtol": case.rtol, "atol": case.atol}))
+        dirs.append(d)
+    return dirs
+
+
+def numpy_helper_from_array(x: np.ndarray, name: str) -> bytes:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(x, name).SerializeToString()
+
+
 def generate(dest: Path, modules: list[str] | None = None, names: list[str] | None = None) -> list[Path]:
     """Regenerate cases into dest (the whole suite when modules and names are None)."""
     dest = Path(dest)
@@ -122,13 +165,15 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "graphopt" / "conformance" / f"onnx-{onnx.__version__}"
 
 
-def ensure_suite(dest: Path, regenerate: bool = True) -> list[Path]:
+def ensure_suite(dest: Path, regenerate: bool = True, models: bool = False) -> list[Path]:
     """The whole suite under dest, regenerated unless a previous run completed it (or, with
-    regenerate=False, taken as it is: a folder in the standard layout made elsewhere)."""
+    regenerate=False, taken as it is: a folder in the standard layout made elsewhere).
+    models=True: onnx's model cases instead of its node cases."""
     done = dest / ".complete"
     if regenerate and not done.exists():
         t0 = time.perf_counter()
-        dirs = generate(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        dirs = write_model_cases(dest) if models else generate(dest)
         done.write_text(f"{len(dirs)}\n")
         print(f"regenerated {len(dirs)} cases into {dest} in {time.perf_counter() - t0:.1f} s", flush=True)
     return sorted(p.parent for p in dest.glob("*/model.onnx"))
@@ -176,6 +221,14 @@ def load_case(case_dir: Path):
     return model, inputs, expected
 
 
+def tolerance(case_dir: Path) -> tuple[float, float]:
+    p = Path(case_dir) / "tolerance.json"
+    if p.exists():
+        t = json.loads(p.read_text())
+        return float(t["rtol"]), float(t["atol"])
+    return RTOL, ATOL
+
+
 def _session(model):
     import onnxruntime as ort
 
@@ -193,25 +246,25 @@ def run_ort(model, inputs: dict) -> list:
     return sess.run(names, feed)
 
 
-def mismatch(expected: list, got: list) -> str | None:
-    """None when every output matches (dtype, shape, values within RTOL/ATOL; NaN == NaN)."""
+def mismatch(expected: list, got: list, rtol: float = RTOL, atol: float = ATOL) -> str | None:
+    """None when every output matches (dtype, shape, values within rtol/atol; NaN == NaN)."""
     if len(expected) != len(got):
         return f"{len(got)} outputs, expected {len(expected)}"
     for j, (e, g) in enumerate(zip(expected, got)):
-        why = _mismatch_value(e, g)
+        why = _mismatch_value(e, g, rtol, atol)
         if why:
             return f"output {j}: {why}"
     return None
 
 
-def _mismatch_value(e, g) -> str | None:
+def _mismatch_value(e, g, rtol: float = RTOL, atol: float = ATOL) -> str | None:
     if e is None or g is None:
         return None if e is None and g is None else f"got {type(g).__name__}, expected {type(e).__name__}"
     if isinstance(e, list):
         if not isinstance(g, list) or len(g) != len(e):
             return f"got {type(g).__name__} of {len(g) if isinstance(g, list) else '?'}, expected list of {len(e)}"
         for k, (a, b) in enumerate(zip(e, g)):
-            why = _mismatch_value(a, b)
+            why = _mismatch_value(a, b, rtol, atol)
             if why:
                 return f"item {k}: {why}"
         return None
@@ -229,7 +282,7 @@ def _mismatch_value(e, g) -> str | None:
         ef, gf = e.astype(np.float64), g.astype(np.float64)
     except (TypeError, ValueError):
         return None if e.tobytes() == g.tobytes() else "values differ (bytes)"
-    ok = np.isclose(gf, ef, rtol=RTOL, atol=ATOL, equal_nan=True)
+    ok = np.isclose(gf, ef, rtol=rtol, atol=atol, equal_nan=True)
     if ok.all():
         return None
     bad = int((~ok).sum())
@@ -250,11 +303,12 @@ def round_trip(case_dir: Path) -> tuple[str, str]:
     from graphopt.ir import export_graph, import_graph, load_proto
 
     model, inputs, expected = load_case(case_dir)
+    rtol, atol = tolerance(case_dir)
     try:
         ref = run_ort(model, inputs)
     except Exception as e:  # noqa: BLE001 - every failure is a value here
         return "ort_fails", first_line(e)
-    why = mismatch(expected, ref)
+    why = mismatch(expected, ref, rtol, atol)
     if why:
         return "ort_wrong", why
     try:
@@ -274,7 +328,7 @@ def round_trip(case_dir: Path) -> tuple[str, str]:
         got = run_ort(out, inputs)
     except Exception as e:  # noqa: BLE001
         return "run_fails", first_line(e)
-    why = mismatch(expected, got)
+    why = mismatch(expected, got, rtol, atol)
     if why:
         return "wrong", why
     if not _identical(ref, got):  # within tolerance, yet the round trip changed some bits
@@ -352,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="regex: run only the cases whose name matches")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "conformance.json")
     ap.add_argument("--list-refused", action="store_true", help="also print every refused case's reason")
+    ap.add_argument("--models", action="store_true",
+                    help="onnx's model cases instead of its node cases: 22 simple multi-node graphs and 9 light "
+                         "CNNs (IR 3; folding their ConstantOfShape weights takes minutes and GBs: vgg19's fc6 is 392 MiB)")
     args = ap.parse_args(argv)
     from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -360,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
 
     onnxruntime.set_default_logger_severity(4)  # failures are values in the table, not log lines
 
-    dest = args.cache or cache_dir()
+    dest = args.cache or (cache_dir().with_name(cache_dir().name + "-models") if args.models else cache_dir())
     # a folder given with --cache that already holds cases (e.g. onnx's own test data) is read as it is
-    dirs = ensure_suite(dest, regenerate=not (args.cache and any(dest.glob("*/model.onnx"))))
+    dirs = ensure_suite(dest, regenerate=not (args.cache and any(dest.glob("*/model.onnx"))), models=args.models)
     if args.only:
         rx = re.compile(args.only)
         dirs = [d for d in dirs if rx.search(d.name)]

@@ -317,7 +317,7 @@ def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
         del folded.opset_import[:]
         folded.opset_import.extend(model.opset_import)
         onnx.shape_inference.infer_shapes(folded, check_type=True, strict_mode=True)
-        return folded
+        return _initializers_as_inputs(folded)
     except Exception:  # noqa: BLE001 - folding is an optimisation of the import, not required
         return model
 
@@ -527,7 +527,24 @@ def export_graph(graph: "gs.Graph") -> "onnx.ModelProto":
     # value_info of edited tensors may be stale (a pruned conv keeps its old shape): infer anew.
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    model = _initializers_as_inputs(model)
     onnx.checker.check_model(model)
+    return model
+
+
+def _initializers_as_inputs(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """IR version < 4 requires every initializer to be a graph input too; graphsurgeon's export
+    (and folding, which makes new initializers) lists only the real inputs, so every model
+    exported before ONNX 1.3 (IR 3: opset <= 8, e.g. the onnx test suite's resnet50 and
+    squeezenet) failed onnx.checker: "w in initializer but not in graph input". Edits in place."""
+    from onnx import helper
+
+    if model.ir_version >= 4:
+        return model
+    listed = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.name not in listed:
+            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return model
 
 

@@ -190,3 +190,31 @@ def test_sequence_input_is_refused_with_its_type():
                                          r"graphopt optimizes models whose inputs are tensors; export the model with "
                                          r"tensor inputs$"):
         load_proto(model)
+
+
+def test_ir3_model_keeps_its_initializers_as_inputs():
+    """IR 3 (opset <= 8, ONNX < 1.3) requires every initializer to be a graph input; the export
+    listed only the real inputs, so every such model failed onnx.checker after the round trip
+    (the onnx test suite's light resnet50, squeezenet, ... all did). Folding makes a new one."""
+    nodes = [helper.make_node("Mul", ["b", "two"], ["bias"]),  # a constant subgraph: folded to a new initializer
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "bias"], ["y"])]
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5]),
+                                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
+                                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 1, 1]),
+                                           helper.make_tensor_value_info("two", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [w, numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(4, 1, 1), "b"),
+                               numpy_helper.from_array(np.array(2, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    loaded = load_proto(model)
+    onnx.checker.check_model(loaded.proto)
+    assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "Add"]  # Mul folded
+    assert [i.name for i in loaded.inputs] == ["x"]
+    out = _round_trip(model)
+    assert out.ir_version == 3
+    x = np.random.default_rng(1).standard_normal((1, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(_run(out, {"x": x})[0], _run(model, {"x": x})[0])
