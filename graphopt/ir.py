@@ -308,11 +308,10 @@ def fold_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
     model = _plain_pad_values(normalize_constants(model))
     try:
         import onnx
-        import onnx_graphsurgeon as gs
 
-        graph = gs.import_onnx(_shape_slices_explicit(model))
+        graph = import_graph(_shape_slices_explicit(model))
         graph.fold_constants().cleanup().toposort()
-        folded = gs.export_onnx(graph)
+        folded = _gs_export(graph)
         folded.ir_version = model.ir_version
         del folded.opset_import[:]
         folded.opset_import.extend(model.opset_import)
