@@ -224,3 +224,20 @@ def test_ir3_model_keeps_its_initializers_as_inputs():
     assert out.ir_version == 3
     x = np.random.default_rng(1).standard_normal((1, 3, 5, 5)).astype(np.float32)
     np.testing.assert_array_equal(_run(out, {"x": x})[0], _run(model, {"x": x})[0])
+
+
+def test_incomplete_symbolic_shape_inference_writes_nothing(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference saves ./sym_shape_infer_temp.onnx (+ the weights as
+    a uuid-named .data file) whenever it cannot infer every shape; loading a model must not write
+    into the user's working directory (the conformance --models run left 1.1 GB of them before
+    rundir.in_temp_cwd)."""
+    monkeypatch.chdir(tmp_path)
+    nodes = [helper.make_node("Add", ["x", "w"], ["r"]),
+             helper.make_node("Mystery", ["r"], ["y"], domain="example.com")]  # no shape inference for it
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+                              [numpy_helper.from_array(np.ones((2, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.com", 1)])
+    loaded = load_proto(model, check_runtime=False)
+    assert any("symbolic shape inference failed" in n for n in loaded.notes)
+    assert list(tmp_path.iterdir()) == []
