@@ -301,11 +301,14 @@ def _remote_args(inputs: Sequence[Any], dev) -> list:
 
 def measure_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], number: int | None = None,
                    repeat: int = 5, warmup: int = 1, device: str = "cpu",
-                   min_repeat_ms: float = 20.0, info: dict[str, Any] | None = None) -> tuple[list[float], int]:
+                   min_repeat_ms: float = 20.0, info: dict[str, Any] | None = None,
+                   outputs: list | None = None) -> tuple[list[float], int]:
     """Upload `lib_path` (.so, or .tar which the device links itself), load it in a Relax VM on
     the remote `device` and time main: (per-repeat mean milliseconds, runs per repeat).
     `number` None: chosen from the warm-up runs so that a repeat lasts about min_repeat_ms.
-    `info`, when given, receives what the device says about itself ("threads")."""
+    `info`, when given, receives what the device says about itself ("threads").
+    `outputs`, when given, receives the outputs of one run before timing (numpy, graph order)."""
+    from graphopt.targets import tvm_common as tc
 
     def work(sess):
         if info is not None:
@@ -313,6 +316,8 @@ def measure_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], 
                 info["threads"] = int(sess.get_function("runtime.NumThreads")())
         vm, dev = _load_remote(sess, Path(lib_path), device)
         args = _remote_args(inputs, dev)
+        if outputs is not None:
+            outputs[:] = tc._to_numpy(vm["main"](*args))
         n = number
         warm = vm.time_evaluator("main", dev, number=1, repeat=max(1, int(warmup)))(*args)
         if n is None:

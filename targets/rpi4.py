@@ -4,9 +4,20 @@ Latency comes from one of two places, and the report says which:
   - a real Pi through TVM RPC (Measurement.method = "rpc"): `--target-opt tracker=HOST:PORT
     --target-opt key=NAME` (or `server=HOST:PORT`, or $GRAPHOPT_RPC_TRACKER/_KEY/_SERVER); on the Pi:
     `python -m tvm.exec.rpc_server --tracker HOST:PORT --key NAME`;
-  - with `--target-opt estimate=1` and no device, a cost model of the Cortex-A72 (COST_MODEL below;
-    Measurement.method = "estimated": no code ran).
+  - with `--target-opt estimate=1`, a cost model of the Cortex-A72 (COST_MODEL below;
+    Measurement.method = "estimated": no device timed it).
 With neither, the target refuses to start (TargetUnreachable, exit 4) instead of pretending.
+
+Whenever a device is given, each candidate's outputs from one run on the device are compared with
+onnxruntime's on this host for the same graph and inputs (Measurement.extra["device_check"]); a
+mismatch fails the candidate. `--target-opt check=0` turns this off, `check_tol=T` sets the
+tolerance (max |device - onnxruntime| / max(1, max |onnxruntime|); default 1e-3, 5e-2 for QDQ graphs,
+which onnxruntime runs in int8 and TVM in float).
+
+An emulated Pi (tests/emulated_pi.py: QEMU's Cortex-A72 model) says so on the device
+(`graphopt.emulated`). Its timings are an x86 host translating aarch64 code, not a Pi's latency, so
+the target refuses to time on it; with `estimate=1` the cost model ranks the candidates and the
+emulator runs each one's aarch64 code to check its outputs ("estimate ranks, the device checks").
 
 The deployable artifact is `model.so` (linked for aarch64 by a cross compiler: Debian's
 aarch64-linux-gnu-g++/gcc on PATH, else the `ziglang` PyPI package's `zig cc`) or, without one,
@@ -34,7 +45,7 @@ from typing import Any
 from graphopt.errors import CompileError, TargetUnreachable, UsageError
 from graphopt.plugin import Artifact, LatencyStats, Measurement
 
-from . import rpc
+from . import device_check, rpc
 from . import tvm_common as tc
 from .x86 import X86Target
 
@@ -218,7 +229,9 @@ RUN_ON_PI = '''\
 
     pip install apache-tvm==0.27.0.post1   # on the Pi (aarch64 wheel); only the runtime is used
     TVM_NUM_THREADS=4 TVM_USE_RUNTIME_LIB=1 python3 run_on_pi.py
+    ... python3 run_on_pi.py inputs.npz outputs.npz   # your inputs (by input name); outputs saved
 {tar_note}"""
+import sys
 import time
 
 import numpy as np
@@ -230,11 +243,42 @@ INPUTS = {inputs!r}  # name -> (shape, dtype), in call order
 lib = tvm.runtime.load_module("{lib}")
 dev = tvm.cpu()
 vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal(s).astype(d), dev) for s, d in INPUTS.values()]
+if len(sys.argv) > 1:
+    data = np.load(sys.argv[1])
+    arrays = [np.ascontiguousarray(data[n], dtype=d) for n, (s, d) in INPUTS.items()]
+else:
+    arrays = [np.random.default_rng(0).standard_normal(s).astype(d) for s, d in INPUTS.values()]
+args = [tvm.runtime.tensor(a, dev) for a in arrays]
 out = vm["main"](*args)
+
+
+def flat(v):
+    return [v.numpy()] if hasattr(v, "numpy") else [a for x in v for a in flat(x)]
+
+
+if len(sys.argv) > 2:
+    np.savez(sys.argv[2], *flat(out))
+    print("outputs saved to %s" % sys.argv[2])
 t = vm.time_evaluator("main", dev, number=10, repeat=5)(*args)
 print("median %.3f ms" % (t.median * 1e3))
 '''
+
+
+def _flag(value: Any, what: str) -> bool:
+    v = str(value).strip().lower()
+    if v not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise UsageError(f"rpi4 {what}={value!r}: use {what}=1 or {what}=0")
+    return v in ("1", "true", "yes", "on")
+
+
+def _tolerance(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = -1.0
+    if not 0 < v < 1e3:
+        raise UsageError(f"rpi4 check_tol={value!r}: expected a positive number, e.g. check_tol=1e-3")
+    return v
 
 
 class Rpi4Target(X86Target):
@@ -242,7 +286,8 @@ class Rpi4Target(X86Target):
     description = ("Raspberry Pi 4 (aarch64 Cortex-A72, 4 cores) via TVM, cross-compiled; measured over TVM RPC, "
                    "or estimated by a cost model with estimate=1.")
 
-    def __init__(self, threads: int | None = None, estimate: Any = False, cc: str = "auto", **options: Any) -> None:
+    def __init__(self, threads: int | None = None, estimate: Any = False, cc: str = "auto", check: Any = True,
+                 check_tol: Any = None, **options: Any) -> None:
         for bad in ("mcpu", "mattr"):
             if bad in options:
                 raise UsageError(f"rpi4 target: {bad} is fixed ({MCPU}, {list(MATTR)}); use the x86 target "
@@ -254,6 +299,10 @@ class Rpi4Target(X86Target):
             raise UsageError(f"rpi4 estimate={estimate!r}: use estimate=1 (a cost model) or estimate=0")
         self.cc_choice = str(cc)
         self._cc: str | None | bool = False  # False: not looked up yet
+        self.device_check = _flag(check, "check")
+        self.check_tol = None if check_tol in (None, "") else _tolerance(check_tol)
+        self.options.update(check=check, check_tol=check_tol)
+        self.emulated: str | None = None  # what an emulated device said about itself (check())
 
     def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:
         return rpc.RpcConfig.from_options(rpc_options, env=os.environ)
@@ -279,6 +328,12 @@ class Rpi4Target(X86Target):
         tc.require_tvm(self.name)
         if self.rpc_config is not None:
             rpc.check_reachable(self.rpc_config)
+            self.emulated = device_check.emulated(self.rpc_config)
+            if self.emulated and not self.estimate:
+                raise UsageError(
+                    f"rpi4: the device under {self.rpc_config.where()} is an emulator ({self.emulated}); its timings "
+                    f"are not a Pi's latencies: add --target-opt estimate=1 (the cost model ranks the candidates, "
+                    f"the emulator runs each one and checks its outputs against onnxruntime)")
         elif not self.estimate:
             raise TargetUnreachable(
                 "rpi4 needs a Raspberry Pi to measure on: give a TVM RPC tracker (--target-opt tracker=HOST:PORT "
@@ -303,7 +358,16 @@ class Rpi4Target(X86Target):
         if self.rpc_config is not None:
             d.update(self._rpc_describe())
             d["device"] = f"Raspberry Pi 4 over TVM RPC ({d['device']})"
-        else:
+            if self.emulated:
+                d["device"] = f"emulated Raspberry Pi 4 over TVM RPC ({self.emulated})"
+            if self.device_check:
+                d["device_check"] = device_check.HOW
+        if self.estimate:
+            d["measured"] = "estimated by a Cortex-A72 cost model (no device timed any code)"
+            if self.rpc_config is not None and self.device_check:
+                d["measured"] += f"; each candidate's outputs checked on {self.rpc_config.where()}"
+            d["cost_model"] = {**COST_MODEL, "efficiency": EFFICIENCY, "default_efficiency": DEFAULT_EFFICIENCY}
+        elif self.rpc_config is None:
             d["measured"] = "estimated by a Cortex-A72 cost model (no device ran any code)"
             d["cost_model"] = {**COST_MODEL, "efficiency": EFFICIENCY, "default_efficiency": DEFAULT_EFFICIENCY}
         return d
@@ -319,14 +383,16 @@ class Rpi4Target(X86Target):
     # ----------------------------------------------------------------------------- compile
     def compile(self, model, workdir: Path) -> Artifact:
         art = super().compile(model, workdir)
-        if self.rpc_config is None:
+        if self.rpc_config is None or self.estimate:
             ms, detail = estimate_ms(model, self.threads)
             art.info["estimate_ms"] = ms
             art.info["estimate"] = detail
+        if self.rpc_config is not None and self.device_check:
+            art.info["reference_onnx"] = str(device_check.save_reference(model, Path(workdir)))
         return art
 
     def _lower(self, mod, workdir: Path):
-        if self.rpc_config is None:  # no device to tune on: MetaSchedule needs a runner
+        if self.rpc_config is None or self.estimate:  # no device to tune on (or ranking by the cost model)
             return tc.build(mod, self.target), {"tuned": False}
         return super()._lower(mod, workdir)
 
@@ -352,22 +418,45 @@ class Rpi4Target(X86Target):
         return super().run_once(artifact, inputs)
 
     def measure(self, artifact: Artifact, inputs) -> Measurement:
-        if self.rpc_config is not None:
+        if self.rpc_config is not None and not self.estimate:
             m = self._measure_rpc(artifact, inputs)
             m.extra["deploy"] = self.deploy_lines()
+            if "device_check" in artifact.info:
+                m.extra["device_check"] = artifact.info["device_check"]
             return m
         if "estimate_ms" not in artifact.info:
             raise TargetUnreachable("rpi4: no cost-model estimate for this artifact and no RPC device to measure on")
-        self._ordered_inputs(artifact, inputs)  # the same input checks as a real measurement
+        args = self._ordered_inputs(artifact, inputs)  # the same input checks as a real measurement
+        device = "Raspberry Pi 4 (Cortex-A72 x4) cost model: no device ran this"
+        extra = {"cost_model": "roofline per ONNX node, see graphopt.targets.rpi4.COST_MODEL",
+                 **artifact.info.get("estimate", {})}
+        if self.rpc_config is not None and self.device_check:
+            if "device_check" not in artifact.info:  # once per artifact (confirm() measures again)
+                outs = rpc.run_remote(self.rpc_config, self._remote_lib(artifact), args)
+                artifact.info["device_check"] = device_check.compare(artifact, inputs, outs, self.check_tol,
+                                                                     self.rpc_config.where(), self.emulated)
+            extra["device_check"] = artifact.info["device_check"]
+            device = (f"Raspberry Pi 4 (Cortex-A72 x4) cost model: no device timed this; its outputs were checked "
+                      f"on {self.rpc_config.where()}" + (" (an emulator)" if self.emulated else ""))
         return Measurement(
             latency=LatencyStats.from_samples([artifact.info["estimate_ms"]], runs_per_repeat=1),
             method="estimated",
             tuned=None,
             threads=self.threads,
-            device="Raspberry Pi 4 (Cortex-A72 x4) cost model: no device ran this",
-            extra={"cost_model": "roofline per ONNX node, see graphopt.targets.rpi4.COST_MODEL",
-                   **artifact.info.get("estimate", {})},
+            device=device,
+            extra=extra,
         )
+
+    def _measure_rpc(self, artifact: Artifact, inputs, outputs: list | None = None) -> Measurement:
+        """Time on the Pi; with the device check on, the same session's first run is compared
+        with onnxruntime (via rpc.measure_remote's `outputs`)."""
+        if not self.device_check or "device_check" in artifact.info:
+            return super()._measure_rpc(artifact, inputs)
+        outs: list = []
+        m = super()._measure_rpc(artifact, inputs, outputs=outs)
+        artifact.info["device_check"] = device_check.compare(artifact, inputs, outs, self.check_tol,
+                                                             self.rpc_config.where(), self.emulated)
+        return m
 
     def load_portable(self, artifact: Artifact) -> Artifact:
         """--compile-workers: the aarch64 library cannot load here; measure() uploads it (RPC) or

@@ -316,12 +316,13 @@ class X86Target(Target):
         artifact.info["rpc_lib"] = str(path)
         return path
 
-    def _measure_rpc(self, artifact: Artifact, inputs: Mapping[str, Any]) -> Measurement:
+    def _measure_rpc(self, artifact: Artifact, inputs: Mapping[str, Any], outputs: list | None = None) -> Measurement:
+        """`outputs`, when given, receives the outputs of one run on the device (rpc.measure_remote)."""
         args = self._ordered_inputs(artifact, inputs)
         lib = self._remote_lib(artifact)
         remote: dict[str, Any] = {}
         samples, number = rpc.measure_remote(self.rpc_config, lib, args, number=self.number, repeat=self.repeat,
-                                             warmup=self.warmup, info=remote)
+                                             warmup=self.warmup, info=remote, outputs=outputs)
         tuned = bool(artifact.info.get("tuned", False))
         extra: dict[str, Any] = {"mcpu": self.mcpu, "compiler": f"tvm relax {tc.tvm_version()}",
                                  "rpc": self.rpc_config.where(), "library": lib.name}
