@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= out/demo
 
-.PHONY: setup models demo demo-x86 test bench bench-passes clean
+.PHONY: setup models demo demo-x86 demo-rpi4 test bench bench-passes clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,17 @@ demo: models
 demo-x86: models
 	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target x86 --passes kernel --tune-trials 2 \
 		--data models/efficientnet_lite0_calib.npz --budget 3 --out out/demo-x86
+
+# rpi4 end to end on an emulated Raspberry Pi 4 (tests/emulated_pi.py: QEMU's Cortex-A72, the aarch64 TVM
+# runtime, a tracker on 127.0.0.1:9190; set-up ~1 min the first time). The cost model ranks the candidates;
+# the emulated Pi runs each one's aarch64 code and checks its outputs against onnxruntime (see README).
+demo-rpi4: models
+	$(PY) tests/emulated_pi.py start
+	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target rpi4 --target-opt tracker=127.0.0.1:9190 \
+		--target-opt key=rpi4 --target-opt estimate=1 --passes conv_bn --data models/efficientnet_lite0_calib.npz \
+		--budget 2 --out out/demo-rpi4; s=$$?; \
+	cd out/demo-rpi4 && ../../$(PY) ../../tests/emulated_pi.py sh 'TVM_NUM_THREADS=4 TVM_USE_RUNTIME_LIB=1 python3 run_on_pi.py'; \
+	t=$$?; cd ../.. && $(PY) tests/emulated_pi.py stop; [ $$s -eq 0 ] && [ $$t -eq 0 ]
 
 test: models
 	$(PY) -m pytest -q tests

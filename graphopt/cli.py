@@ -252,6 +252,10 @@ def summary(rep: dict[str, Any]) -> str:
     if conf:
         lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs search winner {conf['best_ms']:.3f} ms over "
                      f"{conf['rounds']} alternating rounds (x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
+    from graphopt.targets.device_check import summary_line
+
+    if summary_line(rep):
+        lines.append(summary_line(rep))
     c = rep["search"]["candidates"]
     lines.append(f"candidates: {c['tried_this_run']} this run ({c['new']} new, {c['cached']} from the store), "
                  f"{c['failed']} failed, {c['infeasible']} below --min-fidelity; {c['total_in_store']} in the store")

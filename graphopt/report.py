@@ -79,6 +79,14 @@ def moves(search: "Search", rec: "Record") -> list[dict[str, Any]]:
     return out
 
 
+def _device_check(records: list["Record"]) -> dict[str, Any]:
+    """{"device_check": ...} when a target compared device outputs with onnxruntime (rpi4), else {}."""
+    from graphopt.targets.device_check import summarize
+
+    d = summarize(records)
+    return {"device_check": d} if d else {}
+
+
 def build_report(search: "Search", records: list["Record"], best: "Record | None") -> dict[str, Any]:
     cfg = search.cfg
     base = next((r for r in records if not r.genotype), None)
@@ -131,6 +139,7 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
                    "candidates": {"total_in_store": len(records), "tried_this_run": search.counts["new"]
                                   + search.counts["cached"], **search.counts, "by_status": statuses}},
         "tuning": tuning_summary(records),
+        **_device_check(records),
         "wall_time_s": round(time.monotonic() - search.t_start, 3),
         "timings_s": {k: round(v, 3) for k, v in search.timings.items()},
         "versions": versions(),

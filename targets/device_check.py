@@ -96,3 +96,34 @@ def compare(artifact, inputs: Mapping[str, Any], device_outputs: Sequence[Any], 
                            f"something else; if the difference is expected, raise --target-opt check_tol=T or turn "
                            f"the check off with --target-opt check=0")
     return rec
+
+
+def summarize(records) -> dict[str, Any] | None:
+    """The run's device checks (report.json "device_check"): how many candidates' device outputs
+    matched onnxruntime's, the worst scaled error, and how many failed the check. None if none ran."""
+    checks = [r.measurement["extra"]["device_check"] for r in records
+              if r.measurement and isinstance(r.measurement.get("extra", {}).get("device_check"), dict)]
+    failed = [r.id for r in records if r.status == "failed" and "device check on" in (r.error or "")]
+    if not checks and not failed:
+        return None
+    out = {"checked": len(checks) + len(failed), "matched": sum(1 for c in checks if c.get("ok")),
+           "failed_candidates": failed, "worst_scaled_err": max((c["max_scaled_err"] for c in checks), default=None),
+           "tolerance": max((c["tolerance"] for c in checks), default=None),
+           "device": checks[0]["device"] if checks else None, "how": HOW}
+    if any(c.get("emulated") for c in checks):
+        out["emulated"] = next(c["emulated"] for c in checks if c.get("emulated"))
+    return out
+
+
+def summary_line(rep: dict[str, Any]) -> str | None:
+    """One line for the CLI summary, from report.json's "device_check"."""
+    d = rep.get("device_check")
+    if not d:
+        return None
+    where = d.get("device") or "the device"
+    if d["tolerance"] is None:  # every check failed
+        return f"device check: the outputs of {d['checked']} candidates differed from onnxruntime's (see their errors)"
+    emulated = " (emulated Cortex-A72)" if d.get("emulated") else ""
+    failed = f", {len(d['failed_candidates'])} failed it" if d["failed_candidates"] else ""
+    return (f"device check: {d['matched']} of {d['checked']} candidates' outputs on {where}{emulated} matched "
+            f"onnxruntime's (worst scaled error {d['worst_scaled_err']:.2g}, tolerance {d['tolerance']:g}){failed}")

@@ -5,7 +5,7 @@
     python3 tests/emulated_pi.py start            # tracker 127.0.0.1:9190 + one emulated Pi under key rpi4
     graphopt run model.onnx --target rpi4 --target-opt tracker=127.0.0.1:9190 --target-opt key=rpi4 \
         --target-opt estimate=1                   # cost model ranks, the emulated Pi checks each output
-    python3 tests/emulated_pi.py python run_on_pi.py   # any aarch64 Python command, as on a Pi
+    python3 tests/emulated_pi.py sh 'TVM_NUM_THREADS=4 TVM_USE_RUNTIME_LIB=1 python3 run_on_pi.py'  # as on a Pi
     python3 tests/emulated_pi.py stop
 
 What `setup` installs, from the package registries only (idempotent; a stamp file records what
@@ -254,10 +254,22 @@ def _wrappers(bindir: Path, sysroot: Path, qemu: str) -> None:
 
 
 def setup(cache: Path = CACHE, force: bool = False) -> dict:
-    """Install the emulated Pi under `cache` (idempotent); returns the stamp (what was installed, how long)."""
+    """Install the emulated Pi under `cache` (idempotent; one set-up at a time: a file lock);
+    returns the stamp (what was installed, how long it took)."""
+    import fcntl
+
     p = paths(cache)
     if not force and is_ready(cache):
         return json.loads(p["stamp"].read_text())
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be setting up: wait for it
+        if not force and is_ready(cache):
+            return json.loads(p["stamp"].read_text())
+        return _setup(cache, p)
+
+
+def _setup(cache: Path, p: dict[str, Path]) -> dict:
     t0 = time.monotonic()
     qemu = ensure_qemu()
     cache.mkdir(parents=True, exist_ok=True)
@@ -477,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stop", help="end every process `start` started")
     sub.add_parser("python", help="run the emulated Pi's python3 with the remaining arguments",
                    add_help=False)
+    s = sub.add_parser("sh", help="run a shell command as on the Pi (its PATH: python3, g++), e.g. "
+                       "sh 'TVM_NUM_THREADS=4 TVM_USE_RUNTIME_LIB=1 python3 run_on_pi.py'")
+    s.add_argument("command")
     a, rest = ap.parse_known_args(argv)
     try:
         if a.cmd == "setup":
@@ -489,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "python":
             setup(a.cache)
             return python(rest, a.cache).returncode
+        if a.cmd == "sh":
+            setup(a.cache)
+            return subprocess.run(["sh", "-c", a.command], env=emulated_env(a.cache)).returncode
     except SetupError as e:
         print(f"emulated_pi: error: {e}", file=sys.stderr)
         return 2
