@@ -42,6 +42,7 @@ def save_reference(model, workdir: Path) -> Path:
     import onnx
 
     path = Path(workdir) / "reference.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
 
