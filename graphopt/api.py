@@ -15,7 +15,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              target_options: Mapping[str, Any] | None = None,
              pass_options: Mapping[str, Any] | None = None, max_size_mb: float | None = None,
              max_latency_ms: float | None = None, progress: bool = False, finetune_steps: int = 0,
-             jobs: int = 1, compile_workers: int = 1) -> SearchResult:
+             jobs: int = 1, compile_workers: int = 1, search_exact: bool = False,
+             strategy_options: Mapping[str, Any] | None = None) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -25,6 +26,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     `jobs` > 1 measures that many candidates at once (`--jobs`; targets with concurrent_measure).
     `compile_workers` > 1 compiles that many candidates at once in worker processes
     (`--compile-workers`; targets with concurrent_measure and portable_artifacts).
+    `search_exact` searches each exact move per site (`--search-exact`); default one gene per pass.
+    `strategy_options` are keyword options of the strategy's constructor (`--strategy-opt K=V`).
     """
     if isinstance(passes, str):
         passes = [p for p in passes.split(",") if p]
@@ -36,5 +39,6 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         target_options=dict(target_options or {}), pass_options=dict(pass_options or {}),
         max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, progress=progress,
         finetune_steps=int(finetune_steps), jobs=jobs,
-        compile_workers=compile_workers)
+        compile_workers=compile_workers, search_exact=bool(search_exact),
+        strategy_options=dict(strategy_options or {}))
     return run_search(cfg)

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a candidate is feasible only if its ONNX size is at most MB")
     run.add_argument("--max-latency-ms", type=float, metavar="MS",
                      help="a candidate is feasible only if its median latency is at most MS")
+    run.add_argument("--search-exact", action="store_true",
+                     help="search each exact move (conv_bn, fused attention) site by site; default: one on/off gene "
+                          "per pass, since exact moves at different sites compute the same function")
     run.add_argument("--seed", type=int, default=0, help="seed for the strategy and synthetic data (default: 0)")
     run.add_argument("--out", default="graphopt-out", metavar="DIR",
                      help="output directory (default: graphopt-out); reused = resumed")
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "RPC tracker, as --jobs > 1 does, and turns on the pipelined loop even with --jobs 1")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
+    run.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="strategy option (repeatable), e.g. --strategy-opt mode=int8 (sensitivity) or "
+                          "--strategy-opt then=evolutionary")
     run.add_argument("--json", action="store_true", help="print report.json to stdout (logs stay on stderr)")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     run.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
@@ -212,7 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
                     pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
-                    jobs=args.jobs, compile_workers=args.compile_workers)
+                    jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
+                    strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"))
     with TerminateAsInterrupt() as term:  # SIGTERM: stop, keep the store, write the report (like Ctrl-C)
         try:
             result = run_search(cfg)

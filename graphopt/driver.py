@@ -91,6 +91,8 @@ class RunConfig:
     finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.finetune; needs torch)
     jobs: int = 1  # candidates measured at once (> 1: remote devices only; see Search._run_pipelined)
     compile_workers: int = 1  # > 1: compiles in that many worker processes (graphopt.compile_pool)
+    search_exact: bool = False  # True: one gene per exact site (conv_bn, fused attention); else one per pass
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # --strategy-opt: the strategy's keyword options
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -126,15 +128,16 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
 
     Returns (model, applied) where applied maps site key -> "applied" | "did not apply".
     """
+    from .exact import expand
+
     graph = base.graph()  # a fresh import is a private clone
-    order = {s.key: i for i, s in enumerate(space.sites)}
-    genes = sorted(genotype.items(), key=lambda kv: (passes[space.site(kv[0]).pass_name].stage, order[kv[0]]))
+    # a group gene (one for a pass's exact moves, graphopt.exact) expands to its sites' moves
+    genes = sorted(expand(space, genotype), key=lambda m: passes[m[0].pass_name].stage)  # stable: space order
     applied = {}
     moves: dict[str, list] = {}  # pass name -> its applied (site, choice) pairs, for Pass.finalize
-    for key, choice in genes:
-        site = space.site(key)
+    for site, choice, key in genes:
         ok = passes[site.pass_name].apply(graph, site, choice, ctx)
-        applied[key] = "applied" if ok else "did not apply"
+        applied[key] = "applied" if ok or applied.get(key) == "applied" else "did not apply"
         if ok:
             moves.setdefault(site.pass_name, []).append((site, choice))
     model = export_graph(graph)
@@ -225,10 +228,9 @@ class Search:
         rundir.check_finite(self.data.arrays, f"--data {cfg.data}")
         self.passes: dict[str, Pass] = {name: PASSES.create(name) for name in cfg.passes}
         base_graph = self.base.graph()
-        sites = []
-        for name, p in self.passes.items():
-            sites.extend(p.sites(base_graph))
-        self.space = SearchSpace(sites)
+        from .exact import build_space  # exact moves: one gene per pass unless --search-exact
+
+        self.space = build_space({name: p.sites(base_graph) for name, p in self.passes.items()}, cfg.search_exact)
         self.target: Target = TARGETS.create(cfg.target, **cfg.target_options)
         self.target.check()
         if cfg.jobs > 1 and not self.target.concurrent_measure:
@@ -255,7 +257,7 @@ class Search:
                                        "data": str(Path(cfg.data).resolve()) if cfg.data else None,
                                        "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps,
                                        "seed": cfg.seed, "synthetic_samples": cfg.synthetic_samples,
-                                       "graphopt_version": _graphopt_version()})
+                                       "graphopt_version": _graphopt_version(), "search_exact": cfg.search_exact})
         # Passes that fit weights to data (repair) get one half of the calibration samples and
         # fidelity is measured on the other half, so it is never judged on the data it was fit to.
         fit_data, self.fidelity_data = split_calibration(self.data, self.passes, cfg.pass_options,
@@ -263,13 +265,15 @@ class Search:
         self.fit_samples = fit_data.num_samples if fit_data is not self.data else 0
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
         self.ctx = move_context(self.base, fit_data, cfg.pass_options, cfg.finetune_steps, cfg.seed)
-        self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed)
+        try:
+            self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed, **cfg.strategy_options)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--strategy-opt for strategy {cfg.strategy!r}: {_one_line(e)}") from None
         # A resumed run replays the store: the strategy learns what was measured and the
         # budget counts those candidates as done.
-        known = [(r.genotype, self._score(r)) for r in self.store.records()
-                 if r.genotype and all(k in self.space for k in r.genotype)]
+        known = [r for r in self.store.records() if r.genotype and all(k in self.space for k in r.genotype)]
         if known:
-            self.strategy.tell(known)
+            self._tell(known)
         self.counts["from_store"] = len(known)
         self.workdir = Path(tempfile.mkdtemp(prefix="work-", dir=self.out))
         self.timings["load"] = time.monotonic() - t0
@@ -295,6 +299,16 @@ class Search:
         from .compile_pool import class_path
 
         self._target_class = class_path(type(target))
+
+    def _tell(self, recs: list[Record]) -> None:
+        """Tell the strategy: score, latency and fidelity of each record (plugin.Result)."""
+        from .plugin import Result, tell_strategy
+
+        base = getattr(self, "baseline", None) or self.store.get(Genotype())
+        base_ms = base.latency_ms if base is not None and base.status == "ok" else None
+        base_fid = base.fidelity if base is not None else None
+        tell_strategy(self.strategy, [Result(r.genotype, self._score(r), r.status, r.latency_ms, r.fidelity, base_ms,
+                                             self.cfg.min_fidelity, base_fid) for r in recs])
 
     def _score(self, rec: Record) -> float:
         """Latency if the record meets every constraint, else inf. Judged anew on each run, so a
@@ -558,7 +572,7 @@ class Search:
                 if not cached:
                     durations.append(time.monotonic() - t_cand)
                 done += 1
-                self.strategy.tell([(rec.genotype, self._score(rec))])
+                self._tell([rec])
                 self._progress(done, rec, cached)
         except KeyboardInterrupt:
             self.stopped_because = "interrupted"
@@ -805,7 +819,7 @@ class Search:
 
     def _told(self, rec: Record, cached: bool) -> None:
         self._done += 1
-        self.strategy.tell([(rec.genotype, self._score(rec))])
+        self._tell([rec])
         self._progress(self._done, rec, cached)
 
     def _progress(self, i: int, rec: Record, cached: bool) -> None:

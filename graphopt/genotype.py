@@ -95,6 +95,9 @@ class SearchSpace:
     """All sites of all enabled passes on the base model; computed once per run."""
 
     sites: list[Site] = field(default_factory=list)
+    # group gene key -> its members' (per-site Site, choice): one gene for a pass's exact moves
+    # (graphopt.exact; materialize expands it)
+    groups: dict[str, tuple[tuple[Site, Choice], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_key = {}

@@ -8,7 +8,7 @@ point in the third party's own package:
     [project.entry-points."graphopt.strategies"] bayes   = "my_pkg.bayes:Bayes"
 
 House rules: passes never measure, targets never choose moves, strategies see only genotypes
-and float scores. Failure is a value: raise (or return False from Pass.apply) and the driver
+and numbers (a float score; through tell_results also the latency and fidelity behind it). Failure is a value: raise (or return False from Pass.apply) and the driver
 records the message against the candidate.
 """
 
@@ -216,6 +216,31 @@ class Target:
 
 
 # ----------------------------------------------------------------------------------- strategies
+@dataclass(frozen=True)
+class Result:
+    """What the driver tells a strategy about one candidate (Strategy.tell_results): its score,
+    and the latency and fidelity behind it, so a strategy can weigh speed against quality.
+    Still no graphs and no devices: numbers only.
+
+    `status`: "ok" (measured), "infeasible" (failed a constraint; a candidate below
+    --min-fidelity is never compiled, so its latency is None) or "failed" (an error).
+    `fidelity`: the quality the constraint judges (the run's metric vs the original on the
+    selection data; 1.0 = identical outputs), None when the candidate failed before it.
+    `baseline_ms`: the original's latency on the target in this run (None until measured).
+    `baseline_fidelity`: the original's own score on the same metric (1.0 for output similarity;
+    its task score for a task metric), so quality lost = baseline_fidelity - fidelity.
+    """
+
+    genotype: Genotype
+    score: float
+    status: str = "ok"
+    latency_ms: float | None = None
+    fidelity: float | None = None
+    baseline_ms: float | None = None
+    min_fidelity: float | None = None
+    baseline_fidelity: float | None = None
+
+
 class Strategy:
     """Ask/tell search over genotypes. Lower score is better (latency in ms; inf = infeasible).
 
@@ -249,3 +274,17 @@ class Strategy:
 
     def tell(self, scored: Sequence[tuple[Genotype, float]]) -> None:
         pass
+
+    def tell_results(self, results: Sequence[Result]) -> None:
+        """The driver's entry point: results with latency and fidelity apart. Default: tell() the
+        (genotype, score) pairs, so a strategy that only wants scores overrides tell() alone."""
+        self.tell([(r.genotype, r.score) for r in results])
+
+
+def tell_strategy(strategy: Any, results: Sequence[Result]) -> None:
+    """Tell a strategy its results: tell_results() where it has one, else tell() (a strategy that
+    does not derive from Strategy)."""
+    if hasattr(strategy, "tell_results"):
+        strategy.tell_results(results)
+    else:
+        strategy.tell([(r.genotype, r.score) for r in results])

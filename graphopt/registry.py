@@ -65,6 +65,7 @@ class Registry:
 PASSES = Registry("pass", "graphopt.passes", {
     "attention": "graphopt.passes.attention:AttentionFusion",
     "conv_bn": "graphopt.passes.conv_bn:ConvBnFusion",
+    "depth": "graphopt.passes.depth:DepthRemoval",
     "depthwise": "graphopt.passes.depthwise:DepthwiseSeparable",
     "int8": "graphopt.passes.int8:Int8Quantize",
     "kernel": "graphopt.passes.kernel:KernelResize",
@@ -80,6 +81,7 @@ STRATEGIES = Registry("strategy", "graphopt.strategies", {
     "evolutionary": "graphopt.search.evolutionary:EvolutionarySearch",
     "grid": "graphopt.search.grid:GridSearch",
     "random": "graphopt.search.random:RandomSearch",
+    "sensitivity": "graphopt.search.sensitivity:SensitivitySearch",
 })
 
 REGISTRIES = {"passes": PASSES, "targets": TARGETS, "strategies": STRATEGIES}

@@ -78,7 +78,10 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
                          f"{candidate}: restore the model the run used, or run graphopt again")
     passes = {n: PASSES.create(n) for n in cfg["passes"]}
     graph = base.graph()
-    space = SearchSpace([s for p in passes.values() for s in p.sites(graph)])
+    from .exact import build_space
+
+    # runs stored before search_exact existed searched exact moves per site
+    space = build_space({n: p.sites(graph) for n, p in passes.items()}, bool(cfg.get("search_exact", True)))
     from .driver import move_context, split_calibration
     from .evaluate import load_data, synthetic_data
 

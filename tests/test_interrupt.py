@@ -21,7 +21,7 @@ def test_sigint_keeps_store_and_writes_report(tmp_path):
     out = tmp_path / "o"
     # slow measurements (many repeats) so the run is still going when the signal arrives
     proc = subprocess.Popen([sys.executable, "-m", "graphopt", "run", str(p), "--target", "ort", "--budget", "50",
-                             "--target-opt", "repeat=2000", "--out", str(out), "--json"], cwd=ROOT,
+                             "--search-exact", "--target-opt", "repeat=2000", "--out", str(out), "--json"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # a test run started in the background (`make test &`) inherits SIGINT as
                             # ignored, and Python then installs no KeyboardInterrupt handler: restore it
@@ -55,8 +55,8 @@ def test_sigint_keeps_store_and_writes_report(tmp_path):
     onnx.checker.check_model(onnx.load(out / "best.onnx"))
     # resuming continues: nothing already stored is measured again. rows = the original + k candidates;
     # --budget k+1 asks for exactly one more.
-    res = subprocess.run([sys.executable, "-m", "graphopt", "run", str(p), "--target", "ort", "--budget",
-                          str(len(rows)), "--out", str(out), "--json"], cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "graphopt", "run", str(p), "--target", "ort", "--search-exact",
+                          "--budget", str(len(rows)), "--out", str(out), "--json"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     r2 = json.loads(res.stdout)

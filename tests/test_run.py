@@ -26,7 +26,8 @@ def _ort(model_path, x):
 def test_run_writes_best_report_and_store(convbn_path, tmp_path):
     sha = file_sha(convbn_path)
     out = tmp_path / "out"
-    res = run_cli("run", convbn_path, "--target", "ort", "--passes", "conv_bn", "--budget", "4", "--out", out, "--json")
+    res = run_cli("run", convbn_path, "--target", "ort", "--passes", "conv_bn", "--search-exact", "--budget", "4", "--out",
+                  out, "--json")
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)  # stdout is only the report
     assert REPORT_KEYS <= set(rep)
@@ -72,11 +73,11 @@ def test_run_writes_best_report_and_store(convbn_path, tmp_path):
 
 def test_resume_does_not_measure_again(convbn_path, tmp_path):
     out = tmp_path / "out"
-    first = run_cli("run", convbn_path, "--target", "ort", "--budget", "2", "--out", out, "--json")
+    first = run_cli("run", convbn_path, "--target", "ort", "--search-exact", "--budget", "2", "--out", out, "--json")
     assert first.returncode == 0, first.stderr
     r1 = json.loads(first.stdout)
     assert r1["search"]["candidates"]["new"] == 3  # original + 2
-    second = run_cli("run", convbn_path, "--target", "ort", "--budget", "3", "--out", out, "--json")
+    second = run_cli("run", convbn_path, "--target", "ort", "--search-exact", "--budget", "3", "--out", out, "--json")
     assert second.returncode == 0, second.stderr
     r2 = json.loads(second.stdout)
     assert r2["search"]["resumed"] is True
@@ -113,7 +114,7 @@ def test_infeasible_candidates_are_not_compiled(convbn_path, tmp_path):
 
     TARGETS.register("counting", Counting)
     try:
-        res = optimize(convbn_path, "counting", budget=3, out=tmp_path / "o", min_fidelity=1.0)
+        res = optimize(convbn_path, "counting", budget=3, out=tmp_path / "o", min_fidelity=1.0, search_exact=True)
     finally:
         TARGETS.unregister("counting")
     infeasible = [r for r in res.records if r.status == "infeasible"]
@@ -200,7 +201,7 @@ def test_progress_bar_on_a_terminal(convbn_path, tmp_path, monkeypatch):
 
     err = Tty()
     monkeypatch.setattr(sys, "stderr", err)
-    optimize(convbn_path, "ort", budget=3, out=tmp_path / "o", progress=True)
+    optimize(convbn_path, "ort", budget=3, out=tmp_path / "o", progress=True, search_exact=True)
     text = err.getvalue()
     assert "graphopt: 100%" in text and "3/3" in text and "best " in text and "fid " in text
 
@@ -224,7 +225,7 @@ def test_time_budget_honoured_with_slow_compiles(convbn_path, tmp_path):
         p = tmp_path / "m.onnx"
         onnx.save(conv_bn_model(blocks=6), p)  # 6 sites: enough candidates to outlast the budget
         t0 = _time.monotonic()
-        res = optimize(p, "slow", budget="3s", out=tmp_path / "o", target_options={"repeat": 3})
+        res = optimize(p, "slow", budget="3s", out=tmp_path / "o", target_options={"repeat": 3}, search_exact=True)
         wall = _time.monotonic() - t0
     finally:
         TARGETS.unregister("slow")

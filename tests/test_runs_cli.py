@@ -17,7 +17,7 @@ def _out(s, x):
 
 def test_runs_export_report(convbn_path, tmp_path):
     out = tmp_path / "o"
-    assert run_cli("run", convbn_path, "--target", "ort", "--budget", "3", "--out", out).returncode == 0
+    assert run_cli("run", convbn_path, "--target", "ort", "--search-exact", "--budget", "3", "--out", out).returncode == 0
     res = run_cli("runs", out, "--sort", "id", "--json")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
