@@ -22,6 +22,12 @@ of its node names). `rejections()` says why near misses are not sites: inputs of
 shapes, neither input computed from the other, a branch tensor read outside the block (side
 outputs), a post-LN unit that is not part of a whole layer.
 
+Repair (ctx.options["repair"], on by default, needs ctx.calibration): the layers that read the
+removed block's output and are a Conv (group 1) or a constant-weight MatMul are refit by least
+squares (graphopt.repair) so that, fed x, they reproduce what they computed from x + f(x) in the
+original model. A reader of another kind (the next block's skip Add, a LayerNorm) is not changed,
+so the repair is partial where the output also feeds a skip.
+
 apply() matches the block again from its anchor node, so it still applies after an exact
 fusion rewrote nodes inside the branch (conv_bn runs first, stage 10); later passes' sites inside
 a removed block no longer apply (stage 15: before attention, width, kernel, int8).
@@ -254,6 +260,7 @@ class DepthRemoval(Pass):
     name = "depth"
     description = "remove a residual block (x + f(x) -> x) or a whole post-LN transformer encoder layer"
     stage = 15  # after exact fusions (conv_bn), before the passes that act inside blocks
+    uses_calibration = True  # the optional least-squares repair of the layers that read the block
 
     def sites(self, graph: "gs.Graph") -> list[Site]:
         blocks, _ = _blocks(graph)
@@ -276,7 +283,9 @@ class DepthRemoval(Pass):
             _residual(graph, anchor) if anchor.op == "Add" else "anchor changed"
         if isinstance(m, str):
             return False
-        _bypass(graph, m)
+        readers = _bypass(graph, m)
+        if ctx.options.get("repair", True) and ctx.calibration:
+            _repair(graph, ctx, m.skip.name, m.anchor.outputs[0].name if m.anchor.outputs else None, readers)
         return True
 
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
@@ -293,9 +302,68 @@ def _bypass(graph, b: _Block) -> None:
     if any(t is out for t in graph.outputs):
         b.anchor.outputs = []
         graph.nodes.append(gs.Node("Identity", name=f"{b.anchor.name}/depth_removed", inputs=[x], outputs=[out]))
-        return
-    for reader in list(out.outputs):
+        return []
+    readers = list(out.outputs)
+    for reader in readers:
         for i, t in enumerate(reader.inputs):
             if t is out:
                 reader.inputs[i] = x
     b.anchor.outputs = []
+    return readers
+
+
+def _repair(graph, ctx: MoveContext, x_name: str, _out_name, readers) -> int:
+    """Least-squares repair of the layers that read the removed block's output: each reader that
+    is a Conv (group 1) or a MatMul with a constant weight, still holding the original model's
+    weight, is refit so that, fed the block's input x, it reproduces what it computed from the
+    block's output in the original model (activations on the fit data; bias refit too for a
+    Conv). Readers of other kinds (the next block's skip Add, a LayerNorm) are left as they are.
+    Returns the number of layers refit."""
+    import onnx_graphsurgeon as gs
+    from onnx import numpy_helper
+
+    from graphopt.repair import activations, base_tensor_names, refit_conv, refit_linear
+
+    from ._graph import _fresh_name, _input
+
+    act = activations(ctx)
+    names = base_tensor_names(ctx)
+    if act is None or x_name not in names:
+        return 0
+    inits = ctx.cache.get("depth_base_inits")
+    if inits is None:
+        inits = ctx.cache["depth_base_inits"] = {t.name: t for t in ctx.base_model.graph.initializer}
+    taken = {t.name for t in graph.tensors().values()}
+    done = 0
+    for n in readers:
+        if n.op not in ("Conv", "MatMul") or len(n.inputs) < 2 or not isinstance(n.inputs[1], gs.Constant):
+            continue
+        if n.inputs[0].name != x_name or not n.outputs or n.outputs[0].name not in names:
+            continue
+        if n.op == "Conv" and int(n.attrs.get("group", 1) or 1) != 1:
+            continue
+        w0 = np.asarray(n.inputs[1].values)
+        orig = inits.get(n.inputs[1].name)
+        if orig is None or not np.array_equal(numpy_helper.to_array(orig), w0) or w0.ndim not in (2, 4):
+            continue  # an earlier move changed this layer: the original's activations no longer describe it
+        a = act.get([x_name, n.outputs[0].name])
+        feats, target = a[x_name], a[n.outputs[0].name]
+        if n.op == "Conv":
+            b0 = _const(_input(n, 2))
+            w, b = refit_conv(feats, target, w0, n.attrs, b0=b0, intercept=True)
+        else:
+            if w0.ndim != 2:
+                continue
+            w, b = refit_linear(feats.reshape(-1, feats.shape[-1]), target.reshape(-1, target.shape[-1]),
+                                w0.T).T, None
+        base = n.name.strip("/").replace("/", "_") or n.op
+        n.inputs[1] = gs.Constant(_fresh_name(taken, f"{base}_weight_depth_refit"),
+                                  np.ascontiguousarray(w.astype(w0.dtype)))
+        if b is not None:
+            bias = gs.Constant(_fresh_name(taken, f"{base}_bias_depth_refit"), np.ascontiguousarray(b.astype(w0.dtype)))
+            if _input(n, 2) is not None:
+                n.inputs[2] = bias
+            else:
+                n.inputs.append(bias)
+        done += 1
+    return done

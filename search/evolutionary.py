@@ -12,7 +12,9 @@ undone. A child already proposed or told is mutated again; if that keeps collidi
 sparse random genotype is proposed instead; [] once the space is exhausted.
 
 Prior (spaces may have hundreds of sites, so genotypes are never sampled densely): the
-initial population is the all-exact genotype (when the space has exact moves), then
+initial population is the `start` genotypes when given (option start=[{site: choice}, ...],
+e.g. `--strategy-opt 'start=[{"depth:/blk/Add": "remove"}]'` or a sensitivity run's result), then
+the all-exact genotype (when the space has exact moves), then
 single-gene mutants of the original (largest sites first), then sparse random genotypes of
 1 to 4 genes. Proposals come from the prior while the population plus the proposals still
 unscored hold fewer than P genotypes.
@@ -44,7 +46,8 @@ class EvolutionarySearch(Strategy):
     description = "regularized (aging) evolution: tournament, mutation of 1-3 genes, crossover; sparse prior"
 
     def __init__(self, space: SearchSpace, seed: int = 0, population: int = 16, sample: int = 4,
-                 crossover: float = 0.3, max_mutations: int = 3, prior_genes: int = 4, **options: Any) -> None:
+                 crossover: float = 0.3, max_mutations: int = 3, prior_genes: int = 4,
+                 start: Sequence[Any] | None = None, **options: Any) -> None:
         super().__init__(space, seed, **options)
         if population < 1 or sample < 1:
             raise ValueError("evolutionary: population and sample must be at least 1")
@@ -55,6 +58,7 @@ class EvolutionarySearch(Strategy):
         self.crossover_p = float(crossover)
         self.max_mutations = max(1, int(max_mutations))
         self.prior_genes = max(1, int(prior_genes))
+        self._start = [self._parse_start(g) for g in (start or [])]
         self.population: deque[tuple[Genotype, float]] = deque()
         self.seen: set[Genotype] = {Genotype()}  # the original is the driver's baseline
         self.pending: set[Genotype] = set()  # proposed, not yet scored
@@ -67,7 +71,7 @@ class EvolutionarySearch(Strategy):
     # ----------------------------------------------------------------------------- prior
     def _build_prior(self) -> list[Genotype]:
         rng = _random.Random(f"evolutionary/prior/{self.seed}")
-        out: list[Genotype] = []
+        out: list[Genotype] = list(self._start)  # option start: e.g. the sensitivity strategy's result
         exact = self.space.exact_genotype()
         if len(exact):
             out.append(exact)
@@ -87,6 +91,17 @@ class EvolutionarySearch(Strategy):
             if g not in uniq and len(g):
                 uniq.append(g)
         return uniq
+
+    def _parse_start(self, g: Any) -> Genotype:
+        """A start genotype: a Genotype, a {site: choice} dict or its JSON text; checked against the space."""
+        import json
+
+        if isinstance(g, str):
+            g = json.loads(g)
+        try:
+            return self.space.genotype(dict(g))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"evolutionary: start genotype {g!r}: {e}") from None
 
     def _sparse(self, rng: _random.Random) -> Genotype:
         k = rng.randint(1, min(self.prior_genes, len(self._sites)))

@@ -226,3 +226,23 @@ def test_bundled_models(name, count, kind):
     assert applied == {site.key: "applied"}
     before, after = _flops(base.proto), _flops(model)
     assert 0.5 * site.cost < before - after < 1.5 * site.cost + 0.02 * before, (before, after, site.cost)
+
+
+def test_repair_refits_the_layer_that_reads_the_removed_block():
+    """With calibration data, /b2/conv1 (reads the removed block's output) is refit to compute from
+    x what it computed from x + f(x): its output u1r gets closer to the original's on new inputs."""
+    loaded = load_proto(resnet(seed=3))
+    passes = {"depth": DepthRemoval()}
+    space = SearchSpace(DepthRemoval().sites(loaded.graph()))
+    g = Genotype({"depth:/b1/add": "remove"})
+    calib = np.random.default_rng(7).normal(0, 1, (16, 1, 3, 8, 8)).astype(np.float32)
+    err = {}
+    for repair in (False, True):
+        model, _ = materialize(loaded, space, g, passes, MoveContext(loaded.proto, {"x": calib}, {"repair": repair}))
+        onnx.checker.check_model(model, full_check=True)
+        refit = [t.name for t in model.graph.initializer if "depth_refit" in t.name]
+        assert bool(refit) == repair
+        err[repair] = np.mean([np.linalg.norm(run_ort_unoptimized(model, {"x": x})[1]
+                                              - run_ort_unoptimized(loaded.proto, {"x": x})[1])
+                               for x in (_x((1, 3, 8, 8), 100 + i) for i in range(6))])
+    assert err[True] < 0.5 * err[False], err

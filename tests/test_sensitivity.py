@@ -181,3 +181,13 @@ def test_moves_mode_end_to_end_on_a_fake_target(tmp_path):
     # the only BN is inside the removed block: the combination is no faster than removal alone
     assert res.best.genotype == Genotype({"depth:/b1/add": "remove"})
     assert res.report["search"]["stopped_because"] == "search space exhausted"
+
+
+def test_evolutionary_can_start_from_given_genotypes():
+    from graphopt.search.evolutionary import EvolutionarySearch
+
+    start = {"width:/a": 0.5, "width:/c": 0.5}
+    evo = EvolutionarySearch(fake_space(), seed=3, start=[start, '{"width:/b": 0.5}'])
+    assert evo.ask(2) == [Genotype(start), Genotype({"width:/b": 0.5})]
+    with pytest.raises(ValueError, match="start genotype .*unknown site 'width:/zz'"):
+        EvolutionarySearch(fake_space(), start=[{"width:/zz": 0.5}])
