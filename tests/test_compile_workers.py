@@ -128,7 +128,7 @@ def _gone(pid: int) -> bool:
 # ------------------------------------------------------------------------------------ the loop
 def test_compiles_run_in_two_worker_processes_at_once(tmp_path, slow_target):
     out = tmp_path / "o"
-    res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, compile_workers=2, out=out,
+    res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, compile_workers=2, search_exact=True, out=out,
                    target_options=_opts(slow_target, sleep_s=1.0))
     logs = _compiles(slow_target)
     main = os.getpid()
@@ -157,7 +157,7 @@ def test_compiles_run_in_two_worker_processes_at_once(tmp_path, slow_target):
 
 def test_a_compile_that_raises_in_a_worker_is_a_failed_record(tmp_path, slow_target):
     # 2 conv-bn sites: 3 candidates; the two with one fusion (7 nodes) fail to compile
-    res = optimize(_model(tmp_path, blocks=2), "slowcompile", budget="120s", compile_workers=2,
+    res = optimize(_model(tmp_path, blocks=2), "slowcompile", budget="120s", compile_workers=2, search_exact=True,
                    out=tmp_path / "o", target_options=_opts(slow_target, sleep_s=0.2, fail_nodes=8))
     by_nodes: dict[int, list] = {}
     for r in res.records:
@@ -173,8 +173,8 @@ def test_a_compile_that_raises_in_a_worker_is_a_failed_record(tmp_path, slow_tar
 
 def test_a_worker_that_dies_fails_its_candidates_and_the_run_goes_on(tmp_path, slow_target, caplog):
     caplog.set_level("WARNING", logger="graphopt")
-    res = optimize(_model(tmp_path, blocks=2), "slowcompile", budget=3, compile_workers=2, out=tmp_path / "o",
-                   target_options=_opts(slow_target, sleep_s=0.2, die_nodes=7))
+    res = optimize(_model(tmp_path, blocks=2), "slowcompile", budget=3, compile_workers=2, search_exact=True,
+                   out=tmp_path / "o", target_options=_opts(slow_target, sleep_s=0.2, die_nodes=7))
     died = [r for r in res.records if r.status == "failed"]
     assert died and all("compile worker process died" in r.error for r in died), [r.error for r in res.records]
     assert any("compile worker process died" in m for m in caplog.messages), caplog.messages
@@ -208,8 +208,8 @@ def test_ctrl_c_ends_the_workers_without_waiting_for_their_compiles(tmp_path, sl
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c_when_both_workers_are_in_their_second_compile, daemon=True).start()
     try:
-        res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, compile_workers=2, out=tmp_path / "o",
-                       target_options=_opts(slow_target, sleep_s=0.3, slow_after=1))
+        res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, compile_workers=2, search_exact=True,
+                       out=tmp_path / "o", target_options=_opts(slow_target, sleep_s=0.3, slow_after=1))
     finally:
         done.set()
         signal.signal(signal.SIGINT, previous)
@@ -313,7 +313,7 @@ def test_x86_compiles_in_workers_and_measures_on_two_rpc_devices(tmp_path):
     cluster = RpcCluster(servers=2, key="pool", log_dir=tmp_path / "logs")
     out = tmp_path / "out"
     with cluster:
-        res = optimize(_model(tmp_path), "x86", budget=4, jobs=2, compile_workers=2, out=out,
+        res = optimize(_model(tmp_path), "x86", budget=4, jobs=2, compile_workers=2, search_exact=True, out=out,
                        target_options={"threads": 1, "trials": 0, "tracker": cluster.tracker, "key": "pool",
                                        "repeat": 5})
         assert res.exit_code == 0

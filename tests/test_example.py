@@ -22,7 +22,7 @@ def _eval_logits(path, x):
 def test_example_conv_bn(example_model, tmp_path, target, budget):
     sha = file_sha(example_model)
     out = tmp_path / target
-    res = run_cli("run", example_model, "--target", target, "--passes", "conv_bn", "--budget", budget,
+    res = run_cli("run", example_model, "--target", target, "--passes", "conv_bn", "--search-exact", "--budget", budget,
                   "--data", EXAMPLE_CALIB, "--out", out, "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(res.stdout)

@@ -56,8 +56,8 @@ def test_sigint_keeps_store_and_writes_report(tmp_path):
     # resuming continues: nothing already stored is measured again. rows = the original + k candidates;
     # --budget k+1 asks for exactly one more.
     res = subprocess.run([sys.executable, "-m", "graphopt", "run", str(p), "--target", "ort", "--search-exact",
-                          "--budget", str(len(rows)), "--out", str(out), "--json"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+                          "--budget", str(len(rows)), "--out", str(out), "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     r2 = json.loads(res.stdout)
     assert r2["search"]["candidates"]["new"] == 1 and r2["search"]["candidates"]["total_in_store"] == len(rows) + 1

@@ -64,7 +64,7 @@ def test_jobs_measure_candidates_at_once_and_record_each_once(tmp_path, overlap)
 
     path = tmp_path / "m.onnx"
     onnx.save(conv_bn_model(blocks=4), path)  # 4 conv_bn sites: 16 genotypes
-    res = optimize(path, "overlap", budget=6, jobs=3, out=tmp_path / "o", strategy="random")
+    res = optimize(path, "overlap", budget=6, jobs=3, out=tmp_path / "o", strategy="random", search_exact=True)
     recs = res.records
     new = [r for r in recs if r.duplicate_of is None]
     st = overlap.state
@@ -112,7 +112,7 @@ def test_two_rpc_devices_under_one_key_measure_in_parallel(tmp_path):
     with cluster:
         r = run_cli("run", path, "--target", "x86", "--threads", "1", "--tune-trials", "0",
                     "--target-opt", f"tracker={cluster.tracker}", "--target-opt", "key=pool",
-                    "--target-opt", "repeat=20", "--jobs", "2", "--budget", "5", "--out", tmp_path / "out",
+                    "--target-opt", "repeat=20", "--jobs", "2", "--search-exact", "--budget", "5", "--out", tmp_path / "out",
                     "--json", timeout=500)
         assert r.returncode == 0, r.stderr[-3000:]
         logs = [(cluster.log_dir / f"server{i}.log").read_text(errors="replace") for i in range(2)]

@@ -114,7 +114,7 @@ def test_entry_point_plugins_are_listed_and_run(plugin_env, tmp_path):
                           helper.make_node("Identity", [out + "_pre"], [out], name=f"id{i}"))
     p = tmp_path / "ids.onnx"
     onnx.save(m, p)
-    res = _cli(plugin_env, "run", p, "--target", "node_count", "--passes", "drop_identity,conv_bn", "--budget", "30",
+    res = _cli(plugin_env, "run", p, "--target", "node_count", "--passes", "drop_identity,conv_bn", "--search-exact", "--budget", "30",
                "--out", tmp_path / "o", "--json")
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
