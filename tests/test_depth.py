@@ -229,7 +229,7 @@ def test_bundled_models(name, count, kind):
 
 
 def test_repair_refits_the_layer_that_reads_the_removed_block():
-    """With calibration data, /b2/conv1 (reads the removed block's output) is refit to compute from
+    """Opt-in (depth_repair): with calibration data, /b2/conv1 (reads the removed block's output) is refit to compute from
     x what it computed from x + f(x): its output u1r gets closer to the original's on new inputs."""
     loaded = load_proto(resnet(seed=3))
     passes = {"depth": DepthRemoval()}
@@ -238,7 +238,8 @@ def test_repair_refits_the_layer_that_reads_the_removed_block():
     calib = np.random.default_rng(7).normal(0, 1, (16, 1, 3, 8, 8)).astype(np.float32)
     err = {}
     for repair in (False, True):
-        model, _ = materialize(loaded, space, g, passes, MoveContext(loaded.proto, {"x": calib}, {"repair": repair}))
+        model, _ = materialize(loaded, space, g, passes,
+                               MoveContext(loaded.proto, {"x": calib}, {"repair": repair, "depth_repair": repair}))
         onnx.checker.check_model(model, full_check=True)
         refit = [t.name for t in model.graph.initializer if "depth_refit" in t.name]
         assert bool(refit) == repair
@@ -246,3 +247,12 @@ def test_repair_refits_the_layer_that_reads_the_removed_block():
                                               - run_ort_unoptimized(loaded.proto, {"x": x})[1])
                                for x in (_x((1, 3, 8, 8), 100 + i) for i in range(6))])
     assert err[True] < 0.5 * err[False], err
+
+
+def test_repair_is_off_by_default():
+    loaded = load_proto(resnet(seed=3))
+    space = SearchSpace(DepthRemoval().sites(loaded.graph()))
+    calib = np.random.default_rng(7).normal(0, 1, (16, 1, 3, 8, 8)).astype(np.float32)
+    model, _ = materialize(loaded, space, Genotype({"depth:/b1/add": "remove"}), {"depth": DepthRemoval()},
+                           MoveContext(loaded.proto, {"x": calib}, {"repair": True}))
+    assert not [t.name for t in model.graph.initializer if "depth_refit" in t.name]
