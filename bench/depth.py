@@ -132,7 +132,8 @@ def study(name: str, greedy: list[int], args, extra=None) -> dict:
             xs, ys = labels_x
             r["top1"] = float(np.mean(run_all(sess, {"input": xs}).reshape(len(ys), -1).argmax(1) == ys))
         if calib:  # least-squares repair of the readers, fit on the calibration file (disjoint from eval)
-            fixed, _ = materialize(base, space, g, {"depth": p}, MoveContext(base.proto, calib, {"repair": True, "depth_repair": True}))
+            fixed, _ = materialize(base, space, g, {"depth": p},
+                                   MoveContext(base.proto, calib, {"repair": True, "depth_repair": True}))
             fs = session(fixed, args.threads)
             r["cosine_repaired"] = cosine(run_all(fs, ev), ref)
             if labels_x is not None:
