@@ -11,6 +11,8 @@ mode="moves" (default), after NetAdapt (Yang et al., ECCV 2018), measured on the
      A combination is kept when it is feasible (meets --min-fidelity and the other
      constraints) and faster than the current one; otherwise the move is dropped and the next
      one is tried, until the list is exhausted: the constraint binds move by move.
+     Option min_gain (a fraction, default 0): a single or a combination counts as faster only
+     when it saves more than that fraction of the latency (a noise margin for loaded machines).
   3. then (option `then`, default "evolutionary"): with budget left, the rest is handed to the
      evolutionary strategy, told every result so far (the greedy result, best-scored, is in its
      population), so it mutates and crosses the greedy result instead of starting cold.
@@ -50,13 +52,15 @@ class SensitivitySearch(Strategy):
                    "lost (re-measured); mode=int8: quantize all, return the most sensitive layers to float")
 
     def __init__(self, space: SearchSpace, seed: int = 0, mode: str = "moves", then: str = "evolutionary",
-                 quant: str = "int8", max_singles: int | None = None, **options: Any) -> None:
+                 quant: str = "int8", max_singles: int | None = None, min_gain: float = 0.0,
+                 **options: Any) -> None:
         super().__init__(space, seed, **options)
         if mode not in MODES:
             raise ValueError(f"sensitivity: mode={mode!r}; choose one of {', '.join(MODES)}")
         if then not in ("evolutionary", "none"):
             raise ValueError(f"sensitivity: then={then!r}; choose evolutionary or none")
         self.mode, self.then, self.quant = mode, then, quant
+        self.min_gain = float(min_gain)  # fraction of the latency a move must save to count (noise margin)
         self.results: dict[Genotype, Result] = {}
         self.seen: set[Genotype] = {Genotype()}
         self.baseline_ms: float | None = None
@@ -97,7 +101,7 @@ class SensitivitySearch(Strategy):
         if r.status != "ok" or not math.isfinite(r.score) or r.latency_ms is None or self.baseline_ms is None:
             return None
         gain = self.baseline_ms - r.latency_ms
-        if gain <= 0:
+        if gain <= self.min_gain * self.baseline_ms:
             return None
         q0 = self.baseline_fidelity if self.baseline_fidelity is not None else 1.0
         loss = max((q0 - r.fidelity) if r.fidelity is not None else math.inf, 0.0)
@@ -226,7 +230,7 @@ class SensitivitySearch(Strategy):
             return  # a single: ranked when all are in
         g = r.genotype
         if g != self.current and self._feasible(g) and r.latency_ms is not None and \
-                (self.current_ms is None or r.latency_ms < self.current_ms):
+                (self.current_ms is None or r.latency_ms < self.current_ms * (1.0 - self.min_gain)):
             self.current, self.current_ms = g, r.latency_ms
             self.log.append(("greedy", g, "kept"))
         else:

@@ -229,8 +229,9 @@ def test_bundled_models(name, count, kind):
 
 
 def test_repair_refits_the_layer_that_reads_the_removed_block():
-    """Opt-in (depth_repair): with calibration data, /b2/conv1 (reads the removed block's output) is refit to compute from
-    x what it computed from x + f(x): its output u1r gets closer to the original's on new inputs."""
+    """Opt-in (depth_repair): with calibration data, /b2/conv1 (reads the removed block's output) is
+    refit to compute from x what it computed from x + f(x): its output u1r gets closer to the
+    original's on new inputs."""
     loaded = load_proto(resnet(seed=3))
     passes = {"depth": DepthRemoval()}
     space = SearchSpace(DepthRemoval().sites(loaded.graph()))

@@ -56,8 +56,8 @@ class _Stderr:
 
 
 def _slow_run(model: Path, out: Path, budget: int = 50) -> tuple[subprocess.Popen, _Stderr]:
-    proc = _graphopt("run", model, "--target", "ort", "--budget", budget, "--target-opt", "repeat=2000",
-                     "--out", out, "--json")
+    proc = _graphopt("run", model, "--target", "ort", "--search-exact", "--budget", budget, "--target-opt",
+                     "repeat=2000", "--out", out, "--json")
     return proc, _Stderr(proc)
 
 

@@ -191,3 +191,11 @@ def test_evolutionary_can_start_from_given_genotypes():
     assert evo.ask(2) == [Genotype(start), Genotype({"width:/b": 0.5})]
     with pytest.raises(ValueError, match="start genotype .*unknown site 'width:/zz'"):
         EvolutionarySearch(fake_space(), start=[{"width:/zz": 0.5}])
+
+
+def test_min_gain_is_a_noise_margin():
+    """min_gain=0.04: /b (3 ms of 100) and /f (2 ms) no longer count as faster, alone or combined."""
+    s = SensitivitySearch(fake_space(), then="none", min_gain=0.04)
+    drive(s)
+    assert [next(iter(g)) for g in s.order] == ["width:/a", "width:/c"]
+    assert s.current == Genotype({"width:/a": 0.5, "width:/c": 0.5})
