@@ -483,7 +483,9 @@ class Search:
                 "how": "original and best measured alternately, median of the per-round medians"}
 
     def best_record(self) -> Record | None:
-        feasible = [r for r in self.store.records() if math.isfinite(self._score(r))]
+        # a stored candidate of another search space (other --passes, --search-exact) cannot be rebuilt here
+        feasible = [r for r in self.store.records() if math.isfinite(self._score(r))
+                    and all(k in self.space for k in r.genotype)]
         return min(feasible, key=lambda r: (r.latency_ms, r.id)) if feasible else None
 
     # ---------------------------------------------------------------------------- loop

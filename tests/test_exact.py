@@ -71,3 +71,26 @@ def test_run_searches_one_exact_gene(tmp_path):
     res = optimize(p, "ort", passes="conv_bn", budget=5, out=tmp_path / "o2", search_exact=True)
     assert res.report["search"]["space"]["sites_per_pass"] == {"conv_bn": 4}
     assert len(res.records) == 6
+
+
+def test_resume_with_the_other_space_ignores_candidates_it_cannot_rebuild(tmp_path):
+    """A run with --search-exact, then one without on the same --out: the per-site candidates in
+    the store are not in the new space, so they are never chosen (nor rebuilt) as the best. Latency
+    = node count: the stored per-site "both fused" (7 nodes) ties with the new group gene's graph
+    and has the lower id."""
+    from test_sensitivity import _node_count_target
+
+    from graphopt.registry import TARGETS
+
+    p = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(blocks=2), p)
+    TARGETS.register("node_count", _node_count_target())
+    try:
+        first = optimize(p, "node_count", passes="conv_bn", budget=3, out=tmp_path / "o", search_exact=True,
+                         min_fidelity=0.9)
+        assert first.exit_code == 0 and len(first.records) == 4
+        second = optimize(p, "node_count", passes="conv_bn", budget=3, out=tmp_path / "o", min_fidelity=0.9)
+    finally:
+        TARGETS.unregister("node_count")
+    assert second.exit_code == 0
+    assert second.best.genotype == Genotype({"conv_bn:*exact": "fuse"}) and second.best.latency_ms == 7.0
