@@ -80,8 +80,12 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
     graph = base.graph()
     from .exact import build_space
 
-    # runs stored before search_exact existed searched exact moves per site
-    space = build_space({n: p.sites(graph) for n, p in passes.items()}, bool(cfg.get("search_exact", True)))
+    # runs stored before search_exact existed searched exact moves per site; a store written by runs
+    # with and without --search-exact holds genotypes of both spaces (the config is the last run's)
+    sites = {n: p.sites(graph) for n, p in passes.items()}
+    space = build_space(sites, bool(cfg.get("search_exact", True)))
+    if not all(k in space for k in rec.genotype):
+        space = build_space(sites, not cfg.get("search_exact", True))
     from .driver import move_context, split_calibration
     from .evaluate import load_data, synthetic_data
 

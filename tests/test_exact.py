@@ -94,3 +94,12 @@ def test_resume_with_the_other_space_ignores_candidates_it_cannot_rebuild(tmp_pa
         TARGETS.unregister("node_count")
     assert second.exit_code == 0
     assert second.best.genotype == Genotype({"conv_bn:*exact": "fuse"}) and second.best.latency_ms == 7.0
+    # and `graphopt export` rebuilds a candidate of either space from that store
+    from conftest import run_cli
+
+    for rec in (first.records[-1], second.best):
+        dest = tmp_path / f"c{rec.id}.onnx"
+        res = run_cli("export", tmp_path / "o", "--candidate", str(rec.id), "-o", dest)
+        assert res.returncode == 0, res.stderr
+        fused = 2 if "conv_bn:*exact" in rec.genotype else len(rec.genotype)
+        assert sum(n.op_type == "BatchNormalization" for n in onnx.load(dest).graph.node) == 2 - fused
