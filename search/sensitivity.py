@@ -30,8 +30,9 @@ mode="int8", the semantics of NNCF's quantize_with_accuracy_control, measured, n
 
 Strategies see numbers, not graphs: latency and fidelity come through tell_results (plain
 tell() carries only the score: latency when feasible, inf when not). Proposals are one at a
-time and depend on the last result: with --jobs > 1 the greedy phase cannot run ahead of its
-measurements and asks nothing while one is in flight (the driver then stops).
+time and depend on the last result: the greedy phase asks nothing while one is in flight, and
+the pipelined driver (--jobs > 1) ends a search when its strategy has nothing to ask; use
+--jobs 1 (the default).
 """
 
 from __future__ import annotations
