@@ -16,7 +16,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              pass_options: Mapping[str, Any] | None = None, max_size_mb: float | None = None,
              max_latency_ms: float | None = None, progress: bool = False, finetune_steps: int = 0,
              jobs: int = 1, compile_workers: int = 1, search_exact: bool = False,
-             strategy_options: Mapping[str, Any] | None = None) -> SearchResult:
+             strategy_options: Mapping[str, Any] | None = None, recover_top: int = 0,
+             recover_time: str | float | None = None, recover_train: str = "changed") -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -28,7 +29,11 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     (`--compile-workers`; targets with concurrent_measure and portable_artifacts).
     `search_exact` searches each exact move per site (`--search-exact`); default one gene per pass.
     `strategy_options` are keyword options of the strategy's constructor (`--strategy-opt K=V`).
+    `recover_top` > 0 distils that many promising candidates after the search (`--recover-top`,
+    graphopt.recover), for `recover_time` (90, "90s", "5m"; default: half a time budget).
     """
+    from .recover import parse_seconds
+
     if isinstance(passes, str):
         passes = [p for p in passes.split(",") if p]
     cfg = RunConfig(
@@ -40,5 +45,6 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, progress=progress,
         finetune_steps=int(finetune_steps), jobs=jobs,
         compile_workers=compile_workers, search_exact=bool(search_exact),
-        strategy_options=dict(strategy_options or {}))
+        strategy_options=dict(strategy_options or {}), recover_top=int(recover_top),
+        recover_seconds=parse_seconds(recover_time), recover_train=recover_train)
     return run_search(cfg)

@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the moves (and repair), train each candidate's changed weights for STEPS Adam steps "
                           "so its outputs match the original's on the calibration data (distillation; needs torch; "
                           "seconds per candidate on small models, minutes on large ones); default 0: off")
+    run.add_argument("--recover-top", type=int, default=0, metavar="K",
+                     help="after the search, distil the K most promising candidates toward the original on the fit "
+                          "half of --data (intermediate features + outputs; needs torch), keep the weights best on "
+                          "the select half, and measure them as new candidates; default 0: off")
+    run.add_argument("--recover-time", metavar="TIME",
+                     help="time for --recover-top, inside --budget (90s, 5m; default: half of a time budget, "
+                          "else 2 min per candidate)")
+    run.add_argument("--recover-train", default="changed", choices=["changed", "all"],
+                     help="what --recover-top trains: the weights the moves changed (default) or every weight")
     run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
     run.add_argument("--tune-trials", type=int, metavar="N",
                      help="TVM targets: MetaSchedule trials per workload the tuning database lacks "
@@ -219,7 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
                     pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
                     jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
-                    strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"))
+                    strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,
+                    recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train)
     with TerminateAsInterrupt() as term:  # SIGTERM: stop, keep the store, write the report (like Ctrl-C)
         try:
             result = run_search(cfg)
@@ -235,6 +245,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(summary(rep))
     return EXIT_TERMINATED if term.received and result.exit_code == EXIT_INTERRUPTED else result.exit_code
+
+
+def _recover_seconds(text: str | None) -> float | None:
+    from .recover import parse_seconds
+
+    return parse_seconds(text)
 
 
 def summary(rep: dict[str, Any]) -> str:
@@ -263,6 +279,11 @@ def summary(rep: dict[str, Any]) -> str:
 
     if summary_line(rep):
         lines.append(summary_line(rep))
+    for r in rep.get("recovery") or []:  # graphopt.recover: quality before and after distillation
+        after = r.get("fidelity_after")
+        lines.append(f"recover: candidate {r['parent_id']} {rep['fidelity']['metric']} {r['fidelity_before']:.6f} -> "
+                     + (f"{after:.6f} (candidate {r['candidate_id']}, {r.get('status_after')})" if after is not None
+                        else r.get("error") or r.get("note", "-")))
     c = rep["search"]["candidates"]
     lines.append(f"candidates: {c['tried_this_run']} this run ({c['new']} new, {c['cached']} from the store), "
                  f"{c['failed']} failed, {c['infeasible']} below --min-fidelity; {c['total_in_store']} in the store")

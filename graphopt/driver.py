@@ -93,6 +93,9 @@ class RunConfig:
     compile_workers: int = 1  # > 1: compiles in that many worker processes (graphopt.compile_pool)
     search_exact: bool = False  # True: one gene per exact site (conv_bn, fused attention); else one per pass
     strategy_options: dict[str, Any] = field(default_factory=dict)  # --strategy-opt: the strategy's keyword options
+    recover_top: int = 0  # > 0: distil the K most promising candidates after the search (graphopt.recover)
+    recover_seconds: float | None = None  # time for that phase (None: a share of a time budget)
+    recover_train: str = "changed"  # what recovery trains: changed | all
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -119,17 +122,26 @@ class RunConfig:
             from .finetune import check_available
 
             check_available()
+        if self.recover_top:
+            from .recover import check_config
+
+            check_config(self)
 
 
 # ------------------------------------------------------------------------------- materialize
 def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passes: Mapping[str, Pass],
-                ctx: MoveContext):
+                ctx: MoveContext, finalize: bool = True):
     """Clone the base graph, apply the genotype's moves in stage order, finalize once.
 
     Returns (model, applied) where applied maps site key -> "applied" | "did not apply".
+    A recovered record's genotype (a `recover` gene, graphopt.recover) is its parent's moves plus
+    the recovered weights stored in the run directory. finalize=False: before whole-model
+    steps (int8), the float model recovery trains.
     """
     from .exact import expand
+    from .recover import split_genotype
 
+    genotype, recovered = split_genotype(genotype)
     graph = base.graph()  # a fresh import is a private clone
     # a group gene (one for a pass's exact moves, graphopt.exact) expands to its sites' moves
     genes = sorted(expand(space, genotype), key=lambda m: passes[m[0].pass_name].stage)  # stable: space order
@@ -142,22 +154,27 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
             moves.setdefault(site.pass_name, []).append((site, choice))
     model = export_graph(graph)
     steps = int(ctx.options.get("finetune_steps", 0) or 0)
-    if steps > 0 and moves:  # distil the float weights toward the original, before int8 finalize
+    if recovered:  # the recovered weights (graphopt.recover), before int8 finalize
+        from .recover import apply_recovered
+
+        model = apply_recovered(model, ctx, recovered)
+        applied["recover"] = "applied"
+    elif steps > 0 and moves:  # distil the float weights toward the original, before int8 finalize
         from .finetune import finetune_in_context
 
         model = finetune_in_context(model, ctx, steps)
-    for name in sorted(moves, key=lambda n: passes[n].stage):  # whole-model steps (int8), in stage order
+    for name in sorted(moves, key=lambda n: passes[n].stage) if finalize else ():  # whole-model steps (int8)
         model = passes[name].finalize(model, moves[name], ctx)
     return model, applied
 
 
 def split_calibration(data: CalibrationData, passes: Mapping[str, Pass], pass_options: Mapping[str, Any],
-                      finetune_steps: int = 0) -> tuple[CalibrationData, CalibrationData]:
+                      finetune_steps: int = 0, recover: bool = False) -> tuple[CalibrationData, CalibrationData]:
     """(fit, fidelity) data. Passes that fit weights to data (repair, finetune) get the first half
     of the samples and fidelity is measured on the other half, so a candidate is never judged on
     the data it was fit to. `graphopt export` rebuilds candidates with the same split."""
     n = data.num_samples
-    if (finetune_steps > 0 and n >= 2) or (pass_options.get("repair", True) and n >= 4
+    if ((finetune_steps > 0 or recover) and n >= 2) or (pass_options.get("repair", True) and n >= 4
                                            and any(getattr(p, "uses_calibration", False) for p in passes.values())):
         half = n // 2
         return (CalibrationData({k: v[:half] for k, v in data.arrays.items()}, data.source),
@@ -166,10 +183,11 @@ def split_calibration(data: CalibrationData, passes: Mapping[str, Pass], pass_op
 
 
 def move_context(base: LoadedModel, fit_data: CalibrationData, pass_options: Mapping[str, Any],
-                 finetune_steps: int = 0, seed: int = 0) -> MoveContext:
+                 finetune_steps: int = 0, seed: int = 0, run_dir: str | Path | None = None) -> MoveContext:
     return MoveContext(base_model=base.proto, calibration=fit_data.arrays,
                        options=dict(pass_options, **({"finetune_steps": finetune_steps, "seed": seed}
-                                                     if finetune_steps else {})))
+                                                     if finetune_steps else {}),
+                                    **({"run_dir": str(run_dir)} if run_dir is not None else {})))
 
 
 # ------------------------------------------------------------------------------------ search
@@ -257,14 +275,16 @@ class Search:
                                        "data": str(Path(cfg.data).resolve()) if cfg.data else None,
                                        "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps,
                                        "seed": cfg.seed, "synthetic_samples": cfg.synthetic_samples,
-                                       "graphopt_version": _graphopt_version(), "search_exact": cfg.search_exact})
+                                       "graphopt_version": _graphopt_version(), "search_exact": cfg.search_exact,
+                                       "recover_top": cfg.recover_top})
         # Passes that fit weights to data (repair) get one half of the calibration samples and
         # fidelity is measured on the other half, so it is never judged on the data it was fit to.
         fit_data, self.fidelity_data = split_calibration(self.data, self.passes, cfg.pass_options,
-                                                         cfg.finetune_steps)
+                                                         cfg.finetune_steps, recover=cfg.recover_top > 0)
+        self.fit_data = fit_data
         self.fit_samples = fit_data.num_samples if fit_data is not self.data else 0
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
-        self.ctx = move_context(self.base, fit_data, cfg.pass_options, cfg.finetune_steps, cfg.seed)
+        self.ctx = move_context(self.base, fit_data, cfg.pass_options, cfg.finetune_steps, cfg.seed, run_dir=self.out)
         try:
             self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed, **cfg.strategy_options)
         except (TypeError, ValueError) as e:
@@ -323,9 +343,10 @@ class Search:
         return float(rec.latency_ms)
 
     # ---------------------------------------------------------------------- one candidate
-    def evaluate(self, genotype: Genotype) -> tuple[Record, bool]:
-        """(record, cached). Never raises for a bad candidate; raises for an unreachable target."""
-        pending = self._prepare(genotype)
+    def evaluate(self, genotype: Genotype, model: Any = None) -> tuple[Record, bool]:
+        """(record, cached). Never raises for a bad candidate; raises for an unreachable target.
+        model: the genotype's graph when the caller already built it (graphopt.recover)."""
+        pending = self._prepare(genotype, model=model)
         if not isinstance(pending, _Pending):
             return pending
         try:
@@ -336,7 +357,7 @@ class Search:
             result = e
         return self._finish(pending, result), False
 
-    def _prepare(self, genotype: Genotype, defer_compile: bool = False) -> "tuple[Record, bool] | _Pending":
+    def _prepare(self, genotype: Genotype, defer_compile: bool = False, model: Any = None) -> "tuple[Record, bool] | _Pending":
         """Everything up to a compiled artifact: store lookup, materialize, dedup, fidelity,
         compile. Returns (record, cached) when the candidate is settled without a measurement,
         else a _Pending for _measure/_finish. defer_compile (--compile-workers): stop before the
@@ -350,7 +371,10 @@ class Search:
         stage = "materialize"
         try:
             t = time.monotonic()
-            model, rec.applied = materialize(self.base, self.space, genotype, self.passes, self.ctx)
+            if model is None:
+                model, rec.applied = materialize(self.base, self.space, genotype, self.passes, self.ctx)
+            else:
+                rec.applied = {k: "applied" for k in genotype}
             timings["materialize"] = time.monotonic() - t
             rec.graph_hash = model_hash(model)
             rec.size_bytes = model.ByteSize()
@@ -517,9 +541,13 @@ class Search:
         return knobs
 
     def _time_left(self) -> float:
+        """Seconds the search loop has left: the time budget less the recovery phase's share."""
         if self.cfg.budget.seconds is None:
             return math.inf
-        return self.cfg.budget.seconds - (time.monotonic() - self.t_start)
+        from .recover import phase_seconds
+
+        reserve = phase_seconds(self.cfg.budget.seconds, self.cfg.recover_seconds, self.cfg.recover_top) or 0.0
+        return self.cfg.budget.seconds - reserve - (time.monotonic() - self.t_start)
 
     def run(self) -> SearchResult:
         """The run, holding the lock on --out from setup to the last file written."""
@@ -576,6 +604,10 @@ class Search:
                 done += 1
                 self._tell([rec])
                 self._progress(done, rec, cached)
+            if self.cfg.recover_top > 0:  # distil the most promising candidates (graphopt.recover)
+                from .recover import recover_phase
+
+                recover_phase(self)
         except KeyboardInterrupt:
             self.stopped_because = "interrupted"
             log.warning("interrupted: writing the report for the %d candidates done; the run store keeps them",
@@ -617,6 +649,8 @@ class Search:
             confirmed["verdict"] = f"candidate {best.id} confirmed faster than the original in every round"
         report = build_report(self, records, best)
         report["confirmed"] = confirmed
+        if getattr(self, "recovery", None) is not None:
+            report["recovery"] = self.recovery
         self._profile_best(report, best)
         try:
             report_exit = write_outputs(self, report, best)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -170,9 +170,10 @@ class TorchGraph:
             env = self._run(self.frozen_nodes, dict(self.consts, **feeds))
         return {k: env[k] for k in self.frontier}
 
-    def run_live(self, frozen: Mapping[str, Any]) -> list[Any]:
+    def run_live(self, frozen: Mapping[str, Any], extra: Sequence[str] = ()) -> list[Any]:
+        """The outputs, then the `extra` tensors (intermediate tensors, e.g. for feature matching)."""
         env = self._run(self.live_nodes, dict(self.consts, **frozen))
-        return [env[o] for o in self.output_names]
+        return [env[o] for o in self.output_names] + [env[e] for e in extra]
 
     def __call__(self, feeds: Mapping[str, Any]) -> list[Any]:
         return self.run_live(self.run_frozen(feeds))

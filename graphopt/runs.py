@@ -96,8 +96,8 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
     steps = int(cfg.get("finetune_steps") or 0)
     _check_same_inputs(out_dir, candidate, cfg, ident, data, options, steps)
     # the same data and fit half the run used, so the rebuilt candidate is the one that was measured
-    fit, _ = split_calibration(data, passes, options, steps)
-    ctx = move_context(base, fit, options, steps, seed)
+    fit, _ = split_calibration(data, passes, options, steps, recover=int(cfg.get("recover_top") or 0) > 0)
+    ctx = move_context(base, fit, options, steps, seed, run_dir=out_dir)  # run_dir: recovered weights
     model, _ = materialize(base, space, rec.genotype, passes, ctx)
     _check_same_graph(candidate, rec, model, cfg, steps)
     return atomic_write_bytes(Path(dest), model.SerializeToString())

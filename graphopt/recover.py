@@ -1,0 +1,731 @@
+"""Recovery: distil the most promising candidates toward the original (`--recover-top K`).
+
+The cheap search phase (moves + least-squares repair, judged on the select split) ranks many
+candidates; this phase spends real time on a few of them. Each chosen candidate is trained in
+torch (graphopt.finetune's ONNX -> torch interpreter) on the FIT split so that its intermediate
+features at block boundaries and its final outputs match the original's (label-free feature
+mimicking, MiR CVPR'22 style; loss: per tensor, mean squared error divided by the mean square of
+the original's tensor, features averaged, plus the outputs). The weights with the best score on
+the SELECT split are kept (never worse than the candidate it started from, on that split).
+
+Which tensors are matched (`choose_features`): tensors present in both graphs by name with the
+same shape, downstream of a trained weight, at a block boundary: the output of a residual Add,
+or the first tensor where a changed region (a tensor the original lacks or holds with another
+shape) is absorbed again. At most `max_features`, evenly spread in graph order.
+
+What trains (`train`): "changed" (default) the weights the moves created or changed (pruned convs,
+their refit consumers, a new depthwise pair), "all" every float weight (graphopt.finetune's
+trainable_names). BatchNormalization statistics never train.
+
+Image-like inputs ([N, 1|3, H, W] floats, H, W >= 16) get cheap augmentation: a random
+horizontal flip and a shift of up to H/16 pixels (edge padded), the same for the original
+(teacher) and the candidate. Time is the unit: `seconds` bounds the whole call (set-up, training,
+select-split evaluations); Ctrl-C (KeyboardInterrupt) stops training and returns the best
+weights seen so far.
+
+In a run, a recovered candidate is a new record: its genotype is the parent's plus the gene
+`recover` = "from-<parent id>", and its trained weights are stored in the run directory as
+`recovered/from-<parent id>.npz` (initializer name -> array). `materialize` rebuilds the parent's
+moves and then loads that file (before int8 finalisation), so `graphopt export` and best.onnx
+rebuild exactly the recovered model.
+
+torch and onnxruntime are imported inside the functions: `import graphopt.recover` is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .driver import Search
+    from .genotype import Genotype
+    from .store import Record
+
+log = logging.getLogger("graphopt")
+
+RECOVER_KEY = "recover"  # the gene that marks a recovered record: value "from-<parent id>"
+RECOVER_DIR = "recovered"  # weights files under the run directory
+TRAIN_MODES = ("changed", "all")
+DEFAULT_SECONDS_PER_CANDIDATE = 120.0  # --recover-top without --recover-time or a time budget
+DEFAULT_SHARE = 0.5  # of a time --budget, when --recover-time is not given
+
+
+class DataSource(Protocol):
+    """What recovery reads: graphopt.evaluate.CalibrationData has exactly this."""
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def sample(self, i: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class RecoverOptions:
+    train: str = "changed"  # "changed" | "all"
+    lr: float = 1e-3  # Adam's learning rate relative to each tensor's RMS; warm-up then cosine over the time
+    batch_size: int = 8
+    max_features: int = 16
+    feature_weight: float = 1.0  # weight of the mean feature loss next to the output loss
+    augment: str = "auto"  # "auto" (image-like inputs) | "off"
+    train_size: int | None = None  # image-like inputs: train on random crops resized to this side (cheaper steps)
+    eval_every_s: float | None = None  # select-split evaluation period (None: a tenth of the time, >= 2 s)
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise UsageError(f"--recover-train {self.train!r}: choose one of {', '.join(TRAIN_MODES)}")
+        if self.augment not in ("auto", "off"):
+            raise UsageError(f"recover augment {self.augment!r}: choose auto or off")
+
+
+@dataclass
+class RecoveryResult:
+    model: onnx.ModelProto  # the candidate with the best weights seen (scored on select)
+    weights: dict[str, np.ndarray]  # trained initializer name -> its best value
+    trained: list[str]
+    features: list[str]
+    select_before: float
+    select_after: float
+    steps: int
+    seconds: float
+    evals: int
+    stopped: str  # "time" | "steps" | "interrupted" | "nothing to train"
+    augment: bool = False
+    loss_first: float = math.nan
+    loss_last: float = math.nan
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per select evaluation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trained_tensors": len(self.trained), "features": self.features, "select_before": self.select_before,
+                "select_after": self.select_after, "steps": self.steps, "seconds": round(self.seconds, 3),
+                "evals": self.evals, "stopped": self.stopped, "augment": self.augment,
+                "loss_first": self.loss_first, "loss_last": self.loss_last}
+
+
+# --------------------------------------------------------------------------------- features
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    import onnx
+
+    try:
+        m = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shapes only steer the choice of features
+        m = model
+    out = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and t.elem_type == onnx.TensorProto.FLOAT:
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+            if all(d is not None for d in dims):
+                out[vi.name] = dims
+    return out
+
+
+def choose_features(original: onnx.ModelProto, candidate: onnx.ModelProto, live: set[str],
+                    max_features: int = 16) -> list[str]:
+    """Intermediate tensors to match (see the module docstring), in graph order. A tensor whose
+    channels (axis 1) were pruned counts, and is matched against the original's channels it kept."""
+    so, sc = _shapes(original), _shapes(candidate)
+    outputs = {o.name for o in candidate.graph.output}
+    inits = {t.name for t in candidate.graph.initializer}
+
+    def same(name: str) -> bool:
+        return name in so and so[name] == sc.get(name)
+
+    def fits(name: str) -> bool:  # same shape, or a subset of the original's channels (axis 1): a pruned tensor
+        a, b = sc.get(name), so.get(name)
+        return (a is not None and b is not None and len(a) == len(b) >= 2 and a[0] == b[0] and a[2:] == b[2:]
+                and a[1] <= b[1])
+
+    picked = []
+    for n in candidate.graph.node:
+        if not n.output or not n.output[0]:
+            continue
+        y = n.output[0]
+        if y in outputs or y not in live or not fits(y):
+            continue
+        data_in = [i for i in n.input if i and i not in inits]
+        residual = n.op_type == "Add" and len(data_in) == 2
+        absorbs = same(y) and any(not same(i) for i in data_in)
+        if residual or absorbs:
+            picked.append(y)
+    if len(picked) > max_features > 0:
+        idx = np.linspace(0, len(picked) - 1, max_features).round().astype(int)
+        picked = [picked[i] for i in sorted(set(idx.tolist()))]
+    return picked
+
+
+# ------------------------------------------------------------------------------- augmentation
+def image_like(feeds: Mapping[str, np.ndarray]) -> bool:
+    return bool(feeds) and all(np.issubdtype(v.dtype, np.floating) and v.ndim == 4 and v.shape[1] in (1, 3)
+                               and min(v.shape[2:]) >= 16 for v in feeds.values())
+
+
+def resized_crops(batch: dict[str, np.ndarray], size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per sample: a random crop (35-100% of the area, aspect 3:4-4:3) resized to size x size (bilinear)."""
+    import torch
+
+    F = torch.nn.functional
+    n = next(iter(batch.values())).shape[0]
+    h, w = next(iter(batch.values())).shape[2:]
+    boxes = []
+    for _ in range(n):
+        area = rng.uniform(0.35, 1.0) * h * w
+        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        ch, cw = min(h, int(round(math.sqrt(area / ar)))), min(w, int(round(math.sqrt(area * ar))))
+        boxes.append((int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw))
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        out[k] = torch.cat([F.interpolate(t[i:i + 1, :, y:y + ch, x:x + cw], size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+                            for i, (y, x, ch, cw) in enumerate(boxes)]).numpy()
+    return out
+
+
+def _match_channels(student, teacher):
+    """For each channel of a pruned tensor, the original channel it correlates with best."""
+    import torch
+
+    a = student.transpose(0, 1).reshape(student.shape[1], -1).double()
+    b = teacher.transpose(0, 1).reshape(teacher.shape[1], -1).double()
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    a = a / (a.norm(dim=1, keepdim=True) + 1e-12)
+    b = b / (b.norm(dim=1, keepdim=True) + 1e-12)
+    return torch.argmax(a @ b.T, dim=1)
+
+
+def augment(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per sample (axis 0): random horizontal flip, random shift up to H/16 (edge padded)."""
+    out = {}
+    n = next(iter(batch.values())).shape[0]
+    flips = rng.random(n) < 0.5
+    first = next(iter(batch.values()))
+    mh, mw = max(1, first.shape[2] // 16), max(1, first.shape[3] // 16)
+    dy, dx = rng.integers(-mh, mh + 1, n), rng.integers(-mw, mw + 1, n)
+    for k, v in batch.items():
+        res = np.empty_like(v)
+        h, w = v.shape[2:]
+        for i in range(n):
+            x = v[i, :, :, ::-1] if flips[i] else v[i]
+            p = np.pad(x, ((0, 0), (mh, mh), (mw, mw)), mode="edge")
+            res[i] = p[:, mh + dy[i]:mh + dy[i] + h, mw + dx[i]:mw + dx[i] + w]
+        out[k] = res
+    return out
+
+
+# ------------------------------------------------------------------------------------ recover
+def _stack(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Samples (each [batch, ...] as the model declares) concatenated along axis 0."""
+    return {k: np.ascontiguousarray(np.concatenate([np.asarray(s[k]) for s in samples], axis=0))
+            for k in samples[0]}
+
+
+class _Teacher:
+    """The original model in onnxruntime with the feature tensors added as outputs."""
+
+    def __init__(self, original: onnx.ModelProto, features: list[str], threads: int | None,
+                 free_hw: bool = False):
+        import onnx
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(original)
+        if free_hw:  # image inputs of any height and width (training on smaller crops)
+            del m.graph.value_info[:]
+            for vi in m.graph.input:
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims) == 4:
+                    dims[2].dim_param, dims[3].dim_param = "height", "width"
+            for vi in m.graph.output:
+                vi.type.tensor_type.ClearField("shape")
+        have = {o.name for o in m.graph.output}
+        self.outputs = [o.name for o in original.graph.output]
+        for f in features:
+            if f not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=f))
+        self.names = self.outputs + list(features)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        dims = original.graph.input[0].type.tensor_type.shape.dim if original.graph.input else []
+        self.per = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None  # static batch
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        n = next(iter(feeds.values())).shape[0]
+        if not self.per or self.per == n:
+            return self.sess.run(self.names, dict(feeds))
+        parts = [self.sess.run(self.names, {k: v[s:s + self.per] for k, v in feeds.items()})
+                 for s in range(0, n, self.per)]
+        return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self.names))]
+
+
+class _Adam:
+    """Adam (Kingma & Ba) with a learning rate per tensor. torch.optim imports torch._dynamo on first
+    use: 5-20 s on a loaded 2-core machine, a large share of a short recovery."""
+
+    def __init__(self, tensors, betas=(0.9, 0.999), eps=1e-8):
+        import torch
+
+        self.tensors, self.betas, self.eps, self.t = tensors, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in tensors]
+        self.v = [torch.zeros_like(p) for p in tensors]
+
+    def zero_grad(self) -> None:
+        for p in self.tensors:
+            p.grad = None
+
+    def step(self, lrs) -> None:
+        import torch
+
+        b1, b2 = self.betas
+        self.t += 1
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        with torch.no_grad():
+            for p, m, v, lr in zip(self.tensors, self.m, self.v, lrs):
+                if p.grad is None:
+                    continue
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+
+
+def _score_value(scorer: Any, model: onnx.ModelProto) -> float:
+    v = scorer.score(model) if hasattr(scorer, "score") else scorer(model)
+    return float(getattr(v, "value", v))
+
+
+def with_weights(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `values` hold those arrays (dtype kept)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in values:
+            dtype = numpy_helper.to_array(init).dtype
+            init.CopyFrom(numpy_helper.from_array(np.asarray(values[init.name]).astype(dtype), init.name))
+    return out
+
+
+def recover(candidate: onnx.ModelProto, original: onnx.ModelProto, fit: DataSource, select: Any, *,
+            seconds: float | None = None, steps: int | None = None, options: RecoverOptions | None = None,
+            select_before: float | None = None, label: str = "") -> RecoveryResult:
+    """Distil `candidate` toward `original` on `fit`; keep the weights scoring best on `select`.
+
+    fit: a data source (num_samples, sample(i) -> feed dict). select: a scorer with
+    `.score(model)` returning a Fidelity (or a float), higher is better (the run's
+    FidelityChecker on the select split). seconds / steps: stop at whichever comes first (one
+    is required). select_before: the candidate's select score when already known.
+    """
+    opts = options or RecoverOptions()
+    if seconds is None and steps is None:
+        raise ValueError("recover() needs seconds or steps")
+    import torch
+
+    before = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(int(opts.threads))
+    try:
+        return _recover(candidate, original, fit, select, seconds, steps, opts, select_before, label)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _recover(candidate, original, fit, select, seconds, steps, opts, select_before, label) -> RecoveryResult:
+    import torch
+
+    from .finetune import CHECK_TOLERANCE, FinetuneError, TorchGraph, trainable_names
+
+    t0 = time.monotonic()
+    deadline = t0 + seconds if seconds is not None else math.inf
+    max_steps = steps if steps is not None else math.inf
+    tag = f"recover{(' ' + label) if label else ''}"
+    names = trainable_names(candidate, original, "touched" if opts.train == "changed" else "all")
+    if select_before is None:
+        select_before = _score_value(select, candidate)
+    if not names or fit.num_samples == 0:
+        return RecoveryResult(candidate, {}, [], [], select_before, select_before, 0, time.monotonic() - t0, 0,
+                              "nothing to train")
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    tg = TorchGraph(candidate, set(names))
+    features = choose_features(original, candidate, tg.live, opts.max_features)
+    first = fit.sample(0)
+    aug = opts.augment == "auto" and image_like(first)
+    small = bool(aug and opts.train_size and opts.train_size < min(next(iter(first.values())).shape[2:]))
+    teacher = _Teacher(original, features, opts.threads, free_hw=small)
+    n_out = len(teacher.outputs)
+    chan: dict[str, Any] = {}  # pruned feature -> the original channels it is matched against
+    tensors = [tg.params[n] for n in names]
+
+    # the interpreter must compute what onnxruntime computes (on one sample)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    cand_sess = ort.InferenceSession(candidate.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        feeds0 = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in first.items() if k in tg.input_names}
+        outs = tg(feeds0)
+    for name, o, c in zip(tg.output_names, outs, cand_sess.run(None, dict(first))):
+        err = float(np.max(np.abs(o.numpy() - c))) / (float(np.max(np.abs(c))) + 1e-12) if c.size else 0.0
+        if tuple(o.shape) != c.shape or err > CHECK_TOLERANCE:
+            raise FinetuneError(f"recover: the torch interpreter disagrees with onnxruntime on output {name!r} "
+                                f"(shape {list(o.shape)} vs {list(c.shape)}, relative error {err:.2e}); "
+                                "please report this model")
+    del cand_sess
+
+    base_lrs = [opts.lr * (float(t.detach().pow(2).mean().sqrt()) or 1e-3) for t in tensors]
+    opt = _Adam(tensors)
+    best_score, best = select_before, [t.detach().clone() for t in tensors]
+    total = fit.num_samples
+    bs = max(1, min(int(opts.batch_size), total))
+    order: list[int] = []
+    history: list[dict[str, float]] = []
+    evals, step, loss_first, loss_last = 0, 0, math.nan, math.nan
+    eval_cost = 0.0
+    t_train = time.monotonic()
+    span = (deadline - t_train) if math.isfinite(deadline) else None
+    every = opts.eval_every_s if opts.eval_every_s else max(2.0, (span or 60.0) / 10)
+    next_eval = t_train + every
+    stopped = "time" if math.isfinite(deadline) else "steps"
+    last_eval_step = 0
+    step_cost = 0.0
+
+    def evaluate() -> None:
+        nonlocal best_score, best, evals, eval_cost, last_eval_step
+        te = time.monotonic()
+        current = {n: t.detach().numpy().copy() for n, t in zip(names, tensors)}
+        score = _score_value(select, with_weights(candidate, current))
+        evals += 1
+        last_eval_step = step
+        if math.isfinite(score) and score > best_score:
+            best_score, best = score, [t.detach().clone() for t in tensors]
+        eval_cost = max(eval_cost, time.monotonic() - te)
+        history.append({"t": round(time.monotonic() - t0, 3), "step": step, "loss": loss_last, "select": score})
+        log.info("%s: %.0f s, step %d, distillation loss %.4g, select %.6f (best %.6f, before %.6f)", tag,
+                 time.monotonic() - t0, step, loss_last, score, best_score, select_before)
+
+    try:
+        while step < max_steps:
+            now = time.monotonic()
+            # stop when one more step and the final select evaluation would end past the deadline
+            if now + step_cost + eval_cost > deadline:
+                break
+            if now >= next_eval and step > last_eval_step:
+                evaluate()
+                next_eval = time.monotonic() + every
+                continue
+            ts = time.monotonic()
+            if len(order) < bs:
+                order += rng.permutation(total).tolist()
+            idx, order = order[:bs], order[bs:]
+            batch = _stack([fit.sample(i) for i in idx])
+            if aug:
+                batch = augment(batch, rng)
+            if small:
+                batch = resized_crops(batch, int(opts.train_size), rng)
+            ref = [torch.from_numpy(np.ascontiguousarray(r)).float() for r in teacher(batch)]
+            feeds = {k: torch.from_numpy(v) for k, v in batch.items() if k in tg.input_names}
+            got = tg.run_live(tg.run_frozen(feeds), extra=features)
+            out_loss, feat_loss = 0.0, 0.0
+            for j, (o, r) in enumerate(zip(got, ref)):
+                if not o.is_floating_point():
+                    continue
+                if j >= n_out and o.shape[1] != r.shape[1]:  # a pruned tensor: its kept channels
+                    name = features[j - n_out]
+                    if name not in chan:
+                        chan[name] = _match_channels(o.detach(), r)
+                    r = r[:, chan[name]]
+                if j < n_out:
+                    out_loss = out_loss + ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
+                else:
+                    term = ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
+                    feat_loss = feat_loss + term / max(1, len(features))
+            loss = out_loss + opts.feature_weight * feat_loss
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                stopped = "diverged"
+                break
+            loss_last = value
+            if step == 0:
+                loss_first = value
+            frac = 0.0 if span is None else min(1.0, (ts - t_train) / span)
+            if steps is not None and span is None:
+                frac = step / max(1, steps)
+            factor = min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * frac))
+            opt.zero_grad()
+            loss.backward()
+            opt.step([lr0 * factor for lr0 in base_lrs])
+            step += 1
+            step_cost = time.monotonic() - ts
+        else:
+            stopped = "steps"
+        if step > last_eval_step:
+            evaluate()  # the final weights
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        log.warning("%s: interrupted at step %d: keeping the best weights seen on the select split "
+                    "(%.6f, before %.6f)", tag, step, best_score, select_before)
+    weights = {n: b.numpy().copy() for n, b in zip(names, best)}
+    model = with_weights(candidate, weights)
+    return RecoveryResult(model, weights, names, features, select_before, best_score, step, time.monotonic() - t0,
+                          evals, stopped, aug, loss_first, loss_last, history)
+
+
+# ----------------------------------------------------------------------------- genotype / files
+def split_genotype(genotype: Genotype) -> tuple[Genotype, str | None]:
+    """(the parent's genotype, "from-<id>" or None)."""
+    if RECOVER_KEY not in genotype:
+        return genotype, None
+    from .genotype import Genotype
+
+    return Genotype({k: v for k, v in genotype.items() if k != RECOVER_KEY}), str(genotype[RECOVER_KEY])
+
+
+def weights_path(run_dir: str | Path, tag: str) -> Path:
+    return Path(run_dir) / RECOVER_DIR / f"{tag}.npz"
+
+
+def apply_recovered(model: onnx.ModelProto, ctx, tag: str) -> onnx.ModelProto:
+    """The materialize hook: load the recovered weights file of this record into the model."""
+    from .errors import UsageError
+
+    run_dir = ctx.options.get("run_dir")
+    path = weights_path(run_dir, tag) if run_dir else None
+    if path is None or not path.is_file():
+        raise UsageError(f"recovered weights {path or RECOVER_DIR + '/' + tag + '.npz'} not found: the run "
+                         "directory lost its recovered/ folder; run again with --recover-top")
+    with np.load(path, allow_pickle=False) as z:
+        values = {k: z[k] for k in z.files}
+    have = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    bad = [k for k, v in values.items() if have.get(k) != tuple(v.shape)]
+    if bad:
+        raise UsageError(f"recovered weights {path}: tensors {bad[:3]} do not fit the rebuilt candidate "
+                         "(the passes changed since the run); run again with another --out")
+    return with_weights(model, values)
+
+
+def save_weights(run_dir: str | Path, tag: str, weights: Mapping[str, np.ndarray]) -> Path:
+    import io
+
+    from .outputs import atomic_write_bytes
+
+    path = weights_path(run_dir, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in weights.items()})
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------- in a run
+def check_config(cfg: Any) -> None:
+    """UsageErrors for the recovery options of a RunConfig (one line each, naming the fix)."""
+    k = cfg.recover_top
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UsageError(f"--recover-top {k}: must be 0 (off) or a positive number of candidates")
+    if cfg.recover_train not in TRAIN_MODES:
+        raise UsageError(f"--recover-train {cfg.recover_train!r}: choose one of {', '.join(TRAIN_MODES)}")
+    secs = cfg.recover_seconds
+    if secs is not None:
+        if not secs > 0:
+            raise UsageError(f"--recover-time {secs}: must be a positive time (e.g. 90s, 5m)")
+        if cfg.budget.seconds is not None and secs >= cfg.budget.seconds:
+            raise UsageError(f"--recover-time {secs:g} s: must be shorter than the time --budget "
+                             f"({cfg.budget.seconds:g} s), which covers the search and the recovery")
+    if k:
+        from .finetune import torch_available
+
+        if not torch_available():
+            raise UsageError("--recover-top needs torch, which is not installed: pip install torch "
+                             "(the CPU build is enough), or run without --recover-top")
+
+
+def parse_seconds(text: str | float | None) -> float | None:
+    """--recover-time: 90, 90s, 5m, 1h -> seconds."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+    if not m:
+        raise UsageError(f"--recover-time {text!r}: expected a time (90s, 5m, 1h)")
+    return float(m.group(1)) * {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
+
+
+def pick_candidates(records: list[Record], k: int, baseline: Record | None,
+                    min_fidelity: float = 0.0) -> list[Record]:
+    """The K most promising records of the cheap phase.
+
+    Recovery changes weights, not speed: it changes the run's choice only by lifting a candidate
+    over --min-fidelity. So first the candidates below it (status "infeasible"; never compiled,
+    so without a latency) that are on the Pareto front of (size in bytes, select score), closest
+    to the threshold first; then the feasible ones measured faster than the original, fastest
+    first (recovery raises the quality of what the run would return); then the other infeasible
+    ones, most faithful first. Left out: the original, recovered records, failed ones,
+    duplicates, and exact ones (select score >= 1 - 1e-6: nothing to recover).
+    """
+    base_ms = baseline.latency_ms if baseline is not None else None
+    below, fast = [], []
+    for r in records:
+        if not r.genotype or RECOVER_KEY in r.genotype or r.duplicate_of is not None:
+            continue
+        if r.fidelity is None or r.fidelity >= 1 - 1e-6 or r.size_bytes is None:
+            continue
+        if r.status == "infeasible" and r.fidelity < min_fidelity:
+            below.append(r)
+        elif r.status == "ok" and r.latency_ms is not None and (base_ms is None or r.latency_ms < base_ms):
+            fast.append(r)
+
+    def dominated(r: Record) -> bool:
+        return any(o.size_bytes <= r.size_bytes and o.fidelity >= r.fidelity
+                   and (o.size_bytes < r.size_bytes or o.fidelity > r.fidelity) for o in below)
+
+    front = sorted((r for r in below if not dominated(r)), key=lambda r: (-r.fidelity, r.id))
+    rest = sorted((r for r in below if r not in front), key=lambda r: (-r.fidelity, r.id))
+    fast.sort(key=lambda r: (r.latency_ms, r.id))
+    return (front + fast + rest)[:max(0, k)]
+
+
+def phase_seconds(budget_seconds: float | None, recover_seconds: float | None, k: int) -> float | None:
+    """Time the recovery phase may take: --recover-time, else DEFAULT_SHARE of a time budget,
+    else DEFAULT_SECONDS_PER_CANDIDATE per candidate. None when recovery is off."""
+    if k <= 0:
+        return None
+    if recover_seconds is not None:
+        return float(recover_seconds)
+    if budget_seconds is not None:
+        return DEFAULT_SHARE * budget_seconds
+    return DEFAULT_SECONDS_PER_CANDIDATE * k
+
+
+def recover_phase(search: Search) -> None:
+    """Recover the top-K candidates of the run in `search` (graphopt.driver.Search), each as a
+    new record; fills search.recovery (the report's "recovery" list). KeyboardInterrupt: the
+    candidate in training keeps its best weights (stored and recorded), then it propagates."""
+    import statistics
+
+    from .driver import materialize
+    from .genotype import Genotype
+
+    cfg = search.cfg
+    k = int(cfg.recover_top)
+    search.recovery = []
+    records = search.store.records()
+    chosen = pick_candidates(records, k, getattr(search, "baseline", None), cfg.min_fidelity)
+    if not chosen:
+        log.info("recover: no candidate to recover (none below --min-fidelity or faster than the original and inexact)")
+        return
+    t_phase = time.monotonic()
+    started = time.time() - (time.monotonic() - search.t_start)  # this run's start, wall clock
+    own = [r for r in records if r.genotype and r.created >= started and r.timings]
+
+    def median(key: str) -> float:
+        return statistics.median([r.timings.get(key, 0.0) for r in own]) if own else 0.0
+
+    # a recovered candidate is rebuilt, scored and (when feasible) compiled and measured like any other;
+    # the rebuild is timed on each parent (warm caches), the rest is what the search's candidates took
+    rest = median("fidelity") + median("compile") + median("measure")
+    if cfg.budget.seconds is not None:
+        end = search.t_start + cfg.budget.seconds
+        if cfg.recover_seconds is not None:
+            end = min(end, t_phase + cfg.recover_seconds)
+    else:
+        end = t_phase + (phase_seconds(None, cfg.recover_seconds, len(chosen)) or 0.0)
+    build = 0.0  # the last rebuild's time: the estimate for the next ones
+    opts = RecoverOptions(train=cfg.recover_train, seed=cfg.seed, threads=cfg.pass_options.get("finetune_threads"),
+                          train_size=cfg.pass_options.get("recover_train_size"))
+    log.info("recover: distilling %d candidate(s) %s on the fit split (%d samples) for up to %.0f s, "
+             "judged on the select split (%d samples)", len(chosen), [r.id for r in chosen],
+             search.fit_data.num_samples, max(0.0, end - t_phase), search.fidelity_data.num_samples)
+    for i, parent in enumerate(chosen):
+        tag = f"from-{parent.id}"
+        genotype = Genotype({**dict(parent.genotype), RECOVER_KEY: tag})
+        entry: dict[str, Any] = {"parent_id": parent.id, "moves": len(parent.genotype), "tag": tag,
+                                 "fidelity_before": parent.fidelity, "latency_ms_before": parent.latency_ms,
+                                 "status_before": parent.status}
+        search.recovery.append(entry)
+        done = search.store.get(genotype)
+        if done is not None:  # a resumed run: recovered before
+            entry.update(candidate_id=done.id, fidelity_after=done.fidelity, latency_ms_after=done.latency_ms,
+                         status_after=done.status, note="recovered in an earlier run (from the store)")
+            continue
+        left = len(chosen) - i
+        # after the phase, inside a time budget: confirming the best (the original and it measured
+        # alternately) and rebuilding it twice (per-layer profile, best.onnx)
+        tail = (2 * cfg.confirm_rounds * median("measure") + 2 * build) if cfg.budget.seconds is not None else 0.0
+        seconds = (end - tail - time.monotonic()) / left - (build + rest)
+        if seconds < 1.0:
+            entry["note"] = f"skipped: {max(0.0, seconds):.1f} s of the budget left for it"
+            log.info("recover: candidate %d skipped (no time left)", parent.id)
+            continue
+        t = time.monotonic()
+        interrupted = False
+        try:
+            model, _ = materialize(search.base, search.space, parent.genotype, search.passes, search.ctx,
+                                   finalize=False)
+            first, build = build == 0.0, time.monotonic() - t
+            if first:  # now that the rebuild time is known
+                tail = 2 * cfg.confirm_rounds * median("measure") + 2 * build if cfg.budget.seconds is not None else 0.0
+                seconds = (end - tail - t) / left - (build + rest)
+            finalizes = _has_finalize(search, parent)
+            res = recover(model, search.base.proto, search.fit_data, search.checker,
+                          seconds=max(1.0, seconds - (build if finalizes else 0.0)), options=opts,
+                          select_before=parent.fidelity if not finalizes else None,
+                          label=f"{i + 1}/{len(chosen)} (candidate {parent.id})")
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # failure is a value
+            entry["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            log.warning("recover: candidate %d: %s", parent.id, entry["error"])
+            continue
+        entry.update(res.to_dict())
+        entry["recover_s"] = round(time.monotonic() - t, 3)
+        interrupted = res.stopped == "interrupted"
+        if not res.weights or res.select_after <= res.select_before:
+            entry["note"] = "no better weights on the select split; the candidate stays as it was"
+        else:
+            save_weights(search.out, tag, res.weights)
+            # the graph as materialize(genotype) rebuilds it (export, best.onnx): built here when no
+            # whole-model step (int8) follows the moves
+            rec, _ = search.evaluate(genotype, model=None if finalizes else res.model)
+            entry.update(candidate_id=rec.id, fidelity_after=rec.fidelity, latency_ms_after=rec.latency_ms,
+                         status_after=rec.status, error_after=rec.error)
+            log.info("recover: candidate %d -> %d: select %s %.6f -> %.6f, %s", parent.id, rec.id, cfg.metric,
+                     parent.fidelity, rec.fidelity if rec.fidelity is not None else math.nan,
+                     f"{rec.latency_ms:.3f} ms" if rec.latency_ms else rec.status)
+        if interrupted:
+            raise KeyboardInterrupt
+    search.timings["recover"] = time.monotonic() - t_phase
+
+
+def _has_finalize(search: Search, parent: Record) -> bool:
+    """Does a pass rewrite the whole model after the moves (int8)? Then the pre-finalize model's
+    select score is not the record's and is measured anew."""
+    from .plugin import Pass
+
+    used = {search.space.site(k).pass_name for k in parent.genotype if k in search.space}
+    return any(type(search.passes[p]).finalize is not Pass.finalize for p in used)
+
+
+__all__ = ["RECOVER_KEY", "DataSource", "RecoverOptions", "RecoveryResult", "apply_recovered", "augment",
+           "choose_features", "image_like", "pick_candidates", "recover", "recover_phase", "save_weights",
+           "split_genotype", "with_weights"]
