@@ -483,6 +483,11 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
             evaluate()  # the final weights
     except KeyboardInterrupt:
         stopped = "interrupted"
+        if step > last_eval_step:  # what was trained since the last evaluation (a second Ctrl-C skips it)
+            try:
+                evaluate()
+            except KeyboardInterrupt:
+                pass
         log.warning("%s: interrupted at step %d: keeping the best weights seen on the select split "
                     "(%.6f, before %.6f)", tag, step, best_score, select_before)
     weights = {n: b.numpy().copy() for n, b in zip(names, best)}
@@ -670,8 +675,9 @@ def recover_phase(search: Search) -> None:
             continue
         left = len(chosen) - i
         # after the phase, inside a time budget: confirming the best (the original and it measured
-        # alternately) and rebuilding it twice (per-layer profile, best.onnx)
-        tail = (2 * cfg.confirm_rounds * median("measure") + 2 * build) if cfg.budget.seconds is not None else 0.0
+        # alternately) and rebuilding it (best.onnx; once more for a per-layer profile)
+        rebuilds = 1 + (getattr(search.target, "profile", None) is not None)
+        tail = (2 * cfg.confirm_rounds * median("measure") + rebuilds * build) if cfg.budget.seconds is not None else 0.0
         seconds = (end - tail - time.monotonic()) / left - (build + rest)
         if seconds < 1.0:
             entry["note"] = f"skipped: {max(0.0, seconds):.1f} s of the budget left for it"
@@ -682,10 +688,9 @@ def recover_phase(search: Search) -> None:
         try:
             model, _ = materialize(search.base, search.space, parent.genotype, search.passes, search.ctx,
                                    finalize=False)
-            first, build = build == 0.0, time.monotonic() - t
-            if first:  # now that the rebuild time is known
-                tail = 2 * cfg.confirm_rounds * median("measure") + 2 * build if cfg.budget.seconds is not None else 0.0
-                seconds = (end - tail - t) / left - (build + rest)
+            build = time.monotonic() - t  # this candidate's rebuild time is now known
+            tail = 2 * cfg.confirm_rounds * median("measure") + rebuilds * build if cfg.budget.seconds is not None else 0.0
+            seconds = (end - tail - t) / left - (build + rest)
             finalizes = _has_finalize(search, parent)
             res = recover(model, search.base.proto, search.fit_data, search.checker,
                           seconds=max(1.0, seconds - (build if finalizes else 0.0)), options=opts,

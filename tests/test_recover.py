@@ -248,7 +248,7 @@ def test_run_with_recovery_honours_a_time_budget_and_export_rebuilds_the_recover
     rep = res.report
     assert rep["search"]["stopped_because"] == "budget (time)"
     assert wall <= 30 * 1.03 + 1.0, wall  # the whole call: search, recovery, confirm and outputs
-    assert rep["wall_time_s"] >= 30 * 0.8, rep["wall_time_s"]  # and the recovery used the time it had
+    assert rep["wall_time_s"] >= 30 * 0.6, rep["wall_time_s"]  # the estimates of what follows err on the safe side
     rows = rep["recovery"]
     assert 1 <= len(rows) <= 2 and rows[0]["steps"] > 0 and rows[0]["select_after"] > rows[0]["select_before"], rows
     recovered = [r for r in rows if r.get("candidate_id")]
