@@ -17,7 +17,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              max_latency_ms: float | None = None, progress: bool = False, finetune_steps: int = 0,
              jobs: int = 1, compile_workers: int = 1, search_exact: bool = False,
              strategy_options: Mapping[str, Any] | None = None, recover_top: int = 0,
-             recover_time: str | float | None = None, recover_train: str = "changed") -> SearchResult:
+             recover_time: str | float | None = None, recover_train: str = "changed",
+             cluster: str | None = None) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -46,5 +47,6 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         finetune_steps=int(finetune_steps), jobs=jobs,
         compile_workers=compile_workers, search_exact=bool(search_exact),
         strategy_options=dict(strategy_options or {}), recover_top=int(recover_top),
-        recover_seconds=parse_seconds(recover_time), recover_train=recover_train)
+        recover_seconds=parse_seconds(recover_time), recover_train=recover_train,
+        cluster=cluster)
     return run_search(cfg)

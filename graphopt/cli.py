@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(each worker imports the compiler, ~0.5 GB; tuning targets share one tuning database "
                           "under a file lock); default 1: compile in this process. M > 1 needs devices behind an "
                           "RPC tracker, as --jobs > 1 does, and turns on the pipelined loop even with --jobs 1")
+    run.add_argument("--cluster", metavar="ADDRESS",
+                     help="compile (and tune) candidates as Ray tasks on a cluster's workers, each declaring the "
+                          "resource tvm_compiler (ray start ... --resources '{\"tvm_compiler\": 1}'); ADDRESS: auto, "
+                          "HOST:PORT or ray://HOST:PORT; devices measure through the tracker as with --jobs. "
+                          "Needs pip install 'graphopt[cluster]'")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
     run.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -229,7 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
                     jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
                     strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,
-                    recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train)
+                    recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train,
+                    cluster=args.cluster)
     with TerminateAsInterrupt() as term:  # SIGTERM: stop, keep the store, write the report (like Ctrl-C)
         try:
             result = run_search(cfg)

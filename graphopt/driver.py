@@ -96,6 +96,7 @@ class RunConfig:
     recover_top: int = 0  # > 0: distil the K most promising candidates after the search (graphopt.recover)
     recover_seconds: float | None = None  # time for that phase (None: a share of a time budget)
     recover_train: str = "changed"  # what recovery trains: changed | all
+    cluster: str | None = None  # Ray address: compiles as Ray tasks on its workers (graphopt.cluster_pool)
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -256,7 +257,7 @@ class Search:
                 f"--jobs {cfg.jobs}: target {cfg.target} measures on one device here, and measurements run at "
                 "once would disturb each other; --jobs > 1 needs devices behind an RPC tracker "
                 "(--target-opt tracker=HOST:PORT --target-opt key=NAME, several devices under that key)")
-        if cfg.compile_workers > 1:
+        if cfg.compile_workers > 1 or cfg.cluster:
             self._check_compile_workers()
         self.out, self._lock, self._out_created = rundir.open_out_dir(cfg.out)  # created, locked, cleaned
         self.store = RunStore.in_dir(self.out)
@@ -580,7 +581,7 @@ class Search:
         try:
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)
-            pipelined = self.cfg.jobs > 1 or self.cfg.compile_workers > 1
+            pipelined = self.cfg.jobs > 1 or self.cfg.compile_workers > 1 or bool(self.cfg.cluster)
             if pipelined:
                 self._run_pipelined(budget, done)
             while not pipelined:
@@ -684,7 +685,13 @@ class Search:
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="graphopt-measure")
         self._cpool = None
         self._cpool_gen, self._cpool_deaths = 0, 0
-        if workers > 1:
+        if self.cfg.cluster:  # the same interface, over Ray (graphopt.cluster_pool)
+            from .cluster_pool import RayCompilePool
+
+            self._cpool = RayCompilePool(self.cfg.cluster, workers, self.cfg.target, self._target_class,
+                                         self.cfg.target_options, tunes=int(getattr(self.target, "trials", 0) or 0) > 0)
+            workers = self._cpool.workers
+        elif workers > 1:
             from .compile_pool import CompilePool
 
             self._cpool = CompilePool(workers, self.cfg.target, self._target_class, self.cfg.target_options)

@@ -481,6 +481,10 @@ def estimate_seconds(db, tasks) -> tuple[float, int]:
 # ------------------------------------------------------------------------- the database lock
 LOCK_FILE = ".graphopt-db.lock"
 _held = threading.local()  # db dir -> the open lock file this thread holds
+# --cluster: a Ray worker's lease on the database the search's node owns (graphopt.cluster_pool):
+# acquire(db_dir) after the local lock fills db_dir (a replica) with the owner's records;
+# release(db_dir) before unlocking sends back the records appended meanwhile. None: local only.
+REMOTE_DB: Any = None
 
 
 @contextlib.contextmanager
@@ -518,6 +522,8 @@ def open_db_locked(db_dir: str | Path, and_open: bool = True):
                 t = time.monotonic()
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 log.info("tuning database lock taken after %.1f s", time.monotonic() - t)
+            if REMOTE_DB is not None:
+                REMOTE_DB.acquire(db_dir)
         except BaseException:
             f.close()
             raise
@@ -532,6 +538,10 @@ def unlock_db(db_dir: str | Path) -> None:
         import fcntl
 
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if REMOTE_DB is not None:
+                REMOTE_DB.release(Path(db_dir))
         finally:
-            f.close()
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            finally:
+                f.close()
