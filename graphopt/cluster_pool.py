@@ -68,6 +68,16 @@ def connect(address: str):
         except ImportError:
             raise UsageError(f"--cluster {address}: Ray Client (ray://) needs pip install 'ray[client]'; or give "
                              "the cluster's GCS address HOST:PORT from a machine that joined it") from None
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    if address != "auto":  # Ray itself waits minutes for an address nobody answers on
+        import socket
+
+        host, _, port = hostport.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--cluster {address}: nothing answers there ({type(e).__name__}: {e}); give the "
+                             "address `ray start --head` printed (HOST:PORT, ray://HOST:PORT or auto)") from None
     if not ray.is_initialized():
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
@@ -91,16 +101,15 @@ def _remote_compile(key: tuple, model_bytes: bytes, knobs: dict[str, Any], db_ow
 
     from . import compile_pool
 
+    from .targets import tuning
+
     if _WORKER.get("key") != key:
         target_name, target_class, options, level = key[0], key[1], dict(key[2]), key[3]
         if db_owner is not None:  # tune into a replica here; the owner merges (see the module doc)
-            replica = Path(tempfile.mkdtemp(prefix="graphopt-tuning-replica-"))
-            options["tuning_db"] = str(replica)
-            from .targets import tuning
-
-            tuning.REMOTE_DB = _LeaseClient(db_owner)
+            options["tuning_db"] = tempfile.mkdtemp(prefix="graphopt-tuning-replica-")
         _init(target_name, target_class, options, level)
         _WORKER.update(key=key, target=compile_pool._TARGET)
+    tuning.REMOTE_DB = _LeaseClient(db_owner) if db_owner is not None else None
     compile_pool._TARGET = _WORKER["target"]
     work = Path(tempfile.mkdtemp(prefix="graphopt-cluster-"))
     try:

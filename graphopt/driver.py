@@ -307,6 +307,11 @@ class Search:
         """--compile-workers M > 1: the target must measure elsewhere (compiles on this machine would
         disturb a measurement here) and hand its artifacts between processes."""
         cfg, target = self.cfg, self.target
+        if cfg.cluster and not (target.concurrent_measure and target.portable_artifacts):
+            raise UsageError(f"--cluster {cfg.cluster}: target {cfg.target} cannot measure on devices behind an RPC "
+                             "tracker while compiled candidates move between machines (needs concurrent_measure "
+                             "and Target.portable); use a TVM target with --target-opt tracker=HOST:PORT "
+                             "--target-opt key=NAME, or drop --cluster")
         if not target.concurrent_measure:
             raise UsageError(
                 f"--compile-workers {cfg.compile_workers}: target {cfg.target} measures on this machine here, and "

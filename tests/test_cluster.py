@@ -86,6 +86,28 @@ def test_no_worker_with_the_resource_is_a_usage_error(tmp_path, slow_target, clu
     _disconnect()
 
 
+def test_a_target_that_measures_here_is_a_usage_error(tmp_path, convbn_path):
+    # checked before Ray is contacted: no cluster needed
+    with pytest.raises(UsageError, match=r"--cluster 127.0.0.1:1: target ort cannot measure on devices behind an "
+                                         r"RPC tracker.*or drop --cluster"):
+        optimize(convbn_path, "ort", budget=1, cluster="127.0.0.1:1", out=tmp_path / "o")
+
+
+def test_cli_cluster_nobody_answers_is_exit_2(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("run", _model(tmp_path), "--target", "ort", "--cluster", "127.0.0.1:1", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--cluster 127.0.0.1:1: target ort" in r.stderr and "Traceback" not in r.stderr
+    h = run_cli("run", "--help")
+    assert "--cluster ADDRESS" in h.stdout and "tvm_compiler" in h.stdout
+    from graphopt.cluster_pool import connect
+
+    t = time.monotonic()
+    with pytest.raises(UsageError, match=r"--cluster 127.0.0.1:1: nothing answers there .*ray start --head"):
+        connect("127.0.0.1:1")
+    assert time.monotonic() - t < 15
+
+
 def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluster):
     """Two workers 'tune' at once into replicas; the owner's database ends with every line, in
     whole blocks, and the second tune started from the first one's records (nothing re-tuned)."""
@@ -141,6 +163,40 @@ def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluste
         assert [h["expired"] for h in history] == [False, False, True, False]
     finally:
         _disconnect()
+
+
+def test_x86_compiles_on_the_cluster_and_measures_on_two_rpc_devices(tmp_path, cluster):
+    """The real thing on loopback: x86 (untuned) compiled by Ray tasks on the two worker nodes, the
+    library shipped back and measured through a tracker with 2 servers, the best exported."""
+    if importlib.util.find_spec("tvm") is None:
+        pytest.skip("apache-tvm not installed")
+    from conftest import conv_bn_model  # noqa: F401 - _model's
+    from rpc_cluster import RpcCluster
+
+    rpc = RpcCluster(servers=2, key="pool", log_dir=tmp_path / "logs")
+    out = tmp_path / "out"
+    with rpc:
+        res = optimize(_model(tmp_path), "x86", budget=4, jobs=2, cluster=cluster.address, out=out,
+                       target_options={"threads": 1, "trials": 0, "tracker": rpc.tracker, "key": "pool",
+                                       "repeat": 5})
+    assert rpc.leftover_processes() == []
+    assert res.exit_code == 0
+    ok = [r for r in res.records if r.status == "ok"]
+    assert len(res.records) == 5 and {r.measurement["method"] for r in ok} == {"rpc"}, \
+        [(r.status, r.error) for r in res.records]
+    remote = [r.measurement["compiled_in"] for r in ok if r.genotype and r.duplicate_of is None]
+    assert remote and all(w["pid"] != os.getpid() and w["node"] for w in remote)
+    assert (out / "model.so").exists()
+
+
+def test_without_the_flag_ray_is_not_imported(tmp_path, slow_target):
+    import subprocess
+    import sys
+
+    code = ("import sys, graphopt.cli, graphopt.driver, graphopt.compile_pool; "
+            "print('ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 def test_a_node_lost_mid_compile_fails_its_candidate_and_a_resumed_run_continues(tmp_path, slow_target, cluster):
