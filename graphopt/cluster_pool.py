@@ -256,6 +256,12 @@ class RayCompilePool:
 
     def __init__(self, address: str, workers: int, target_name: str, target_class: str,
                  target_options: dict[str, Any], tunes: bool = False) -> None:
+        try:
+            import ray as _ray
+
+            self._owns_ray = not _ray.is_initialized()  # a Ray the caller connected stays connected
+        except ImportError:
+            self._owns_ray = True  # connect() says how to install it
         ray = self.ray = connect(address)
         self.address = address
         have = int(ray.cluster_resources().get(RESOURCE, 0))
@@ -349,10 +355,11 @@ class RayCompilePool:
             except Exception:  # noqa: BLE001
                 pass
             self._owner = None
-        try:
-            self.ray.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        if self._owns_ray:
+            try:
+                self.ray.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _rebase(obj: Any, old: str, new: str) -> Any:

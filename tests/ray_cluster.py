@@ -58,6 +58,8 @@ class RayCluster:
             raise RuntimeError(f"ray start ({name}) exited {rc}; see {self.log_dir}")
 
     def start(self) -> "RayCluster":
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
         self._start(["--head", "--port", str(self.port), "--num-cpus", "0", "--node-ip-address", "127.0.0.1",
