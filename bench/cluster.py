@@ -43,7 +43,8 @@ def one(tmp: Path, name: str, target: str, opts: dict, budget: int, jobs: int, *
 
     out = tmp / name
     t = time.monotonic()
-    res = optimize(tmp / "m.onnx", target, budget=budget, jobs=jobs, out=out, target_options=opts, **kw)
+    res = optimize(tmp / "m.onnx", target, budget=budget, jobs=jobs, search_exact=True, out=out,
+                   target_options=opts, **kw)
     wall = time.monotonic() - t
     new = [r for r in res.records if r.genotype]
     ok = sum(r.status == "ok" for r in new)

@@ -44,8 +44,8 @@ def _disconnect():
 
 def test_compiles_run_as_ray_tasks_on_both_workers(tmp_path, slow_target, cluster):
     out = tmp_path / "o"
-    res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, cluster=cluster.address, out=out,
-                   target_options=_opts(slow_target, sleep_s=1.0))
+    res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, cluster=cluster.address, search_exact=True,
+                   out=out, target_options=_opts(slow_target, sleep_s=1.0))
     recs = res.records
     assert all(r.status == "ok" for r in recs), [(r.status, r.error) for r in recs]
     assert len(recs) == 7 and len({r.genotype for r in recs}) == 7
@@ -67,7 +67,7 @@ def test_compiles_run_as_ray_tasks_on_both_workers(tmp_path, slow_target, cluste
 
 def test_a_compile_that_raises_on_a_worker_is_a_failed_record(tmp_path, slow_target, cluster):
     res = optimize(_model(tmp_path, blocks=2), "slowcompile", budget="120s", cluster=cluster.address,
-                   out=tmp_path / "o", target_options=_opts(slow_target, sleep_s=0.2, fail_nodes=8))
+                   search_exact=True, out=tmp_path / "o", target_options=_opts(slow_target, sleep_s=0.2, fail_nodes=8))
     failed = [r for r in res.records if r.status == "failed"]
     assert len(failed) == 2 and all(r.error == "compile: RuntimeError: boom: cannot compile 8 nodes"
                                     for r in failed), [(r.status, r.error) for r in res.records]
@@ -176,8 +176,8 @@ def test_x86_compiles_on_the_cluster_and_measures_on_two_rpc_devices(tmp_path, c
     rpc = RpcCluster(servers=2, key="pool", log_dir=tmp_path / "logs")
     out = tmp_path / "out"
     with rpc:
-        res = optimize(_model(tmp_path), "x86", budget=4, jobs=2, cluster=cluster.address, out=out,
-                       target_options={"threads": 1, "trials": 0, "tracker": rpc.tracker, "key": "pool",
+        res = optimize(_model(tmp_path), "x86", budget=4, jobs=2, cluster=cluster.address, search_exact=True,
+                       out=out, target_options={"threads": 1, "trials": 0, "tracker": rpc.tracker, "key": "pool",
                                        "repeat": 5})
     assert rpc.leftover_processes() == []
     assert res.exit_code == 0
@@ -225,7 +225,7 @@ def test_a_node_lost_mid_compile_fails_its_candidate_and_a_resumed_run_continues
     th = threading.Thread(target=kill_the_first_slow_compile, daemon=True)
     th.start()
     t0 = time.monotonic()
-    res = optimize(_model(tmp_path), "slowcompile", budget=5, cluster=cluster.address, out=out,
+    res = optimize(_model(tmp_path), "slowcompile", budget=5, cluster=cluster.address, search_exact=True, out=out,
                    target_options=_opts(slow_target, sleep_s=1.5))
     th.join(1)
     assert killed, "no compile was seen on a worker node"
@@ -235,7 +235,7 @@ def test_a_node_lost_mid_compile_fails_its_candidate_and_a_resumed_run_continues
                         for r in lost), [(r.status, r.error) for r in res.records]
     assert len(res.records) == 6 and res.report["search"]["stopped_because"] == "budget (candidates)"
     # resumed with a bigger budget on the one node left: the store's candidates are not redone
-    res2 = optimize(_model(tmp_path), "slowcompile", budget=7, cluster=cluster.address, out=out,
+    res2 = optimize(_model(tmp_path), "slowcompile", budget=7, cluster=cluster.address, search_exact=True, out=out,
                     target_options=_opts(slow_target, sleep_s=0.2))
     assert res2.report["search"]["candidates"]["from_store"] >= 5, res2.report["search"]["candidates"]
     assert len(res2.records) == 8 and len({r.genotype for r in res2.records}) == 8
