@@ -28,6 +28,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     `jobs` > 1 measures that many candidates at once (`--jobs`; targets with concurrent_measure).
     `compile_workers` > 1 compiles that many candidates at once in worker processes
     (`--compile-workers`; targets with concurrent_measure and portable_artifacts).
+    `cluster` (a Ray address: auto, HOST:PORT, ray://HOST:PORT) compiles and tunes candidates as Ray
+    tasks on that cluster's workers (`--cluster`, graphopt.cluster_pool; needs graphopt[cluster]).
     `search_exact` searches each exact move per site (`--search-exact`); default one gene per pass.
     `strategy_options` are keyword options of the strategy's constructor (`--strategy-opt K=V`).
     `recover_top` > 0 distils that many promising candidates after the search (`--recover-top`,

@@ -19,8 +19,8 @@ import pytest
 from graphopt import optimize
 from graphopt.errors import UsageError
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (graphopt[cluster])")]
+# the tests with the `cluster` fixture are `slow`: the module's cluster takes ~30 s to start
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (graphopt[cluster])")
 
 from test_compile_workers import _compiles, _model, _opts, slow_target  # noqa: E402,F401 - the fixture
 
@@ -42,6 +42,7 @@ def _disconnect():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_compiles_run_as_ray_tasks_on_both_workers(tmp_path, slow_target, cluster):
     out = tmp_path / "o"
     res = optimize(_model(tmp_path), "slowcompile", budget=6, jobs=2, cluster=cluster.address, search_exact=True,
@@ -65,6 +66,7 @@ def test_compiles_run_as_ray_tasks_on_both_workers(tmp_path, slow_target, cluste
     assert not ray.is_initialized()  # the pool disconnected at the end
 
 
+@pytest.mark.slow
 def test_a_compile_that_raises_on_a_worker_is_a_failed_record(tmp_path, slow_target, cluster):
     res = optimize(_model(tmp_path, blocks=2), "slowcompile", budget="120s", cluster=cluster.address,
                    search_exact=True, out=tmp_path / "o", target_options=_opts(slow_target, sleep_s=0.2, fail_nodes=8))
@@ -75,6 +77,7 @@ def test_a_compile_that_raises_on_a_worker_is_a_failed_record(tmp_path, slow_tar
     assert sum(r.status == "ok" for r in res.records) == 2
 
 
+@pytest.mark.slow
 def test_no_worker_with_the_resource_is_a_usage_error(tmp_path, slow_target, cluster, monkeypatch):
     from graphopt import cluster_pool
 
@@ -108,6 +111,7 @@ def test_cli_cluster_nobody_answers_is_exit_2(tmp_path):
     assert time.monotonic() - t < 15
 
 
+@pytest.mark.slow
 def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluster):
     """Two workers 'tune' at once into replicas; the owner's database ends with every line, in
     whole blocks, and the second tune started from the first one's records (nothing re-tuned)."""
@@ -165,6 +169,7 @@ def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluste
         _disconnect()
 
 
+@pytest.mark.slow
 def test_x86_compiles_on_the_cluster_and_measures_on_two_rpc_devices(tmp_path, cluster):
     """The real thing on loopback: x86 (untuned) compiled by Ray tasks on the two worker nodes, the
     library shipped back and measured through a tracker with 2 servers, the best exported."""
@@ -199,6 +204,7 @@ def test_without_the_flag_ray_is_not_imported(tmp_path, slow_target):
     assert r.stdout.strip() == "False", r.stderr
 
 
+@pytest.mark.slow
 def test_a_node_lost_mid_compile_fails_its_candidate_and_a_resumed_run_continues(tmp_path, slow_target, cluster):
     """SIGKILL a whole worker node (raylet and its worker processes) while it compiles: that
     candidate is a failed record naming the lost worker, the run goes on on the other node, the
