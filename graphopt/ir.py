@@ -99,13 +99,15 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
     proto.CopyFrom(proto_in)  # never edit the caller's object
     if len(proto.graph.node) == 0:
         raise ModelError(f"{where} has no nodes (graph is empty, or this is not an ONNX model)")
+    # --shape first: onnx.checker refuses an input without a declared shape ("Field 'shape' of 'type' is
+    # required but missing"), which --shape gives it (or the error below names the input and the flag)
+    _fix_input_shapes(proto, dict(shapes or {}), where)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
         raise ModelError(f"{where} fails onnx.checker: {_first_line(e)}") from None
 
     notes: list[str] = []
-    _fix_input_shapes(proto, dict(shapes or {}), where)
     _name_nodes(proto)
     if fold:
         n_before = len(proto.graph.node)
