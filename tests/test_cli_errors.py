@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +144,34 @@ def test_unknown_flag_exits_2(convbn_path):
     assert "Traceback" not in res.stderr
 
 
+def _documented_exit_codes(help_text: str) -> dict[int, str]:
+    """The 'exit codes:' section of a --help page: {code: its first line of meaning}."""
+    assert "\nexit codes:\n" in help_text, help_text[-1500:]
+    section = help_text.split("\nexit codes:\n", 1)[1]
+    codes: dict[int, str] = {}
+    for line in section.splitlines():
+        m = re.match(r"^  (\d+) +(\S.*)$", line)
+        if m:
+            codes[int(m.group(1))] = m.group(2)
+        elif line and not line.startswith("     "):  # not a continuation line: the section ended
+            break
+    return codes
+
+
 def test_help_documents_exit_codes():
-    res = run_cli("run", "--help")
-    assert res.returncode == 0
-    for code in ("0 ", "2 ", "3 ", "4 ", "130"):
-        assert code in res.stdout
-    assert "--budget" in res.stdout and "--min-fidelity" in res.stdout
+    from graphopt import errors
+
+    for args in (("run", "--help"), ("--help",)):
+        res = run_cli(*args)
+        assert res.returncode == 0
+        if args[0] == "run":
+            assert "--budget" in res.stdout and "--min-fidelity" in res.stdout
+        codes = _documented_exit_codes(res.stdout)
+        # every code the CLI returns, each with what it means, and the numbers are the ones errors.py uses
+        assert sorted(codes) == [0, 1, 2, 3, 4, 130], codes
+        assert codes[errors.EXIT_OK].startswith("success")
+        assert codes[errors.EXIT_INTERNAL].startswith("internal error")
+        assert codes[errors.UsageError.exit_code].startswith("bad input or usage")
+        assert codes[errors.NoFeasibleCandidate.exit_code].startswith("no candidate met the constraints")
+        assert codes[errors.TargetUnreachable.exit_code].startswith("target unreachable")
+        assert codes[errors.EXIT_INTERRUPTED].startswith("interrupted (Ctrl-C)")

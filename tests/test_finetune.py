@@ -117,8 +117,11 @@ def test_finetune_beats_repair_alone_on_held_out_inputs(pass_obj, choice):
     after = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and changed <= set(res.trained)
-    orig = {t.name for t in base.proto.graph.initializer}
-    assert not changed & orig if pass_obj.name == "depthwise" else True  # new tensors only
+    # both moves write new tensors (a depthwise pair; a cropped kernel and its bias): the original's stay as they were
+    orig = {t.name: numpy_helper.to_array(t) for t in base.proto.graph.initializer}
+    assert not changed & set(orig), changed & set(orig)
+    assert set(res.trained) == set(trainable_names(repaired, base.proto, "touched")) and not set(res.trained) & set(orig)
+    assert all(np.array_equal(after[k], v) for k, v in orig.items() if k in after)
     assert all(after[k].dtype == before[k].dtype and after[k].shape == before[k].shape for k in before)
 
 

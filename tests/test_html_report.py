@@ -275,10 +275,20 @@ def test_real_small_run(tmp_path):
 
     model = tmp_path / HOSTILE_FILE
     m = conv_bn_model(blocks=3)
-    m.graph.node[1].name = EVIL  # a BatchNormalization node with a hostile name
+    bns = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
+    for i, n in enumerate(bns):  # every BatchNormalization node has a hostile name
+        n.name = EVIL + (str(i) if i else "")
     onnx.save(m, model)
-    res = optimize(model, "ort", passes="conv_bn", budget=4, out=tmp_path / "o", search_exact=True)
+    # a size limit just under the original's: only candidates with at least one fused BN (~125 bytes
+    # smaller each) are feasible, so the best always has moves, each naming a hostile node
+    from graphopt.ir import load_proto
+
+    limit_mb = (load_proto(m).proto.ByteSize() - 50) / 1e6
+    res = optimize(model, "ort", passes="conv_bn", budget=4, out=tmp_path / "o", search_exact=True,
+                   max_size_mb=limit_mb)
     assert res.exit_code == 0
+    original = next(r for r in res.records if not r.genotype)
+    assert original.status == "infeasible" and "--max-size-mb" in original.error, (original.status, original.error)
     report = json.loads((tmp_path / "o" / "report.json").read_text())  # what the CLI would render from
     records = res.records
     page = render_html(report, records, front_ids(records))
@@ -294,15 +304,12 @@ def test_real_small_run(tmp_path):
     best_id = str(report["best"]["candidate_id"])
     assert root.by_id("pareto-plot").find_all(cls="best-marker", **{"data-id": best_id})
     moves = report["best"]["moves"]
-    if moves:
-        assert len(root.by_id("moves").find_all("tbody")[0].find_all("tr")) == len(moves)
-    else:
-        assert root.by_id("moves-none")
+    assert moves and all(any(n.startswith(EVIL) for n in mv["nodes"]) for mv in moves), moves
+    assert len(root.by_id("moves").find_all("tbody")[0].find_all("tr")) == len(moves)
     assert len(root.by_id("candidates").find_all("tbody")[0].find_all("tr")) == len(records)
-    # hostile strings arrive escaped: the model's file name always, the node name where a move names it
+    # hostile strings arrive escaped: the model's file name in the header, the node names in the moves table
     assert HOSTILE_FILE in root.by_id("header").all_text() and HOSTILE_FILE not in page
-    if any(EVIL in m["nodes"] for m in moves):
-        assert EVIL in root.by_id("moves").all_text()
+    assert EVIL in root.by_id("moves").all_text()
 
 
 def test_interrupted_estimated_untuned_run_says_so():

@@ -139,22 +139,45 @@ def test_options_are_checked(setup):
 
 def test_int8_activations_option(setup):
     base, _, _, ctx = setup
+    def activation_zero_points(q):  # activations: per tensor (scalar); weights: per channel
+        zps = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")}
+        return {k: z for k, z in zps.items() if z.ndim == 0}
+
     q = quantize(base.proto, dict(ctx.calibration), ["conv0"], activations="int8", reduce_range=False)
-    zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
-    act_zps = [z for z in zps if z.ndim == 0]  # activations: per tensor; weights/bias: per channel
-    assert act_zps and all(z.dtype == np.int8 for z in act_zps)
+    act_zps = activation_zero_points(q)
+    assert {"x_zero_point", "c0_zero_point"} <= set(act_zps), sorted(act_zps)  # conv0's input and output
+    assert all(z.dtype == np.int8 for z in act_zps.values())
     q = quantize(base.proto, dict(ctx.calibration), ["conv0"], activations="uint8", reduce_range=False)
-    act_zps = [onnx.numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("zero_point")]
-    assert all(z.dtype == np.uint8 for z in act_zps if z.ndim == 0)
+    act_zps = activation_zero_points(q)
+    assert {"x_zero_point", "c0_zero_point"} <= set(act_zps), sorted(act_zps)
+    assert all(z.dtype == np.uint8 for z in act_zps.values())
+
+
+def _scale(model: onnx.ModelProto, name: str) -> float:
+    return float(next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name))
 
 
 def test_calibration_is_cached(setup, tmp_path):
+    """The second quantize of the same graph and data reads the ranges the first one calibrated:
+    the cache file is edited in between, and the second model's input scale follows the edit."""
+    import json
+
     base, _, _, ctx = setup
-    a = quantize(base.proto, dict(ctx.calibration), ["conv0"], cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("ranges-*.json"))) == 1
-    b = quantize(base.proto, dict(ctx.calibration), ["conv0", "conv1"], cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("ranges-*.json"))) == 1
+    a = quantize(base.proto, dict(ctx.calibration), ["conv0"], cache_dir=tmp_path, reduce_range=False)
+    (cache,) = tmp_path.glob("ranges-*.json")
+    ranges = json.loads(cache.read_text())
+    x = ranges["data"]["x"]
+    lo, hi = x["lowest"]["data"][0], x["highest"]["data"][0]
+    assert _scale(a, "x_scale") == pytest.approx((hi - lo) / 255, rel=1e-5)  # uint8, asymmetric: the range / 255
+    x["lowest"]["data"], x["highest"]["data"] = [-100.0], [155.0]
+    cache.write_text(json.dumps(ranges))
+    b = quantize(base.proto, dict(ctx.calibration), ["conv0", "conv1"], cache_dir=tmp_path, reduce_range=False)
+    assert _scale(b, "x_scale") == pytest.approx(1.0, rel=1e-5)  # (155 - -100) / 255: the edited range was read
+    assert list(tmp_path.glob("ranges-*.json")) == [cache]
     assert _quantized_nodes(a) == {"conv0"} and _quantized_nodes(b) == {"conv0", "conv1"}
+    # other data: its own ranges, calibrated anew
+    c = quantize(base.proto, {"x": _data(8, 2)}, ["conv0"], cache_dir=tmp_path, reduce_range=False)
+    assert len(list(tmp_path.glob("ranges-*.json"))) == 2 and _scale(c, "x_scale") < 0.1
     # the input model is never edited (quantize_static re-saves a ModelProto it is given in place)
     onnx.checker.check_model(base.proto, full_check=True)
     assert all(not i.external_data for i in base.proto.graph.initializer)
