@@ -163,3 +163,113 @@ def test_cli_finetune_flag(convbn_path, tmp_path):
     res = run_cli("run", convbn_path, "--target", "ort", "--finetune", "-3", "--out", tmp_path / "o")
     assert res.returncode == 2 and "--finetune -3: must be 0 or a positive number of steps" in res.stderr
     assert "needs torch" in run_cli("run", "--help").stdout.rsplit("--finetune STEPS", 1)[1][:400]
+
+
+def _transformer_ops_model():
+    """The interpreter's other ops (LayerNormalization, GELU by Erf, Tanh, LeakyRelu, HardSwish, Pow, Neg,
+    Exp, Sqrt, Transpose, Softmax, reductions, Squeeze/Unsqueeze, GlobalMaxPool, Identity, Dropout,
+    Constant, Flatten), axes as attributes and as inputs; two outputs."""
+    rng = np.random.default_rng(4)
+    mk = helper.make_node
+    nodes = [
+        mk("LayerNormalization", ["x", "ln_g", "ln_b"], ["ln"], name="ln", axis=-1, epsilon=1e-5),
+        mk("MatMul", ["ln", "W"], ["mm"], name="mm"), mk("Add", ["mm", "bias"], ["h"], name="bias"),
+        mk("Div", ["h", "sqrt2"], ["hd"], name="hd"), mk("Erf", ["hd"], ["erf"], name="erf"),
+        mk("Add", ["erf", "one"], ["e1"], name="e1"), mk("Mul", ["h", "half"], ["hh"], name="hh"),
+        mk("Mul", ["hh", "e1"], ["gelu"], name="gelu"),
+        mk("Tanh", ["gelu"], ["t"], name="tanh"), mk("LeakyRelu", ["h"], ["lr"], name="lrelu", alpha=0.2),
+        mk("HardSwish", ["h"], ["hs"], name="hswish"),
+        mk("Add", ["t", "lr"], ["tl"], name="tl"), mk("Sub", ["tl", "hs"], ["s"], name="sub"),
+        mk("Pow", ["s", "two"], ["p"], name="pow"), mk("Neg", ["p"], ["n"], name="neg"),
+        mk("Exp", ["n"], ["ex"], name="exp"), mk("Sqrt", ["ex"], ["sq"], name="sqrt"),
+        mk("Transpose", ["sq"], ["tr"], name="tr", perm=[0, 2, 1]),
+        mk("Softmax", ["tr"], ["sm"], name="softmax", axis=-1),
+        mk("ReduceMean", ["sm"], ["rm"], name="rmean", axes=[2], keepdims=1),
+        mk("Squeeze", ["rm", "ax2"], ["sqz"], name="squeeze"),
+        mk("Unsqueeze", ["sqz", "ax1"], ["uns"], name="unsqueeze"),
+        mk("Identity", ["uns"], ["idn"], name="identity"), mk("Dropout", ["idn"], ["dp"], name="dropout"),
+        mk("GlobalMaxPool", ["tr"], ["gmp"], name="gmp"),
+        mk("Constant", [], ["c3"], name="c3", value=numpy_helper.from_array(np.array([3.0], np.float32))),
+        mk("Flatten", ["dp"], ["f1"], name="f1", axis=1), mk("Flatten", ["gmp"], ["f2"], name="f2", axis=1),
+        mk("Mul", ["f2", "c3"], ["f2c"], name="f2c"), mk("Add", ["f1", "f2c"], ["y1"], name="y1"),
+        mk("ReduceMax", ["tr"], ["rmax"], name="rmax", axes=[1], keepdims=0),
+        mk("ReduceSum", ["tr", "ax12"], ["rs"], name="rsum", keepdims=1),
+        mk("Flatten", ["rs"], ["rsf"], name="rsf", axis=1), mk("Add", ["rmax", "rsf"], ["y2"], name="y2"),
+    ]
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    inits = [float_init("ln_g", rng.uniform(0.5, 1.5, 8)), float_init("ln_b", rng.standard_normal(8) * 0.1),
+             float_init("W", rng.standard_normal((8, 8)) * 0.4), float_init("bias", rng.standard_normal(8) * 0.1),
+             float_init("sqrt2", np.sqrt(2.0)), float_init("one", 1.0), float_init("half", 0.5), float_init("two", 2.0),
+             i64("ax2", [2]), i64("ax1", [1]), i64("ax12", [1, 2])]
+    return make_model(nodes, {"x": [1, 4, 8]}, ["y1", "y2"], inits)
+
+
+def test_interpreter_matches_onnxruntime_on_transformer_ops():
+    model = _transformer_ops_model()
+    onnx.checker.check_model(model)
+    xs = np.random.default_rng(5).standard_normal((3, 1, 4, 8)).astype(np.float32)
+    tg = TorchGraph(model, set(trainable_names(model, params="all")))
+    outs = [o.detach().numpy() for o in tg({"x": torch.from_numpy(xs.reshape(3, 4, 8))})]
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    per = [s.run(None, {"x": x}) for x in xs]
+    for j, name in enumerate(("y1", "y2")):
+        ref = np.concatenate([p[j] for p in per], axis=0)
+        assert outs[j].shape == ref.shape, name
+        np.testing.assert_allclose(outs[j], ref, rtol=1e-4, atol=1e-5, err_msg=name)
+    # what trains in "all" mode: float tensors in weight slots (constant operands of Add/Mul/Div included),
+    # never int axes or a Pow exponent
+    every = set(trainable_names(model, params="all"))
+    assert {"ln_g", "ln_b", "W", "bias", "sqrt2", "one", "half"} <= every
+    assert not {"ax1", "ax2", "ax12", "two"} & every
+
+
+def test_interpreter_disagreeing_with_onnxruntime_stops_training(monkeypatch):
+    """Before training the interpreter's outputs are checked against onnxruntime's: a wrong op is an
+    error naming the output, never a silent mis-training."""
+    from graphopt import finetune as ft
+
+    rng = np.random.default_rng(2)
+    calib = _smooth(rng, 4)
+    base, repaired = _candidate(DepthwiseSeparable(), 1, calib)
+    monkeypatch.setitem(ft.SUPPORTED_OPS, "Relu", lambda tg, a, at: a[0])  # an interpreter bug: Relu as identity
+    with pytest.raises(FinetuneError, match=r"the torch interpreter disagrees with onnxruntime on output 'logits'"):
+        finetune(repaired, base.proto, {"x": calib}, 5, threads=1)
+
+
+def test_result_is_never_worse_than_the_input_even_when_training_diverges():
+    rng = np.random.default_rng(6)
+    calib = _smooth(rng, 8)
+    base, repaired = _candidate(DepthwiseSeparable(), 1, calib)
+    res = finetune(repaired, base.proto, {"x": calib}, 15, lr=50.0, threads=1)  # a learning rate that blows up
+    assert max(res.history) > 10 * res.loss_before  # it did diverge
+    assert res.loss_after <= res.loss_before
+    ref, before, after = _ort(base.proto, calib), _ort(repaired, calib), _ort(res.model, calib)
+    err = lambda outs: float(np.mean([np.mean((a - b) ** 2) for a, b in zip(ref, outs)]))  # noqa: E731
+    assert err(after) <= err(before) * (1 + 1e-6)
+
+
+def test_params_all_trains_the_original_weights_but_never_running_statistics():
+    rng = np.random.default_rng(7)
+    calib = _smooth(rng, 8)
+    base, repaired = _candidate(DepthwiseSeparable(), 1, calib)
+    res = finetune(repaired, base.proto, {"x": calib}, 10, params="all", threads=1)
+    before = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert {"fc_w", "w0", "bn0_s"} <= changed, changed  # original weights train in "all" mode
+    assert not {"bn0_m", "bn0_v", "bn1_m", "bn1_v"} & changed  # running statistics never do
+    assert res.loss_after < res.loss_before
+    with pytest.raises(UsageError, match="must be 0 or a positive number of steps"):
+        finetune(repaired, base.proto, {"x": calib}, -1)
+    with pytest.raises(UsageError, match="needs calibration data: pass --data"):
+        finetune(repaired, base.proto, {}, 5)
+
+
+def test_missing_torch_names_the_fix(monkeypatch):
+    import sys
+
+    from graphopt.finetune import check_available
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    with pytest.raises(UsageError, match=r"--finetune needs torch, which is not installed: pip install torch"):
+        check_available()
