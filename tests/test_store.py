@@ -196,3 +196,53 @@ def test_a_writer_killed_mid_run_keeps_every_committed_row(tmp_path):
     again = RunStore(db)
     assert len(again) == k + 1 and again.records()[-1].genotype == Genotype({"b:0": 0})
     again.close()
+
+
+def test_a_run_killed_with_kill_9_resumes_from_its_store(tmp_path):
+    """`graphopt run` killed with SIGKILL (no handler runs, the WAL is not checkpointed): the same
+    command resumes from the rows committed before the kill and measures none of them again."""
+    import onnx
+
+    from conftest import ROOT, conv_bn_model
+
+    model, out = tmp_path / "m.onnx", tmp_path / "out"
+    onnx.save(conv_bn_model(blocks=4), model)  # 4 conv_bn sites: 16 genotypes
+    args = [sys.executable, "-m", "graphopt", "run", str(model), "--target", "ort", "--threads", "1",
+            "--target-opt", "repeat=10", "--target-opt", "number=1000", "--budget", "6", "--out", str(out), "--json"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / RunStore.FILENAME
+
+    def stored() -> int:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+                return c.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    try:
+        end = time.monotonic() + 240
+        while stored() < 3:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < end, "fewer than 3 candidates stored in 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    store = RunStore(db)
+    before = [(r.id, r.genotype, r.status, r.latency_ms) for r in store.records()]
+    store.close()
+    assert len(before) >= 3 and before[0][1] == Genotype()
+    assert len(before) < 7, "the run finished before the kill: nothing to resume"
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads(res.stdout)
+    assert rep["search"]["resumed"] is True
+    assert rep["search"]["candidates"]["from_store"] == len(before) - 1  # all but the original count
+    assert rep["search"]["candidates"]["new"] == 6 - (len(before) - 1)
+    store = RunStore(db)
+    after = [(r.id, r.genotype, r.status, r.latency_ms) for r in store.records()]
+    store.close()
+    assert after[:len(before)] == before  # kept as they were
+    assert len(after) == 7 and len({g for _, g, _, _ in after}) == 7  # nothing measured twice
