@@ -203,9 +203,10 @@ def test_server_dies_mid_run_then_resume(cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["search"]["resumed"] is True and rep["latency_method"] == "rpc"
-    assert rep["search"]["candidates"]["from_store"] >= done
-    assert rep["search"]["candidates"]["new"] <= 2
+    assert rep["search"]["candidates"]["from_store"] == done
+    assert rep["search"]["candidates"]["new"] == 2  # exactly the two the budget leaves
     rows = _store_rows(out)
+    assert len(rows) == len(first) + 2
     assert rows[:len(first)] == first  # every finished candidate kept as it was
     genotypes = [g for g, _ in rows]
     assert len(genotypes) == len(set(genotypes)), "a stored candidate was measured again"
