@@ -10,6 +10,7 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -257,13 +258,14 @@ def test_cuda_tuning_fills_database_and_next_compile_reuses_it(tmp_path):
     assert t.target.attrs["max_threads_per_block"] == 1024 and t.target_json() == {"kind": "cuda", "arch": "sm_90"}
     mod = tc.import_onnx(cuda.bn_to_affine(tc.fold_constants(conv_bn_model(channels=8, size=8, blocks=1))), fold=False)
     db_dir = tuning.db_dir_for(t.target_json(), tmp_path / "db")
-    stats = []
+    stats, kernels = [], []
     for _ in range(2):
         runner = FakeRunner()
         with t.target:
             ex, st = tuning.tune_and_build(mod, t.target, db_dir=db_dir, trials_per_task=1, work_dir=tmp_path,
                                            runner=runner)
         stats.append((st, runner.runs))
+        kernels.append(_embedded_cuda_source(SimpleNamespace(handle=ex)))
     (first, runs1), (second, runs2) = stats
     # a workload's sampled schedules can all be rejected before building (no time for it): most must tune
     assert first.workloads_seen >= 3 and first.workloads_tuned >= first.workloads_seen - 1
@@ -271,7 +273,12 @@ def test_cuda_tuning_fills_database_and_next_compile_reuses_it(tmp_path):
     # the second compile measures nothing it already has
     assert second.workloads_seen == first.workloads_seen and second.workloads_reused >= first.workloads_tuned
     assert runs2 <= len(first.untuned_tasks) and set(second.untuned_tasks) <= set(first.untuned_tasks)
-    assert ex is not None
+    # both builds carry CUDA kernels with the database's schedules: the second the same as the first, and
+    # not TVM's default (untuned) schedules
+    assert all('extern "C" __global__' in k for k in kernels)
+    assert kernels[1] == kernels[0]
+    plain = cuda.CudaTarget(arch="sm_90").compile(conv_bn_model(channels=8, size=8, blocks=1), tmp_path / "plain")
+    assert plain.info["tuned"] is False and _embedded_cuda_source(plain) != kernels[0]
 
 
 @no_gpu_only
