@@ -160,6 +160,7 @@ def _documented_exit_codes(help_text: str) -> dict[int, str]:
 
 def test_help_documents_exit_codes():
     from graphopt import errors
+    from graphopt.rundir import EXIT_TERMINATED
 
     for args in (("run", "--help"), ("--help",)):
         res = run_cli(*args)
@@ -168,10 +169,11 @@ def test_help_documents_exit_codes():
             assert "--budget" in res.stdout and "--min-fidelity" in res.stdout
         codes = _documented_exit_codes(res.stdout)
         # every code the CLI returns, each with what it means, and the numbers are the ones errors.py uses
-        assert sorted(codes) == [0, 1, 2, 3, 4, 130], codes
+        assert sorted(codes) == [0, 1, 2, 3, 4, 130, 143], codes
         assert codes[errors.EXIT_OK].startswith("success")
         assert codes[errors.EXIT_INTERNAL].startswith("internal error")
         assert codes[errors.UsageError.exit_code].startswith("bad input or usage")
         assert codes[errors.NoFeasibleCandidate.exit_code].startswith("no candidate met the constraints")
         assert codes[errors.TargetUnreachable.exit_code].startswith("target unreachable")
         assert codes[errors.EXIT_INTERRUPTED].startswith("interrupted (Ctrl-C)")
+        assert codes[EXIT_TERMINATED].startswith("terminated (SIGTERM")

@@ -206,9 +206,9 @@ def test_a_run_killed_with_kill_9_resumes_from_its_store(tmp_path):
     from conftest import ROOT, conv_bn_model
 
     model, out = tmp_path / "m.onnx", tmp_path / "out"
-    onnx.save(conv_bn_model(blocks=4), model)  # 4 conv_bn sites: 16 genotypes
+    onnx.save(conv_bn_model(blocks=4), model)  # 4 conv_bn sites (--search-exact: one gene each): 16 genotypes
     args = [sys.executable, "-m", "graphopt", "run", str(model), "--target", "ort", "--threads", "1",
-            "--target-opt", "repeat=10", "--target-opt", "number=1000", "--budget", "6", "--out", str(out), "--json"]
+            "--target-opt", "repeat=10", "--target-opt", "number=1000", "--search-exact", "--budget", "6", "--out", str(out), "--json"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / RunStore.FILENAME
 
