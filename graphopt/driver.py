@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import GraphoptError, NoFeasibleCandidate, TargetUnreachable, UsageError
+from .controlflow import guard_sites
 from .evaluate import METRICS, CalibrationData, FidelityChecker, load_data, synthetic_data
 from .genotype import Genotype, SearchSpace
 from .ir import LoadedModel, export_graph, load_model, model_hash
@@ -138,7 +139,13 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
     A recovered record's genotype (a `recover` gene, graphopt.recover) is its parent's moves plus
     the recovered weights stored in the run directory. finalize=False: before whole-model
     steps (int8), the float model recovery trains.
+    The empty genotype is the original: the loaded model itself, never re-exported (a model
+    graphopt could not export, e.g. an already-int8 one, is still measured as it is).
     """
+    if not genotype:
+        model = type(base.proto)()
+        model.CopyFrom(base.proto)
+        return model, {}
     from .exact import expand
     from .recover import split_genotype
 
@@ -249,7 +256,12 @@ class Search:
         base_graph = self.base.graph()
         from .exact import build_space  # exact moves: one gene per pass unless --search-exact
 
-        self.space = build_space({name: p.sites(base_graph) for name, p in self.passes.items()}, cfg.search_exact)
+        # no moves on or into control flow (graphopt.controlflow)
+        self.space = build_space({name: guard_sites(base_graph, p.sites(base_graph))[0]
+                                  for name, p in self.passes.items()}, cfg.search_exact)
+        for d in self.base.defaulted_dims:
+            log.info("input %s: symbolic batch dimension %r set to 1 (--shape %s=... to choose)",
+                     d["input"], d["dim"], d["input"])
         self.target: Target = TARGETS.create(cfg.target, **cfg.target_options)
         self.target.check()
         if cfg.jobs > 1 and not self.target.concurrent_measure:

@@ -45,7 +45,7 @@ class CalibrationData:
         return next(iter(self.arrays.values())).shape[0] if self.arrays else 0
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i] for k, v in self.arrays.items()}
+        return {k: v[i, ...] for k, v in self.arrays.items()}  # [i, ...]: a 0-d array for a scalar input, not a numpy scalar
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -219,7 +219,16 @@ class FidelityChecker:
         self.metric = metric
         self.data = data
         self.output_names = [o.name for o in base.graph.output]
-        self.reference = run_model(base, data)
+        try:
+            self.reference = run_model(base, data)
+        except Exception as e:  # the original itself fails on these inputs: the data's fault, not a candidate's
+            from .errors import DataError
+
+            text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:400]
+            raise DataError(f"onnxruntime cannot run the original model on the {data.source} inputs ({text}); "
+                            + ("synthetic inputs are random values of the declared types and shapes, which this "
+                               "model does not accept: pass real inputs with --data" if data.synthetic else
+                               "check that --data holds valid inputs for the model")) from None
 
     def score(self, candidate: "onnx.ModelProto") -> Fidelity:
         outs = run_model(candidate, self.data)

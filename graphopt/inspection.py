@@ -7,21 +7,24 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .analysis import analyze, format_table
+from .controlflow import guard_sites, leave_alone
 from .ir import load_model, op_histogram
 from .registry import PASSES, parse_names
 
 
 def inspect_model(model: str | Path, passes: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
                   top: int = 15) -> dict[str, Any]:
-    base = load_model(model, shapes)
+    base = load_model(model, shapes, symbolic_ok=True)  # dims --shape does not give stay symbolic
     stats = analyze(base.proto)
     names = parse_names(PASSES, passes) if passes else PASSES.names()
     graph = base.graph()
     per_pass: dict[str, Any] = {}
     for name in names:
         p = PASSES.create(name)
-        sites = p.sites(graph)
-        rejected = p.rejections(graph)
+        sites, guarded = guard_sites(graph, p.sites(graph))
+        rejected = p.rejections(graph) + guarded
+        seen = {n for n, _ in rejected}
+        rejected += [(n, why) for n, why in leave_alone(graph) if n not in seen]
         per_pass[name] = {
             "description": p.description,
             "sites": [{"key": s.key, "nodes": list(s.nodes), "choices": list(s.choices),
@@ -31,10 +34,21 @@ def inspect_model(model: str | Path, passes: str | None = None, shapes: Mapping[
     return {
         "model": str(model), "sha256": base.sha256, "opsets": {o.domain or "ai.onnx": o.version
                                                                for o in base.proto.opset_import},
-        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in base.inputs],
+        "inputs": [{"name": s.name, "shape": _dims(base.proto, s.name, s.shape), "dtype": str(s.dtype)}
+                   for s in base.inputs],
+        "defaulted_dims": base.defaulted_dims,
         "outputs": base.output_names, "nodes": len(base.proto.graph.node), "op_histogram": op_histogram(base.proto),
         "stats": stats.to_dict(), "passes": per_pass, "_stats": stats, "_top": top, "notes": base.notes,
     }
+
+
+def _dims(proto, name: str, shape) -> list:
+    """An input's dims as the loaded graph declares them: ints, or the symbolic name ('?' if none)."""
+    for vi in proto.graph.input:
+        if vi.name == name:
+            return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or "?")
+                    for d in vi.type.tensor_type.shape.dim]
+    return list(shape)
 
 
 def format_inspection(info: dict[str, Any]) -> str:

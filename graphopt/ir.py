@@ -38,6 +38,11 @@ class LoadedModel:
     inputs: list[InputSpec]
     output_names: list[str]
     notes: list[str] = field(default_factory=list)
+    # symbolic leading (batch) dimensions graphopt set to 1: [{"input", "axis", "dim", "value"}]
+    defaulted_dims: list[dict] = field(default_factory=list)
+    # True when the graph keeps its inputs' symbolic dims (control flow: see controlflow.py);
+    # `inputs` still holds the static shapes the data is made with
+    symbolic_inputs: bool = False
 
     def graph(self) -> "gs.Graph":
         """A fresh gs.Graph of the base model (callers may edit it)."""
@@ -59,7 +64,7 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def load_model(path: str | Path, shapes: Mapping[str, tuple[int, ...]] | None = None,
-               check_runtime: bool = True) -> LoadedModel:
+               check_runtime: bool = True, symbolic_ok: bool = False) -> LoadedModel:
     import onnx
 
     path = Path(path)
@@ -85,12 +90,14 @@ def load_model(path: str | Path, shapes: Mapping[str, tuple[int, ...]] | None = 
             raise ModelError(f"{path}: external weight data could not be loaded ({_first_line(e)}); "
                              "keep the .data file next to the model") from None
     return load_proto(proto, shapes=shapes, sha256=hashlib.sha256(data).hexdigest(), path=path,
-                      check_runtime=check_runtime)
+                      check_runtime=check_runtime, symbolic_ok=symbolic_ok)
 
 
 def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] | None = None,
                sha256: str | None = None, path: Path | None = None,
-               check_runtime: bool = True, fold: bool = True) -> LoadedModel:
+               check_runtime: bool = True, fold: bool = True, symbolic_ok: bool = False) -> LoadedModel:
+    """symbolic_ok (`graphopt inspect`): dynamic dimensions other than a leading batch dimension
+    stay symbolic instead of being an error (and onnxruntime is not asked to run the model)."""
     import onnx
 
     where = str(path) if path else "model"
@@ -101,13 +108,40 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
         raise ModelError(f"{where} has no nodes (graph is empty, or this is not an ONNX model)")
     # --shape first: onnx.checker refuses an input without a declared shape ("Field 'shape' of 'type' is
     # required but missing"), which --shape gives it (or the error below names the input and the flag)
-    _fix_input_shapes(proto, dict(shapes or {}), where)
+    defaulted = _fix_input_shapes(proto, dict(shapes or {}), where, symbolic_ok=symbolic_ok)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
         raise ModelError(f"{where} fails onnx.checker: {_first_line(e)}") from None
 
     notes: list[str] = []
+    for d in defaulted:
+        notes.append(f"input {d['input']!r}: symbolic batch dimension {d['dim']!r} (axis {d['axis']}) set to 1; "
+                     f"pass --shape {d['input']}=... to choose another batch size")
+    unknown = _symbolic_dims(proto) if symbolic_ok else []
+    if unknown:
+        notes.append("dynamic dimensions left symbolic: " + ", ".join(unknown)
+                     + " (graphopt run needs --shape for them; shapes and FLOPs below them are unknown)")
+    fixed = proto
+    proto = _finish_load(proto, notes, fold)
+    inputs = graph_inputs(proto)
+    symbolic_inputs = False
+    if check_runtime and not unknown:
+        from .controlflow import runtime_check
+
+        proto, symbolic_inputs = runtime_check(proto, proto_in, fixed, where, notes,
+                                               lambda p: _finish_load(p, notes, fold))
+    if sha256 is None:
+        sha256 = hashlib.sha256(proto_in.SerializeToString(deterministic=True)).hexdigest()
+    return LoadedModel(path=path, proto=proto, sha256=sha256, inputs=inputs,
+                       output_names=[o.name for o in proto.graph.output], notes=notes,
+                       defaulted_dims=defaulted, symbolic_inputs=symbolic_inputs)
+
+
+def _finish_load(proto: "onnx.ModelProto", notes: list[str], fold: bool) -> "onnx.ModelProto":
+    """Name nodes, fold constants, infer shapes: the load steps after the inputs' shapes are set."""
+    import onnx
+
     _name_nodes(proto)
     if fold:
         n_before = len(proto.graph.node)
@@ -120,14 +154,7 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
         notes.append(f"shape inference incomplete: {_first_line(e)}")
     if _has_unknown_dims(proto):
         proto = _symbolic_shapes(proto, notes)
-
-    inputs = graph_inputs(proto)
-    if check_runtime:
-        _check_onnxruntime(proto, where)
-    if sha256 is None:
-        sha256 = hashlib.sha256(proto_in.SerializeToString(deterministic=True)).hexdigest()
-    return LoadedModel(path=path, proto=proto, sha256=sha256, inputs=inputs,
-                       output_names=[o.name for o in proto.graph.output], notes=notes)
+    return proto
 
 
 def _has_unknown_dims(proto: "onnx.ModelProto") -> bool:
@@ -168,13 +195,29 @@ def graph_inputs(proto: "onnx.ModelProto") -> list[InputSpec]:
     return specs
 
 
-def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> None:
+def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str,
+                      symbolic_ok: bool = False) -> list[dict]:
+    """Give each input the static shape --shape names, in place. A symbolic leading (batch)
+    dimension defaults to 1 (and so does any other dimension with the same symbolic name);
+    any other symbolic dimension needs --shape: the error lists each, with a flag to paste.
+    Returns the defaulted dimensions [{"input", "axis", "dim", "value"}]."""
     inits = {i.name for i in proto.graph.initializer}
     real_inputs = [vi for vi in proto.graph.input if vi.name not in inits]
     names = [vi.name for vi in real_inputs]
     for name in shapes:
         if name not in names:
             raise UsageError(f"--shape names input {name!r}, but the model's inputs are {names}")
+    defaulted: list[dict] = []
+    batch_names: set[str] = set()
+    for vi in real_inputs:  # the leading dimensions first, so a batch name shared by inputs is known
+        tt = vi.type.tensor_type
+        if vi.name in shapes or not tt.HasField("shape") or not tt.shape.dim:
+            continue
+        d0 = tt.shape.dim[0]
+        if not (d0.HasField("dim_value") and d0.dim_value >= 0):
+            if d0.dim_param:
+                batch_names.add(d0.dim_param)
+    missing: list[tuple[str, list[str], str]] = []  # (input, its symbolic dims, a --shape flag)
     for vi in real_inputs:
         if vi.type.WhichOneof("value") != "tensor_type":  # nothing to give a shape to: say so
             raise ModelError(f"input {vi.name!r} is {type_str(vi.type)}, not a tensor: graphopt optimizes models "
@@ -182,6 +225,8 @@ def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> Non
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             if vi.name not in shapes:
+                if symbolic_ok:
+                    continue
                 raise ModelError(f"input {vi.name!r} has no declared shape; give one with "
                                  f"--shape {vi.name}=D1xD2x...")
             for d in shapes[vi.name]:
@@ -202,10 +247,53 @@ def _fix_input_shapes(proto: "onnx.ModelProto", shapes: dict, where: str) -> Non
             for d, w in zip(dims, want):
                 d.ClearField("dim_param")
                 d.dim_value = w
-        elif any(c is None for c in cur):
-            example = "x".join(str(c) if c is not None else "N" for c in cur)
-            raise ModelError(f"input {vi.name!r} has a dynamic shape ({_fmt(cur, dims)}); graphopt compiles "
-                             f"for static shapes: pass --shape {vi.name}={example} with N filled in")
+            continue
+        left, flag = [], []
+        for i, (c, d) in enumerate(zip(cur, dims)):
+            if c is not None:
+                flag.append(str(c))
+            elif i == 0 or (d.dim_param and d.dim_param in batch_names):
+                defaulted.append({"input": vi.name, "axis": i, "dim": d.dim_param or "?", "value": 1})
+                d.ClearField("dim_param")
+                d.dim_value = 1
+                flag.append("1")
+            else:
+                label = _placeholder(d.dim_param, i)
+                left.append(f"{vi.name}[{i}] ({d.dim_param or '?'})")
+                flag.append(label)
+        if left:
+            missing.append((vi.name, left, f"--shape {vi.name}={'x'.join(flag)}"))
+    if missing and not symbolic_ok:
+        parts = "; ".join(f"{', '.join(left)}: {flag}" for _, left, flag in missing)
+        raise ModelError(f"dynamic input dimensions graphopt cannot guess: {parts} (replace each capital letter "
+                         "by a size; graphopt compiles for static shapes, and a symbolic leading batch dimension "
+                         "already defaults to 1)")
+    return defaulted
+
+
+def _placeholder(dim_param: str, axis: int) -> str:
+    """A capital letter (or short name) standing for a size the user must give."""
+    p = (dim_param or "").strip()
+    if p and p.isidentifier() and len(p) <= 8 and not p.startswith("unk"):
+        return p.upper()
+    return "HW"[axis - 2] if axis in (2, 3) else f"D{axis}"
+
+
+def _symbolic_dims(proto: "onnx.ModelProto") -> list[str]:
+    """'input[axis] (name)' for every dimension of a graph input that is still symbolic."""
+    inits = {i.name for i in proto.graph.initializer}
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            out.append(f"{vi.name} (no declared shape)")
+            continue
+        for i, d in enumerate(tt.shape.dim):
+            if not (d.HasField("dim_value") and d.dim_value >= 0):
+                out.append(f"{vi.name}[{i}] ({d.dim_param or '?'})")
+    return out
 
 
 def type_str(tp) -> str:
@@ -247,16 +335,12 @@ def _name_nodes(proto: "onnx.ModelProto") -> None:
 
 
 def _check_onnxruntime(proto: "onnx.ModelProto", where: str) -> None:
+    """Raise the runtime's error (its first line) if onnxruntime cannot build a session for proto."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    try:
-        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        msg = _first_line(e)
-        raise ModelError(f"onnxruntime cannot run {where}: {msg}. graphopt checks fidelity with onnxruntime, "
-                         "so every op must be one it implements (see the op's domain and opset)") from None
+    ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _first_line(e: BaseException) -> str:
