@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "resource tvm_compiler (ray start ... --resources '{\"tvm_compiler\": 1}'); ADDRESS: auto, "
                           "HOST:PORT or ray://HOST:PORT; devices measure through the tracker as with --jobs. "
                           "Needs pip install 'graphopt[cluster]'")
+    run.add_argument("--estimate", action="store_true",
+                     help="latencies from the target's cost model instead of a device (alias of --target-opt "
+                          "estimate=1; targets that can estimate: rpi4); reported as 'estimated'")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
     run.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -217,6 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.threads <= 0:
             raise UsageError(f"--threads {args.threads}: must be a positive number")
         target_options["threads"] = args.threads
+    if args.estimate:
+        target_options["estimate"] = _estimate_option(args.target, target_options.get("estimate", 1))
     for flag, key, value in (("--tune-trials", "trials", args.tune_trials), ("--tuning-db", "tuning_db", args.tuning_db)):
         if value is not None:
             from .registry import TARGETS
@@ -257,6 +262,24 @@ def _recover_seconds(text: str | None) -> float | None:
     from .recover import parse_seconds
 
     return parse_seconds(text)
+
+
+def _estimate_option(target: str, value: Any) -> Any:
+    """--estimate: the target must take an `estimate` option (a cost model), e.g. rpi4."""
+    import inspect as _inspect
+
+    from .registry import TARGETS, parse_names
+
+    parse_names(TARGETS, [target])
+    cls = TARGETS.get(target)
+    if "estimate" not in _inspect.signature(cls).parameters:
+        able = [n for n in TARGETS.names()
+                if "estimate" in _inspect.signature(TARGETS.get(n)).parameters]
+        raise UsageError(f"--estimate: target {target!r} has no cost model, it only measures; targets that can "
+                         f"estimate: {', '.join(able) or 'none'} (drop --estimate to measure on {target})")
+    if str(value).strip().lower() in ("0", "false", "no", "off"):
+        raise UsageError("--estimate contradicts --target-opt estimate=0; drop one of them")
+    return 1
 
 
 def summary(rep: dict[str, Any]) -> str:

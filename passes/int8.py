@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 DYNAMIC_OPS = ("MatMul",)  # dynamic Conv (ConvInteger) is 10x slower than fp32 on ORT's CPU EP
 GLOBAL_KEY = "int8:*"
+log = logging.getLogger("graphopt")
 ACTIVATION_TYPES = ("uint8", "int8")
 
 
@@ -179,6 +180,7 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], nodes: 
         pass
 
     reader = Reader({k: v for k, v in calibration.items() if k in graph_inputs})
+    model, per_channel = opset_for_qdq(model)
     with tempfile.TemporaryDirectory(prefix="graphopt-int8-") as tmp:
         out = Path(tmp) / "qdq.onnx"
         # Pass a path, never the ModelProto: given a proto, quantize_static re-saves it with external
@@ -199,7 +201,7 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], nodes: 
             quantize_static(
                 src, out, reader,
                 quant_format=QuantFormat.QDQ,
-                per_channel=True,
+                per_channel=per_channel,
                 reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
@@ -212,6 +214,55 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], nodes: 
         q = onnx.load(str(out))
     onnx.checker.check_model(q)
     return q
+
+
+QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (their `axis`) need opset 13
+_said: set[str] = set()  # log each opset decision once per model per process
+
+
+def opset_for_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """(model, per_channel). Per-channel QDQ needs opset >= 13: an older model is converted with
+    onnx.version_converter, and kept converted only if the result passes onnx.checker and
+    onnxruntime runs it; otherwise the model stays at its opset and weights are quantized per
+    tensor. Either way the decision is logged (and recorded in the model's metadata_props)."""
+    import onnx
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QDQ_OPSET)
+    if opset >= QDQ_OPSET:
+        return model, True
+    key = hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()[:16]
+    try:
+        from onnx import version_converter
+
+        conv = version_converter.convert_version(model, QDQ_OPSET)
+        onnx.checker.check_model(conv)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        ort.InferenceSession(conv.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        if key + "/per-tensor" not in _said:
+            _said.add(key + "/per-tensor")
+            log.info("int8: opset %d < %d and onnx.version_converter failed (%s): quantizing weights per tensor",
+                     opset, QDQ_OPSET, why)
+        _note(model, f"opset {opset}: version conversion failed ({why}); per-tensor weights")
+        return model, False
+    if key + "/converted" not in _said:
+        _said.add(key + "/converted")
+        log.info("int8: opset %d < %d: converted to opset %d with onnx.version_converter (checked) for per-channel "
+                 "QDQ", opset, QDQ_OPSET, QDQ_OPSET)
+    _note(conv, f"opset {opset} converted to {QDQ_OPSET} (onnx.version_converter) for per-channel weights")
+    return conv, True
+
+
+def _note(model: onnx.ModelProto, text: str) -> None:
+    entry = next((p for p in model.metadata_props if p.key == "graphopt.int8"), None)
+    if entry is None:
+        entry = model.metadata_props.add()
+        entry.key = "graphopt.int8"
+    entry.value = text
 
 
 def quantize_dynamic_nodes(model: onnx.ModelProto, nodes: Sequence[str], *, per_channel: bool = True,
