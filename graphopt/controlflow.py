@@ -58,8 +58,8 @@ def _session_error(proto: "onnx.ModelProto") -> str | None:
 
 def _input_shapes(proto: "onnx.ModelProto") -> str:
     inits = {i.name for i in proto.graph.initializer}
-    return " ".join(f"{vi.name}=" + "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-                                             for d in vi.type.tensor_type.shape.dim)
+    return " ".join(f"{vi.name}=" + ("x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                                              for d in vi.type.tensor_type.shape.dim) or "scalar")
                     for vi in proto.graph.input if vi.name not in inits)
 
 

@@ -134,7 +134,7 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
     if sha256 is None:
         sha256 = hashlib.sha256(proto_in.SerializeToString(deterministic=True)).hexdigest()
     return LoadedModel(path=path, proto=proto, sha256=sha256, inputs=inputs,
-                       output_names=[o.name for o in proto.graph.output], notes=notes,
+                       output_names=[o.name for o in proto.graph.output], notes=list(dict.fromkeys(notes)),
                        defaulted_dims=defaulted, symbolic_inputs=symbolic_inputs)
 
 
