@@ -219,7 +219,7 @@ class _Analysis:
             if control:  # subgraphs read outer tensors without listing them: prune nothing
                 self._unsupported(n, f"graph has control flow ({control[0].op} '{control[0].name}')")
                 continue
-            if n.op == "Constant":
+            if n.op == "Constant" or not n.outputs:  # no outputs: dead, left by an earlier move until cleanup
                 continue
             why = self._visit(n)
             if why is not None:

@@ -277,3 +277,45 @@ def test_estimate_flag(tmp_path, convbn_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["latency_method"] == "estimated"
+
+
+# ------------------------------------------- a crash from our own rewrite, found on PP-OCRv4 rec
+def test_width_after_attention_move_does_not_crash(tmp_path):
+    # PP-OCRv4's recogniser (SVTR): attention:*=window/linear/fused, then width on the same candidate
+    # crashed in materialize (IndexError): the attention move leaves output-less nodes until cleanup,
+    # and the width analysis read their outputs[0]
+    from test_attention import classic_model
+
+    from graphopt.driver import Search
+    from graphopt.genotype import Genotype
+
+    m = classic_model()  # attention block -> y; add an MLP after it, which width can prune
+    hid = m.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    rng = np.random.default_rng(0)
+    m.graph.initializer.extend([numpy_helper.from_array(rng.normal(0, 0.3, (hid, 32)).astype(np.float32), "mlp_w1"),
+                                numpy_helper.from_array(rng.normal(0, 0.3, (32, hid)).astype(np.float32), "mlp_w2")])
+    m.graph.node.extend([helper.make_node("MatMul", ["y", "mlp_w1"], ["h1"], name="/mlp1"),
+                         helper.make_node("Relu", ["h1"], ["h1r"], name="/mlp_relu"),
+                         helper.make_node("MatMul", ["h1r", "mlp_w2"], ["out"], name="/mlp2")])
+    dims = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, dims))
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    path = tmp_path / "attn.onnx"
+    onnx.save(m, path)
+    s = Search(_cfg(path, tmp_path / "out", passes=["attention", "width"]))
+    s.setup()
+    try:
+        att = [x for x in s.space.sites if x.pass_name == "attention"]
+        wid = [x for x in s.space.sites if x.pass_name == "width"]
+        assert att and wid
+        tried = 0
+        for choice in att[0].choices[1:]:
+            for w in wid:
+                rec, _ = s.evaluate(Genotype({att[0].key: choice, w.key: w.choices[-1]}))
+                assert rec.status != "failed" or "IndexError" not in (rec.error or ""), rec.error
+                tried += 1
+        assert tried
+    finally:
+        s.store.close()
