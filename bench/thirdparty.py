@@ -131,6 +131,7 @@ def run_model(m, path: Path, work: Path, budget: int) -> dict:
     t = time.monotonic()
     r = graphopt(*cmd)
     row["run_s"] = round(time.monotonic() - t, 1)
+    row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     row["exit"] = r.returncode
     if r.stdout.strip().startswith("{"):
         rep = json.loads(r.stdout)
@@ -143,9 +144,9 @@ def run_model(m, path: Path, work: Path, budget: int) -> dict:
         recs = json.loads(runs.stdout) if runs.returncode == 0 else []
         cands = [x for x in recs if x.get("genotype")]
         row["candidates"] = {s: sum(1 for x in cands if x["status"] == s) for s in ("ok", "failed", "infeasible")}
-        row["failures"] = [f"{json.dumps(x['genotype'])}: {(x.get('error') or '').splitlines()[0][:300]}"
-                           for x in cands if x["status"] == "failed"]
-        row["infeasible"] = [f"{json.dumps(x['genotype'])}: {(x.get('error') or '')[:120]}"
+        row["failures"] = [f"candidate {x['id']} ({_moves(x['genotype'])}): "
+                           f"{(x.get('error') or '').splitlines()[0][:300]}" for x in cands if x["status"] == "failed"]
+        row["infeasible"] = [f"candidate {x['id']} ({_moves(x['genotype'])}): {(x.get('error') or '')[:120]}"
                              for x in cands if x["status"] == "infeasible"]
     else:
         row["status"] = f"exit {r.returncode}"
@@ -153,6 +154,12 @@ def run_model(m, path: Path, work: Path, budget: int) -> dict:
         row["candidates"] = {}
         row["failures"] = []
     return row
+
+
+def _moves(genotype: dict) -> str:
+    """'37 moves: int8 20, width 9, ...' (a random genotype can hold dozens)."""
+    per = collections.Counter(k.split(":", 1)[0] for k in genotype)
+    return f"{len(genotype)} moves: " + ", ".join(f"{p} {n}" for p, n in per.most_common())
 
 
 def markdown(rows: list[dict], budget: int) -> str:
@@ -185,7 +192,7 @@ def markdown(rows: list[dict], budget: int) -> str:
     for r in rows:
         lines.append(f"- **{r['model']}** (`{r['wheel']}`, {r['size_mb']} MB, {r['nodes']} nodes, inputs "
                      f"{', '.join(r['inputs'])}): {r['what']}.")
-        lines.append(f"  - `{r['command']}` ({r['run_s']} s)")
+        lines.append(f"  - `{r['command']}` ({r['run_s']} s wall, run at {r.get('measured_at', '?')})")
         for n in r.get("load_notes", []):
             lines.append(f"  - load: {n}")
         for f in r.get("failures", []):
@@ -200,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=6)
     ap.add_argument("--out", default=str(ROOT / "docs" / "thirdparty.md"))
     ap.add_argument("--work", default=str(ROOT / "out" / "thirdparty"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of models not named from the existing --out .json (rerun a few models)")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    if work.exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(work)  # fresh runs: a reused --out would resume
-    work.mkdir(parents=True)
+    for name in (args.names or [m.name for m in MODELS]):
+        shutil.rmtree(work / name, ignore_errors=True)  # fresh runs: a reused --out would resume
+    work.mkdir(parents=True, exist_ok=True)
     paths = fetch_all(names=args.names or None)
     rows = []
     for m in MODELS:
@@ -220,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.with_suffix(".json").exists():
+        done = {r["model"]: r for r in rows}
+        old = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+        rows = [done.get(m.name) or old[m.name] for m in MODELS if m.name in done or m.name in old]
     out.write_text(markdown(rows, args.budget))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
     print(f"wrote {out}", file=sys.stderr)
