@@ -101,7 +101,7 @@ def last_error(stderr: str) -> str:
     return (lines[-1] if lines else (stderr.strip().splitlines() or ["?"])[-1])[:300]
 
 
-def run_model(m, path: Path, work: Path, budget: int) -> dict:
+def run_model(m, path: Path, work: Path, budget: int, reuse: bool = False) -> dict:
     row = {"model": m.name, "wheel": f"{m.wheel.package}=={m.wheel.version}", "what": m.what, **describe(path)}
     shape_flags = [a for name, dims in m.shapes.items() for a in ("--shape", f"{name}={dims}")]
     # inspect as shipped: no --shape
@@ -129,9 +129,15 @@ def run_model(m, path: Path, work: Path, budget: int) -> dict:
     row["command"] = "graphopt " + " ".join(str(c) if not isinstance(c, Path) else c.relative_to(ROOT).as_posix()
                                             if c.is_relative_to(ROOT) else str(c) for c in cmd)
     t = time.monotonic()
-    r = graphopt(*cmd)
-    row["run_s"] = round(time.monotonic() - t, 1)
-    row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if reuse and (out / "report.json").exists():  # a finished run of an earlier bench: read, not rerun
+        text = (out / "report.json").read_text()
+        r = subprocess.CompletedProcess(cmd, 0, text, "")
+        row["run_s"] = json.loads(text).get("wall_time_s")
+        row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((out / "report.json").stat().st_mtime))
+    else:
+        r = graphopt(*cmd)
+        row["run_s"] = round(time.monotonic() - t, 1)
+        row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     row["exit"] = r.returncode
     if r.stdout.strip().startswith("{"):
         rep = json.loads(r.stdout)
@@ -209,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=str(ROOT / "out" / "thirdparty"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of models not named from the existing --out .json (rerun a few models)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="a model whose run in --work finished (report.json) is read, not run again")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args(argv)
     work = Path(args.work)
     import shutil
 
     for name in (args.names or [m.name for m in MODELS]):
-        shutil.rmtree(work / name, ignore_errors=True)  # fresh runs: a reused --out would resume
+        if not (args.reuse and (work / name / "report.json").exists()):
+            shutil.rmtree(work / name, ignore_errors=True)  # fresh runs: a reused --out would resume
     work.mkdir(parents=True, exist_ok=True)
     paths = fetch_all(names=args.names or None)
     rows = []
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if m.name not in paths:
             continue
         print(f"== {m.name}", file=sys.stderr, flush=True)
-        row = run_model(m, paths[m.name], work, args.budget)
+        row = run_model(m, paths[m.name], work, args.budget, args.reuse)
         print(json.dumps({k: row.get(k) for k in ("status", "candidates", "failures", "error", "run_s")}),
               file=sys.stderr, flush=True)
         rows.append(row)
