@@ -132,7 +132,12 @@ def run_model(m, path: Path, work: Path, budget: int, reuse: bool = False) -> di
     if reuse and (out / "report.json").exists():  # a finished run of an earlier bench: read, not rerun
         text = (out / "report.json").read_text()
         r = subprocess.CompletedProcess(cmd, 0, text, "")
-        row["run_s"] = json.loads(text).get("wall_time_s")
+        rep0 = json.loads(text)
+        row["run_s"] = rep0.get("wall_time_s")
+        ran = rep0["search"]["passes"]  # the passes that run used (graphopt may have gained passes since)
+        row["command"] = row["command"].replace("--passes " + (",".join(passes) or "conv_bn"), "--passes " + ",".join(ran))
+        row["sites"] = {k: v for k, v in row["sites"].items() if k in ran}
+        row["reused"] = True
         row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((out / "report.json").stat().st_mtime))
     else:
         r = graphopt(*cmd)
@@ -198,7 +203,8 @@ def markdown(rows: list[dict], budget: int) -> str:
     for r in rows:
         lines.append(f"- **{r['model']}** (`{r['wheel']}`, {r['size_mb']} MB, {r['nodes']} nodes, inputs "
                      f"{', '.join(r['inputs'])}): {r['what']}.")
-        lines.append(f"  - `{r['command']}` ({r['run_s']} s wall, run at {r.get('measured_at', '?')})")
+        lines.append(f"  - `{r['command']}` ({r['run_s']} s wall, run at {r.get('measured_at', '?')}"
+                     + (", before the `depth` pass existed; read back with --reuse" if r.get("reused") else "") + ")")
         for n in r.get("load_notes", []):
             lines.append(f"  - load: {n}")
         for f in r.get("failures", []):
