@@ -142,6 +142,7 @@ def _finish_load(proto: "onnx.ModelProto", notes: list[str], fold: bool) -> "onn
     """Name nodes, fold constants, infer shapes: the load steps after the inputs' shapes are set."""
     import onnx
 
+    declared = {o.name: o.type for o in proto.graph.output}
     _name_nodes(proto)
     if fold:
         n_before = len(proto.graph.node)
@@ -154,6 +155,11 @@ def _finish_load(proto: "onnx.ModelProto", notes: list[str], fold: bool) -> "onn
         notes.append(f"shape inference incomplete: {_first_line(e)}")
     if _has_unknown_dims(proto):
         proto = _symbolic_shapes(proto, notes)
+    for o in proto.graph.output:  # an output whose shape inference lost (an incomplete symbolic pass over
+        tt = o.type.tensor_type  # contrib ops) keeps its declared one: an output without shape fails onnx.checker
+        if o.type.WhichOneof("value") == "tensor_type" and not tt.HasField("shape") and o.name in declared \
+                and declared[o.name].tensor_type.HasField("shape"):
+            tt.shape.CopyFrom(declared[o.name].tensor_type.shape)
     return proto
 
 

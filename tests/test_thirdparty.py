@@ -319,3 +319,26 @@ def test_width_after_attention_move_does_not_crash(tmp_path):
         assert tried
     finally:
         s.store.close()
+
+
+def test_output_keeps_its_declared_shape_when_inference_loses_it(tmp_path, monkeypatch):
+    # ddddocr's int8 model: symbolic shape inference stops at DynamicQuantizeLSTM and the loaded
+    # graph output came back without a shape, so every candidate failed in materialize
+    # ("ValidationError: Field 'shape' of 'type' is required but missing.")
+    import graphopt.ir as ir
+
+    def lossy(proto, notes):
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
+        for o in out.graph.output:
+            o.type.tensor_type.ClearField("shape")
+        notes.append("symbolic shape inference failed: Incomplete symbolic shape inference")
+        return out
+
+    monkeypatch.setattr(ir, "_has_unknown_dims", lambda proto: True)
+    monkeypatch.setattr(ir, "_symbolic_shapes", lossy)
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), path)
+    base = load_model(path)
+    assert base.proto.graph.output[0].type.tensor_type.HasField("shape")
+    onnx.checker.check_model(ir.export_graph(base.graph()))
