@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--train-size", type=int, default=128, help="distil on random crops resized to this side")
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds between select-split evaluations")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="distillation threads (torch + teacher); 0: graphopt.recover probes 1 vs torch's default")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -140,10 +142,10 @@ def main() -> int:
     sel_before = checker.score(cand).value
     t = time.monotonic()
     res = recover(cand, base.proto, fit, checker, seconds=args.seconds, select_before=sel_before,
-                  options=RecoverOptions(train=args.train, batch_size=args.batch, lr=args.lr, threads=2,
+                  options=RecoverOptions(train=args.train, batch_size=args.batch, lr=args.lr, threads=args.threads or None,
                                          train_size=args.train_size, eval_every_s=args.eval_every),
                   label=f"width {args.ratio} x{len(sites)}")
-    log(f"recovery: {res.steps} steps in {time.monotonic() - t:.0f} s ({res.stopped}); select cosine "
+    log(f"recovery: {res.steps} steps in {time.monotonic() - t:.0f} s ({res.stopped}, {res.threads} thread(s)); select cosine "
         f"{res.select_before:.4f} -> {res.select_after:.4f}; features {res.features}")
     atomic_write_bytes(out / "recover_candidate.onnx", res.model.SerializeToString())
     atomic_write_bytes(out / "recover_repaired.onnx", cand.SerializeToString())

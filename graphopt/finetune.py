@@ -160,6 +160,7 @@ class TorchGraph:
             else:
                 self.frozen_nodes.append(n)
         self.live = live
+        self.node_attrs = {id(n): _attrs(n) for n in self.nodes}  # parsed once, not per node per step
         # frozen tensors the live part reads (or that are outputs themselves)
         self.frontier = sorted(({i for n in self.live_nodes for i in n.input if i and i not in live}
                                 | {o for o in self.output_names if o not in live}) - set(self.consts))
@@ -185,7 +186,7 @@ class TorchGraph:
                 continue
             args = [env[i] if i else None for i in n.input]
             try:
-                res = SUPPORTED_OPS[n.op_type](self, args, _attrs(n))
+                res = SUPPORTED_OPS[n.op_type](self, args, self.node_attrs[id(n)])
             except FinetuneError:
                 raise
             except Exception as e:  # noqa: BLE001 - any torch failure names its node

@@ -82,7 +82,7 @@ class RecoverOptions:
     train_size: int | None = None  # image-like inputs: train on random crops resized to this side (cheaper steps)
     eval_every_s: float | None = None  # select-split evaluation period (None: a tenth of the time, >= 2 s)
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # torch + teacher threads; None: 1 or torch's default, the faster here (probed)
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -107,12 +107,13 @@ class RecoveryResult:
     loss_first: float = math.nan
     loss_last: float = math.nan
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per select evaluation
+    threads: int = 0  # torch and teacher CPU threads used (0: nothing trained)
 
     def to_dict(self) -> dict[str, Any]:
         return {"trained_tensors": len(self.trained), "features": self.features, "select_before": self.select_before,
                 "select_after": self.select_after, "steps": self.steps, "seconds": round(self.seconds, 3),
                 "evals": self.evals, "stopped": self.stopped, "augment": self.augment,
-                "loss_first": self.loss_first, "loss_last": self.loss_last}
+                "loss_first": self.loss_first, "loss_last": self.loss_last, "threads": self.threads}
 
 
 # --------------------------------------------------------------------------------- features
@@ -260,9 +261,12 @@ class _Teacher:
         self.names = self.outputs + list(features)
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # all fusions (conv+BN, conv+activation, NCHWc layouts): x3.5 faster than ENABLE_BASIC on
+        # EfficientNet-Lite0 (docs/recovery.md); the feature tensors stay as requested outputs
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
         self.sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         dims = original.graph.input[0].type.tensor_type.shape.dim if original.graph.input else []
         self.per = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None  # static batch
@@ -304,6 +308,37 @@ class _Adam:
                 m.mul_(b1).add_(p.grad, alpha=1 - b1)
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+
+
+def _pick_threads(tg, fit: DataSource, bs: int, small: bool, opts: RecoverOptions, tag: str) -> int:
+    """torch (and teacher) CPU threads when RecoverOptions.threads is not given: 1 or torch's
+    default, whichever runs a training-size forward pass faster here and now. On a shared,
+    oversubscribed machine a multi-threaded step waits at every op for a descheduled thread:
+    measured x15 slower than one thread for EfficientNet-Lite0 on 2 cores at load 11
+    (docs/recovery.md); on an idle machine the threads win."""
+    import torch
+
+    most = torch.get_num_threads()
+    if most <= 1:
+        return 1
+    rng = np.random.default_rng(opts.seed)
+    batch = _stack([fit.sample(i) for i in range(bs)])
+    if small:
+        batch = resized_crops(batch, int(opts.train_size), rng)
+    feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items() if k in tg.input_names}
+    took = {}
+    with torch.no_grad():
+        for n in (1, most):
+            torch.set_num_threads(n)
+            tg(feeds)  # warm-up (allocations, the thread pool)
+            t = time.monotonic()
+            for _ in range(2):
+                tg(feeds)
+            took[n] = (time.monotonic() - t) / 2
+    best = min(took, key=took.get)
+    log.info("%s: %d torch thread(s) (forward pass: %s)", tag, best,
+             ", ".join(f"{n} thread(s) {s * 1e3:.0f} ms" for n, s in took.items()))
+    return best
 
 
 def _score_value(scorer: Any, model: onnx.ModelProto) -> float:
@@ -371,8 +406,7 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
     first = fit.sample(0)
     aug = opts.augment == "auto" and image_like(first)
     small = bool(aug and opts.train_size and opts.train_size < min(next(iter(first.values())).shape[2:]))
-    teacher = _Teacher(original, features, opts.threads, free_hw=small)
-    n_out = len(teacher.outputs)
+    n_out = len(original.graph.output)
     chan: dict[str, Any] = {}  # pruned feature -> the original channels it is matched against
     tensors = [tg.params[n] for n in names]
 
@@ -392,12 +426,15 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
                                 f"(shape {list(o.shape)} vs {list(c.shape)}, relative error {err:.2e}); "
                                 "please report this model")
     del cand_sess
+    bs = max(1, min(int(opts.batch_size), fit.num_samples))
+    threads = int(opts.threads) if opts.threads else _pick_threads(tg, fit, bs, small, opts, tag)
+    torch.set_num_threads(threads)
+    teacher = _Teacher(original, features, threads, free_hw=small)
 
     base_lrs = [opts.lr * (float(t.detach().pow(2).mean().sqrt()) or 1e-3) for t in tensors]
     opt = _Adam(tensors)
     best_score, best = select_before, [t.detach().clone() for t in tensors]
     total = fit.num_samples
-    bs = max(1, min(int(opts.batch_size), total))
     order: list[int] = []
     history: list[dict[str, float]] = []
     evals, step, loss_first, loss_last = 0, 0, math.nan, math.nan
@@ -493,7 +530,7 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
     weights = {n: b.numpy().copy() for n, b in zip(names, best)}
     model = with_weights(candidate, weights)
     return RecoveryResult(model, weights, names, features, select_before, best_score, step, time.monotonic() - t0,
-                          evals, stopped, aug, loss_first, loss_last, history)
+                          evals, stopped, aug, loss_first, loss_last, history, threads)
 
 
 # ----------------------------------------------------------------------------- genotype / files

@@ -341,3 +341,39 @@ def test_exported_recovered_model_runs_in_onnxruntime_like_torch(tmp_path):
     with torch.no_grad():
         ref = TorchGraph(res.model)({"x": torch.from_numpy(x)})[0].numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_threads_are_probed_when_not_given_and_restored_after():
+    rng = np.random.default_rng(5)
+    base, cand = lossy_candidate(smooth(rng, 16))
+    fit = CalibrationData({"x": smooth(rng, 16)}, "fit")
+    before = torch.get_num_threads()
+    res = recover(cand, base.proto, fit, lambda m: 0.0, steps=3, select_before=0.0,
+                  options=RecoverOptions(eval_every_s=1e9))  # threads=None: 1 or torch's default, probed
+    assert res.threads in {1, before} and res.steps == 3
+    assert torch.get_num_threads() == before
+    res = recover(cand, base.proto, fit, lambda m: 0.0, steps=1, select_before=0.0,
+                  options=RecoverOptions(threads=1, eval_every_s=1e9))
+    assert res.threads == 1 and torch.get_num_threads() == before
+
+
+def test_teacher_features_equal_the_unoptimized_original():
+    """The teacher runs with all of onnxruntime's fusions; the feature tensors it returns must be
+    the original's (the conv+relu and other fusions keep requested outputs intact)."""
+    from graphopt.recover import _Teacher
+
+    base = residual_model()
+    feats = ["e0", "er1", "d1", "a1", "p2"]
+    x = smooth(np.random.default_rng(6), 4)[:, 0]
+    got = _Teacher(base, feats, threads=1, free_hw=True)({"x": x})
+    m = onnx.ModelProto()
+    m.CopyFrom(base)
+    m.graph.output.extend(onnx.ValueInfoProto(name=f) for f in feats)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    want = [np.concatenate(p, axis=0) for p in zip(*(sess.run(["logits"] + feats, {"x": x[i:i + 1]})
+                                                      for i in range(len(x))))]
+    assert len(got) == 1 + len(feats)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))

@@ -1,0 +1,122 @@
+"""Where one recovery step's time goes (graphopt.recover on EfficientNet-Lite0), against plain torch.
+
+One candidate (the `width` pass at --ratio on the --sites costliest sites, least-squares repair
+on 8 photos), then in ONE process, alternately (--rounds rounds, medians reported):
+  reference  the same EfficientNet-Lite0 as a plain torch module (efficientnet_lite_pytorch),
+             forward + backward at batch --batch x --size px (all weights train: an upper bound)
+  recover    graphopt.recover.recover(steps=--steps) on fit photos (no select evaluation inside):
+             seconds per step, and the sections of one step timed separately
+Prints ratios to the reference (the machine is shared: milliseconds alone mean little), the load
+average and the CPU model.
+
+    .venv/bin/python bench/recover_step.py [--steps 10] [--rounds 3] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "models"))
+from recover import PHOTOS, Photos  # noqa: E402  (bench/recover.py)
+
+from graphopt.analysis import analyze  # noqa: E402
+from graphopt.driver import materialize  # noqa: E402
+from graphopt.genotype import Genotype, SearchSpace  # noqa: E402
+from graphopt.ir import load_model  # noqa: E402
+from graphopt.passes.width import WidthPrune  # noqa: E402
+from graphopt.plugin import MoveContext  # noqa: E402
+
+MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
+
+
+def load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratio", type=float, default=0.75)
+    ap.add_argument("--sites", default="6")
+    ap.add_argument("--fit", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="recover's threads (0: its own choice)")
+    ap.add_argument("--ref-threads", type=int, default=1, help="the torch reference's threads")
+    ap.add_argument("--train", default="changed", choices=["changed", "all"])
+    args = ap.parse_args()
+    import torch
+
+    from graphopt.recover import RecoverOptions, recover
+
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    fit = Photos(photos[:args.fit])
+    base = load_model(MODEL, {})
+    p = WidthPrune()
+    sites = [s for s in p.sites(base.graph()) if args.ratio in s.choices]
+    if args.sites != "all":
+        flops = {n.name: n.flops for n in analyze(base.proto).nodes}
+        sites = sorted(sites, key=lambda s: -sum(flops.get(n, 0) for n in s.nodes))[:int(args.sites)]
+    space = SearchSpace(p.sites(base.graph()))
+    g = Genotype({s.key: args.ratio for s in sites})
+    cand, _ = materialize(base, space, g, {p.name: p}, MoveContext(base.proto, Photos(photos[:8]).arrays(),
+                                                                    {"repair": True}))
+
+    from efficientnet_lite0 import load_torch_model
+
+    ref = load_torch_model().train(False)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+
+    def reference() -> float:
+        torch.set_num_threads(args.ref_threads)
+        t = time.perf_counter()
+        ref.zero_grad(set_to_none=True)
+        ref(x).square().mean().backward()
+        return time.perf_counter() - t
+
+    class Never:  # the select split is never scored inside the timed call
+        def score(self, model):
+            return 0.0
+
+    opts = RecoverOptions(train=args.train, batch_size=args.batch, train_size=args.size, threads=args.threads or None,
+                          eval_every_s=1e9)
+
+    def ours(steps: int):
+        t = time.perf_counter()
+        res = recover(cand, base.proto, fit, Never(), steps=steps, select_before=0.0, options=opts)
+        return time.perf_counter() - t, res
+
+    reference()  # warm-up
+    refs, steps_s, calls = [], [], []
+    for r in range(args.rounds):
+        refs.append(statistics.median(reference() for _ in range(3)))
+        short, _ = ours(2)
+        long, res = ours(2 + args.steps)
+        steps_s.append((long - short) / args.steps)  # set-up (checks, thread probe, sessions) cancels out
+        calls.append(long / res.steps)
+        print(f"round {r}: reference {refs[-1] * 1e3:.0f} ms, recover {steps_s[-1] * 1e3:.0f} ms/step "
+              f"({calls[-1] * 1e3:.0f} ms/step incl. set-up over {res.steps} steps), "
+              f"{getattr(res, 'threads', '?')} threads, load {load()}", flush=True)
+    rm, sm = statistics.median(refs), statistics.median(steps_s)
+    print(f"{cpu}; torch {torch.__version__}; reference {args.ref_threads} thread(s), recover threads "
+          f"{args.threads or 'auto'}; load average {load()}")
+    print(f"reference fwd+bwd (batch {args.batch}, {args.size} px): {rm * 1e3:.0f} ms; recover: {sm * 1e3:.0f} ms "
+          f"per step (median over {args.rounds} rounds of {args.steps} steps, set-up excluded) = x{sm / rm:.2f} "
+          f"the reference; incl. set-up {statistics.median(calls) * 1e3:.0f} ms/step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
