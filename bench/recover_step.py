@@ -9,7 +9,7 @@ on 8 photos), then in ONE process, alternately (--rounds rounds, medians reporte
 Prints ratios to the reference (the machine is shared: milliseconds alone mean little), the load
 average and the CPU model.
 
-    .venv/bin/python bench/recover_step.py [--steps 10] [--rounds 3] [--threads 0]
+    .venv/bin/python bench/recover_step.py [--steps 12] [--rounds 3] [--threads 0]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--fit", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="recover's threads (0: its own choice)")
     ap.add_argument("--ref-threads", type=int, default=1, help="the torch reference's threads")
@@ -93,27 +93,42 @@ def main() -> int:
     opts = RecoverOptions(train=args.train, batch_size=args.batch, train_size=args.size, threads=args.threads or None,
                           eval_every_s=1e9)
 
-    def ours(steps: int):
+    class Timed:
+        """The fit photos, remembering when each sample is read: a step reads its batch first, so the
+        time between two batches' first reads is one step (data, teacher, forward, backward, update)."""
+
+        num_samples = fit.num_samples
+
+        def __init__(self):
+            self.reads = []
+
+        def sample(self, i):
+            self.reads.append(time.perf_counter())
+            return fit.sample(i)
+
+    def ours():
+        data = Timed()
         t = time.perf_counter()
-        res = recover(cand, base.proto, fit, Never(), steps=steps, select_before=0.0, options=opts)
-        return time.perf_counter() - t, res
+        res = recover(cand, base.proto, data, Never(), steps=args.steps, select_before=0.0, options=opts)
+        total = time.perf_counter() - t
+        starts = data.reads[::-1][args.batch - 1::args.batch][::-1][-res.steps:]  # each training batch's first read
+        return statistics.median(np.diff(starts)), total / res.steps, res
 
     reference()  # warm-up
     refs, steps_s, calls = [], [], []
     for r in range(args.rounds):
         refs.append(statistics.median(reference() for _ in range(3)))
-        short, _ = ours(2)
-        long, res = ours(2 + args.steps)
-        steps_s.append((long - short) / args.steps)  # set-up (checks, thread probe, sessions) cancels out
-        calls.append(long / res.steps)
-        print(f"round {r}: reference {refs[-1] * 1e3:.0f} ms, recover {steps_s[-1] * 1e3:.0f} ms/step "
-              f"({calls[-1] * 1e3:.0f} ms/step incl. set-up over {res.steps} steps), "
+        step, call, res = ours()
+        steps_s.append(step)
+        calls.append(call)
+        print(f"round {r}: reference {refs[-1] * 1e3:.0f} ms, recover {step * 1e3:.0f} ms/step (median step; "
+              f"{call * 1e3:.0f} ms/step incl. set-up over {res.steps} steps), "
               f"{getattr(res, 'threads', '?')} threads, load {load()}", flush=True)
     rm, sm = statistics.median(refs), statistics.median(steps_s)
     print(f"{cpu}; torch {torch.__version__}; reference {args.ref_threads} thread(s), recover threads "
           f"{args.threads or 'auto'}; load average {load()}")
     print(f"reference fwd+bwd (batch {args.batch}, {args.size} px): {rm * 1e3:.0f} ms; recover: {sm * 1e3:.0f} ms "
-          f"per step (median over {args.rounds} rounds of {args.steps} steps, set-up excluded) = x{sm / rm:.2f} "
+          f"per step (median step, median over {args.rounds} rounds of {args.steps} steps) = x{sm / rm:.2f} "
           f"the reference; incl. set-up {statistics.median(calls) * 1e3:.0f} ms/step")
     return 0
 
