@@ -436,6 +436,31 @@ def trainable_names(candidate: onnx.ModelProto, original: onnx.ModelProto | None
     return out
 
 
+def pick_threads(forward) -> tuple[int, dict[int, float]]:
+    """torch CPU threads for training: 1 or torch's current default, whichever runs `forward()` (a
+    training-size forward pass, called under no_grad) faster here and now; and the seconds each took.
+    On a shared, oversubscribed machine every op's parallel region waits for a descheduled thread:
+    EfficientNet-Lite0 fwd+bwd at 2 threads ran x15 slower than at 1 on 2 cores at load 11
+    (docs/recovery.md, "Step time"); on an idle machine the threads win. Leaves torch at the pick."""
+    import torch
+
+    most = torch.get_num_threads()
+    if most <= 1:
+        return 1, {}
+    took = {}
+    with torch.no_grad():
+        for n in (1, most):
+            torch.set_num_threads(n)
+            forward()  # warm-up (allocations, the thread pool)
+            t = time.monotonic()
+            for _ in range(2):
+                forward()
+            took[n] = (time.monotonic() - t) / 2
+    best = min(took, key=took.get)
+    torch.set_num_threads(best)
+    return best, took
+
+
 def _stack(calibration: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """[samples, *input_shape] -> [samples * batch, ...] (samples stacked along the batch axis)."""
     out = {}
@@ -466,7 +491,8 @@ def finetune(candidate: onnx.ModelProto, original: onnx.ModelProto, calibration:
     judged on). steps: Adam steps (0: the candidate unchanged). params: "touched" | "all".
     lr: Adam's learning rate RELATIVE to each tensor's RMS (scale-free across layers), cosine
     decayed to 0. batch_size: samples per step (all of them when there are fewer; with fewer,
-    random minibatches). threads: torch CPU threads for the call (None: torch's default).
+    random minibatches). threads: torch CPU threads for the call (None: 1 or torch's default,
+    the faster on this machine now: `pick_threads`).
     Returns the model with the best weights seen (lowest training loss), checked by onnx.checker.
     """
     import torch
@@ -483,12 +509,12 @@ def finetune(candidate: onnx.ModelProto, original: onnx.ModelProto, calibration:
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _train(candidate, original, calibration, steps, names, lr, seed, batch_size, t0)
+        return _train(candidate, original, calibration, steps, names, lr, seed, batch_size, t0, threads)
     finally:
         torch.set_num_threads(before)
 
 
-def _train(candidate, original, calibration, steps, names, lr, seed, batch_size, t0) -> FinetuneResult:
+def _train(candidate, original, calibration, steps, names, lr, seed, batch_size, t0, threads=None) -> FinetuneResult:
     import onnx
     import torch
     from onnx import numpy_helper
@@ -508,6 +534,8 @@ def _train(candidate, original, calibration, steps, names, lr, seed, batch_size,
         for k, v in part.items():
             frozen.setdefault(k, []).append(v)
     frozen = {k: torch.cat(v, dim=0) for k, v in frozen.items()}
+    if threads is None:
+        pick_threads(lambda: tg.run_live({k: v[:bs] for k, v in frozen.items()}))
     ref = [torch.from_numpy(np.ascontiguousarray(r)).float() for r in reference]
     scale = [float((r ** 2).mean()) + 1e-12 for r in ref]
 
@@ -583,5 +611,6 @@ __all__ = [
     "check_available",
     "finetune",
     "finetune_in_context",
+    "pick_threads",
     "trainable_names",
 ]

@@ -311,33 +311,20 @@ class _Adam:
 
 
 def _pick_threads(tg, fit: DataSource, bs: int, small: bool, opts: RecoverOptions, tag: str) -> int:
-    """torch (and teacher) CPU threads when RecoverOptions.threads is not given: 1 or torch's
-    default, whichever runs a training-size forward pass faster here and now. On a shared,
-    oversubscribed machine a multi-threaded step waits at every op for a descheduled thread:
-    measured x15 slower than one thread for EfficientNet-Lite0 on 2 cores at load 11
-    (docs/recovery.md); on an idle machine the threads win."""
+    """torch (and teacher) threads when RecoverOptions.threads is not given: graphopt.finetune's
+    pick_threads on a training-size batch (1 or torch's default, the faster here and now)."""
     import torch
 
-    most = torch.get_num_threads()
-    if most <= 1:
-        return 1
-    rng = np.random.default_rng(opts.seed)
+    from .finetune import pick_threads
+
     batch = _stack([fit.sample(i) for i in range(bs)])
     if small:
-        batch = resized_crops(batch, int(opts.train_size), rng)
+        batch = resized_crops(batch, int(opts.train_size), np.random.default_rng(opts.seed))
     feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items() if k in tg.input_names}
-    took = {}
-    with torch.no_grad():
-        for n in (1, most):
-            torch.set_num_threads(n)
-            tg(feeds)  # warm-up (allocations, the thread pool)
-            t = time.monotonic()
-            for _ in range(2):
-                tg(feeds)
-            took[n] = (time.monotonic() - t) / 2
-    best = min(took, key=took.get)
-    log.info("%s: %d torch thread(s) (forward pass: %s)", tag, best,
-             ", ".join(f"{n} thread(s) {s * 1e3:.0f} ms" for n, s in took.items()))
+    best, took = pick_threads(lambda: tg(feeds))
+    if took:
+        log.info("%s: %d torch thread(s) (forward pass: %s)", tag, best,
+                 ", ".join(f"{n} thread(s) {s * 1e3:.0f} ms" for n, s in took.items()))
     return best
 
 

@@ -3,6 +3,8 @@ beats least-squares repair alone on held-out inputs, writing only the touched we
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -273,3 +275,26 @@ def test_missing_torch_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     with pytest.raises(UsageError, match=r"--finetune needs torch, which is not installed: pip install torch"):
         check_available()
+
+
+def test_threads_none_picks_the_faster_and_restores_torch():
+    import torch
+
+    from graphopt.finetune import pick_threads
+
+    rng = np.random.default_rng(3)
+    calib = _smooth(rng, 8)
+    base, repaired = _candidate(DepthwiseSeparable(), 1, calib)
+    before = torch.get_num_threads()
+    calls = []
+    torch.set_num_threads(2)  # torch's default on a 2-core machine
+    try:
+        best, took = pick_threads(lambda: calls.append(torch.get_num_threads()) or time.sleep(0.01 * calls[-1]))
+        assert calls == [1, 1, 1, 2, 2, 2] and set(took) == {1, 2}  # each: a warm-up and two timed calls
+        assert best == 1 and torch.get_num_threads() == 1  # the faster (here: 2 threads sleep longer), left set
+    finally:
+        torch.set_num_threads(before)
+    a = finetune(repaired, base.proto, {"x": calib}, 5, batch_size=4)  # threads=None: probed
+    b = finetune(repaired, base.proto, {"x": calib}, 5, threads=1, batch_size=4)
+    assert torch.get_num_threads() == before
+    assert a.steps == b.steps == 5 and a.loss_after == pytest.approx(b.loss_after, rel=1e-4)
