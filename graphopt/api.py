@@ -10,7 +10,7 @@ from .driver import Budget, RunConfig, SearchResult, run_search
 
 def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | str = ("conv_bn",),
              strategy: str = "random", budget: int | str | Budget | None = 20, data: str | Path | None = None,
-             metric: str = "cosine", min_fidelity: float = 0.99,
+             metric: Any = "channel", min_fidelity: float | None = None,
              shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, out: str | Path = "graphopt-out",
              target_options: Mapping[str, Any] | None = None,
              pass_options: Mapping[str, Any] | None = None, max_size_mb: float | None = None,
@@ -18,7 +18,10 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              jobs: int = 1, compile_workers: int = 1, search_exact: bool = False,
              strategy_options: Mapping[str, Any] | None = None, recover_top: int = 0,
              recover_time: str | float | None = None, recover_train: str = "changed",
-             cluster: str | None = None) -> SearchResult:
+             cluster: str | None = None,
+             eval_data: Any = None, allow_synthetic: bool = False,
+             max_drop: float | None = None, task_metric: Any = None, select_samples: int | None = None,
+             eval_samples: int | None = None, calib_samples: int | None = None) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -34,6 +37,10 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     `strategy_options` are keyword options of the strategy's constructor (`--strategy-opt K=V`).
     `recover_top` > 0 distils that many promising candidates after the search (`--recover-top`,
     graphopt.recover), for `recover_time` (90, "90s", "5m"; default: half a time budget).
+    Data and quality (graphopt.data, graphopt.metrics): `data` / `eval_data` take what --data takes
+    (or a graphopt.data.Dataset); `metric` / `task_metric` a name, module:function or a function;
+    `min_fidelity` (absolute; default 0.99 for a similarity metric) and/or `max_drop` (relative to
+    the original's score); `allow_synthetic` lets data-dependent moves fit to random inputs.
     """
     from .recover import parse_seconds
 
@@ -42,7 +49,7 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     cfg = RunConfig(
         model=model, target=target, passes=list(passes), strategy=strategy,
         budget=budget if isinstance(budget, Budget) else Budget.parse(budget),
-        data=data, metric=metric, min_fidelity=float(min_fidelity),
+        data=data, metric=metric, min_fidelity=None if min_fidelity is None else float(min_fidelity),
         shapes={k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}, seed=int(seed), out=out,
         target_options=dict(target_options or {}), pass_options=dict(pass_options or {}),
         max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, progress=progress,
@@ -50,5 +57,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         compile_workers=compile_workers, search_exact=bool(search_exact),
         strategy_options=dict(strategy_options or {}), recover_top=int(recover_top),
         recover_seconds=parse_seconds(recover_time), recover_train=recover_train,
-        cluster=cluster)
+        cluster=cluster,
+        eval_data=eval_data, allow_synthetic=allow_synthetic, max_drop=max_drop,
+        task_metric=task_metric, select_samples=select_samples, eval_samples=eval_samples,
+        calib_samples=calib_samples)
     return run_search(cfg)

@@ -69,13 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="search strategy (default: random; `graphopt list strategies`)")
     run.add_argument("--budget", default="20", metavar="N|TIME",
                      help="candidates to try besides the original (20) or wall time (90s, 5m, 1h); default 20")
-    run.add_argument("--data", metavar="CALIB.npz",
-                     help=".npz keyed by input name, each array [samples, *input_shape]; without it, inputs "
-                          "are synthesized from the declared types and the report says so")
-    run.add_argument("--metric", default="cosine", choices=["cosine", "top1", "rel_l2"],
-                     help="fidelity metric vs the original's outputs (default: cosine)")
-    run.add_argument("--min-fidelity", type=float, default=0.99, metavar="F",
-                     help="a candidate is feasible only if its fidelity >= F (default: 0.99)")
+    run.add_argument("--data", metavar="SPEC",
+                     help="real inputs: an .npz keyed by input name (each [samples, *input_shape]; optional "
+                          "'labels'), a folder of .npz/.npy shards, or a Python loader module:function (or "
+                          "file.py:function) returning a dataset or yielding feed dicts / (feeds, label). Split "
+                          "into fit (calibration, repair, distillation), select (the gate) and held-out (reported "
+                          "only). Without it inputs are synthesized, and moves that fit to data are refused")
+    run.add_argument("--eval-data", metavar="SPEC",
+                     help="held-out data (same forms as --data), e.g. a labelled test set: the number the report "
+                          "shows, used for no choice; then --data is split into fit and select only")
+    run.add_argument("--allow-synthetic", action="store_true",
+                     help="let moves that fit to data (static int8 calibration, least-squares repair, "
+                          "distillation, data-driven channel choice) run on synthetic inputs when there is no "
+                          "--data; the report then says the result is NOT to be trusted")
+    run.add_argument("--metric", default="channel", metavar="NAME",
+                     help="the gate's metric (`graphopt list metrics`): channel (default: worst output channel, "
+                          "each on its own scale), cosine, top1, rel_l2, imagenet_top1, sts_spearman, or "
+                          "module:function(original, candidate, labels, extras)")
+    run.add_argument("--task-metric", metavar="NAME",
+                     help="the metric reported on the held-out split (default: the gate's --metric)")
+    run.add_argument("--min-fidelity", type=float, default=None, metavar="F",
+                     help="a candidate is feasible only if its metric >= F on the select split (default 0.99 for "
+                          "a similarity metric unless --max-drop is given)")
+    run.add_argument("--max-drop", type=float, default=None, metavar="D",
+                     help="a candidate is feasible only if its metric >= the original's - D on the select split "
+                          "(points of a task metric, e.g. 0.5; default for a task metric: 1.0)")
+    run.add_argument("--select-samples", type=int, metavar="N", help="cap of the select split (default 256)")
+    run.add_argument("--eval-samples", type=int, metavar="N", help="cap of the held-out split (default 1000)")
+    run.add_argument("--calib-samples", type=int, metavar="N",
+                     help="fit samples held in memory for calibration and least-squares repair (default 64)")
     run.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...",
                      help="fix an input's shape, required for dynamic dimensions (repeatable)")
     run.add_argument("--max-size-mb", type=float, metavar="MB",
@@ -138,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered passes, targets or strategies",
                          description="List the registered plugins of one kind, built-in and from entry points.")
-    lst.add_argument("kind", choices=["passes", "targets", "strategies"])
+    lst.add_argument("kind", choices=["passes", "targets", "strategies", "metrics"])
 
     ins = sub.add_parser("inspect", help="inputs, op histogram, params/FLOPs, and the sites each pass would act on",
                          formatter_class=_Formatter,
@@ -240,7 +262,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                     jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
                     strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,
                     recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train,
-                    cluster=args.cluster)
+                    cluster=args.cluster,
+                    eval_data=args.eval_data,
+                    allow_synthetic=args.allow_synthetic, max_drop=args.max_drop, task_metric=args.task_metric,
+                    select_samples=args.select_samples, eval_samples=args.eval_samples,
+                    calib_samples=args.calib_samples)
     with TerminateAsInterrupt() as term:  # SIGTERM: stop, keep the store, write the report (like Ctrl-C)
         try:
             result = run_search(cfg)
@@ -300,6 +326,9 @@ def summary(rep: dict[str, Any]) -> str:
         lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, {speedup}, "
                      f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
+    from .quality import summary_lines
+
+    lines.extend(summary_lines(rep))
     conf = rep.get("confirmed")
     if conf:
         lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs search winner {conf['best_ms']:.3f} ms over "

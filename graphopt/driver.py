@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 from .errors import GraphoptError, NoFeasibleCandidate, TargetUnreachable, UsageError
 from .controlflow import guard_sites
-from .evaluate import METRICS, CalibrationData, FidelityChecker, load_data, synthetic_data
+from .data import Dataset, Splits
+from .evaluate import FidelityChecker
 from .genotype import Genotype, SearchSpace
 from .ir import LoadedModel, export_graph, load_model, model_hash
 from .plugin import Artifact, Measurement, MoveContext, Pass, Strategy, Target
@@ -77,8 +78,8 @@ class RunConfig:
     strategy: str = "random"
     budget: Budget = field(default_factory=Budget)
     data: str | Path | None = None
-    metric: str = "cosine"
-    min_fidelity: float = 0.99
+    metric: str = "channel"  # the gate's metric (graphopt.metrics): a name, module:function, or a Metric
+    min_fidelity: float | None = None  # absolute floor (None and no max_drop: 0.99 for a similarity metric)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     out: str | Path = "graphopt-out"
@@ -98,14 +99,33 @@ class RunConfig:
     recover_seconds: float | None = None  # time for that phase (None: a share of a time budget)
     recover_train: str = "changed"  # what recovery trains: changed | all
     cluster: str | None = None  # Ray address: compiles as Ray tasks on its workers (graphopt.cluster_pool)
+    # data and quality (graphopt.data, graphopt.metrics, graphopt.quality)
+    eval_data: str | Path | None = None  # held-out source; default: a split of `data`
+    allow_synthetic: bool = False  # let data-dependent moves fit to synthetic inputs (report: not trusted)
+    max_drop: float | None = None  # gate: metric >= original's - max_drop (points of a task metric)
+    task_metric: str | None = None  # the held-out number reported (default: the gate's metric)
+    select_samples: int | None = None  # caps (graphopt.data defaults: 256 select, 1000 held-out, 64 calib)
+    eval_samples: int | None = None
+    calib_samples: int | None = None
 
     def validate(self) -> None:
-        if self.metric not in METRICS:
-            raise UsageError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"--seed {self.seed}: must be a whole number >= 0")
-        if not (0.0 <= self.min_fidelity <= 1.0) or math.isnan(self.min_fidelity):
-            raise UsageError(f"--min-fidelity {self.min_fidelity}: must be between 0 and 1")
+        from .metrics import resolve_metric
+
+        gate = resolve_metric(self.metric)
+        if self.task_metric is not None:
+            resolve_metric(self.task_metric)
+        if self.min_fidelity is not None and (not math.isfinite(self.min_fidelity) or (
+                gate.similarity and not 0.0 <= self.min_fidelity <= 1.0)):
+            raise UsageError(f"--min-fidelity {self.min_fidelity}: must be between 0 and 1"
+                             + ("" if gate.similarity else " (or a finite value of the metric)"))
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise UsageError(f"--max-drop {self.max_drop}: must be a number >= 0 (points of the metric)")
+        for flag, v in (("--select-samples", self.select_samples), ("--eval-samples", self.eval_samples),
+                        ("--calib-samples", self.calib_samples)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UsageError(f"{flag} {v}: must be a positive number of samples")
         for flag, v in (("--max-size-mb", self.max_size_mb), ("--max-latency-ms", self.max_latency_ms)):
             if v is not None and not v > 0:
                 raise UsageError(f"{flag} {v}: must be a positive number")
@@ -176,23 +196,24 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
     return model, applied
 
 
-def split_calibration(data: CalibrationData, passes: Mapping[str, Pass], pass_options: Mapping[str, Any],
-                      finetune_steps: int = 0, recover: bool = False) -> tuple[CalibrationData, CalibrationData]:
-    """(fit, fidelity) data. Passes that fit weights to data (repair, finetune) get the first half
-    of the samples and fidelity is measured on the other half, so a candidate is never judged on
-    the data it was fit to. `graphopt export` rebuilds candidates with the same split."""
-    n = data.num_samples
-    if ((finetune_steps > 0 or recover) and n >= 2) or (pass_options.get("repair", True) and n >= 4
-                                           and any(getattr(p, "uses_calibration", False) for p in passes.values())):
-        half = n // 2
-        return (CalibrationData({k: v[:half] for k, v in data.arrays.items()}, data.source),
-                CalibrationData({k: v[half:] for k, v in data.arrays.items()}, data.source))
-    return data, data
+def split_calibration(data: Dataset, eval_data: Dataset | None, passes: Mapping[str, Pass], space: SearchSpace,
+                      config: Any) -> tuple[Splits, list[str]]:
+    """(fit / select / held-out splits, data-dependent moves) of a run (graphopt.data.split_data):
+    moves are fit on `fit`, candidates judged on `select`, and `held-out` is only reported.
+    `config`: the RunConfig, or the stored run config (`graphopt export` rebuilds candidates on
+    the same fit samples)."""
+    from .quality import make_splits, run_moves, split_sizes
+
+    moves = run_moves(passes, space, config)
+    return make_splits(data, eval_data, moves, split_sizes(config)), moves
 
 
-def move_context(base: LoadedModel, fit_data: CalibrationData, pass_options: Mapping[str, Any],
+def move_context(base: LoadedModel, splits: Any, pass_options: Mapping[str, Any],
                  finetune_steps: int = 0, seed: int = 0, run_dir: str | Path | None = None) -> MoveContext:
-    return MoveContext(base_model=base.proto, calibration=fit_data.arrays,
+    """`splits`: the run's Splits (its in-memory calibration subset of fit), or a CalibrationData /
+    {input: [samples, ...]} used whole (benches that build candidates without a run)."""
+    calib = splits.calibration if isinstance(splits, Splits) else getattr(splits, "arrays", splits)
+    return MoveContext(base_model=base.proto, calibration=calib,
                        options=dict(pass_options, **({"finetune_steps": finetune_steps, "seed": seed}
                                                      if finetune_steps else {}),
                                     **({"run_dir": str(run_dir)} if run_dir is not None else {})))
@@ -243,15 +264,12 @@ class Search:
 
             onnxruntime.set_default_logger_severity(3)
         # inputs are checked before --out is created or locked; an input is never a file a run writes
-        rundir.check_inputs_not_outputs(cfg.out, {"model": cfg.model, "--data": cfg.data})
+        rundir.check_inputs_not_outputs(cfg.out, {"model": cfg.model, "--data": _spec_path(cfg.data),
+                                                  "--eval-data": _spec_path(cfg.eval_data)})
         t0 = time.monotonic()
         self.base = load_model(cfg.model, cfg.shapes)
         if cfg.data is None:  # the memory a --shape implies, before allocating it
             rundir.check_synthetic_memory(self.base.inputs, cfg.synthetic_samples, self.base.proto, cfg.shapes)
-        self.data: CalibrationData = (load_data(cfg.data, self.base.inputs) if cfg.data is not None
-                                      else synthetic_data(self.base.inputs, self.base.proto,
-                                                          samples=cfg.synthetic_samples, seed=cfg.seed))
-        rundir.check_finite(self.data.arrays, f"--data {cfg.data}")
         self.passes: dict[str, Pass] = {name: PASSES.create(name) for name in cfg.passes}
         base_graph = self.base.graph()
         from .exact import build_space  # exact moves: one gene per pass unless --search-exact
@@ -262,6 +280,16 @@ class Search:
         for d in self.base.defaulted_dims:
             log.info("input %s: symbolic batch dimension %r set to 1 (--shape %s=... to choose)",
                      d["input"], d["dim"], d["input"])
+        # data: --data (or synthetic, refused when moves fit to data) split into fit / select / held-out
+        from .data import CachedData
+        from .quality import open_run_data, run_moves
+
+        self.data, eval_data, self.trust_warning = open_run_data(cfg, self.base, run_moves(self.passes, self.space,
+                                                                                              cfg))
+        self.splits, self.data_moves = split_calibration(self.data, eval_data, self.passes, self.space, cfg)
+        if getattr(self.data, "arrays", None) is not None:  # in-memory data: every value; else what is held
+            rundir.check_finite(self.data.arrays, f"--data {cfg.data}")
+        rundir.check_finite(self.splits.calibration, f"--data {cfg.data} (calibration samples)")
         self.target: Target = TARGETS.create(cfg.target, **cfg.target_options)
         self.target.check()
         if cfg.jobs > 1 and not self.target.concurrent_measure:
@@ -278,26 +306,33 @@ class Search:
             "model": self.base.sha256, "target": cfg.target,
             "target_config": _stable(target_desc.get("config", {k: v for k, v in target_desc.items()
                                                               if k in ("compiler", "device", "threads", "target")})),
-            "data": self.data.fingerprint(), "metric": cfg.metric,
+            "data": self.data.fingerprint(), "metric": str(cfg.metric),
+            "split": _stable(self.splits.sizes()),
             # how moves are built (repair on/off, pass options, finetune): same genotype, other graph
             "move_options": _stable({**cfg.pass_options, "finetune_steps": cfg.finetune_steps}),
         })
         self.store.set_meta("config", {"model": str(Path(cfg.model).resolve()), "target": cfg.target,
                                        "passes": list(cfg.passes), "shapes": {k: list(v) for k, v in cfg.shapes.items()},
-                                       "metric": cfg.metric, "min_fidelity": cfg.min_fidelity,
-                                       "data": str(Path(cfg.data).resolve()) if cfg.data else None,
+                                       "metric": str(cfg.metric), "min_fidelity": cfg.min_fidelity,
+                                       "max_drop": cfg.max_drop, "allow_synthetic": cfg.allow_synthetic,
+                                       "data": _spec_str(cfg.data), "eval_data": _spec_str(cfg.eval_data),
+                                       "select_samples": cfg.select_samples, "eval_samples": cfg.eval_samples,
+                                       "calib_samples": cfg.calib_samples,
                                        "pass_options": cfg.pass_options, "finetune_steps": cfg.finetune_steps,
                                        "seed": cfg.seed, "synthetic_samples": cfg.synthetic_samples,
                                        "graphopt_version": _graphopt_version(), "search_exact": cfg.search_exact,
                                        "recover_top": cfg.recover_top})
-        # Passes that fit weights to data (repair) get one half of the calibration samples and
-        # fidelity is measured on the other half, so it is never judged on the data it was fit to.
-        fit_data, self.fidelity_data = split_calibration(self.data, self.passes, cfg.pass_options,
-                                                         cfg.finetune_steps, recover=cfg.recover_top > 0)
-        self.fit_data = fit_data
-        self.fit_samples = fit_data.num_samples if fit_data is not self.data else 0
+        # moves are fit on `fit`; candidates are judged (and chosen) on `select`; held-out is only reported
+        self.fidelity_data = CachedData(self.splits.select)
+        self.fit_data = self.splits.fit  # distillation (graphopt.recover) streams it
+        self.fit_samples = self.splits.fit.num_samples
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
-        self.ctx = move_context(self.base, fit_data, cfg.pass_options, cfg.finetune_steps, cfg.seed, run_dir=self.out)
+        from .metrics import gate_threshold
+
+        self.min_required = gate_threshold(cfg.min_fidelity, cfg.max_drop, self.checker.reference_value,
+                                           self.checker.metric_obj.similarity)
+        self.ctx = move_context(self.base, self.splits, cfg.pass_options, cfg.finetune_steps, cfg.seed,
+                                run_dir=self.out)
         try:
             self.strategy: Strategy = STRATEGIES.create(cfg.strategy, self.space, seed=cfg.seed, **cfg.strategy_options)
         except (TypeError, ValueError) as e:
@@ -346,13 +381,20 @@ class Search:
         base_ms = base.latency_ms if base is not None and base.status == "ok" else None
         base_fid = base.fidelity if base is not None else None
         tell_strategy(self.strategy, [Result(r.genotype, self._score(r), r.status, r.latency_ms, r.fidelity, base_ms,
-                                             self.cfg.min_fidelity, base_fid) for r in recs])
+                                             self.min_required, base_fid) for r in recs])
+
+    def _gate_words(self) -> str:
+        cfg = self.cfg
+        return " and ".join(w for w in (
+            f"--min-fidelity {cfg.min_fidelity}" if cfg.min_fidelity is not None else "",
+            f"--max-drop {cfg.max_drop} from the original's {self.checker.reference_value:.6g}"
+            if cfg.max_drop is not None else "") if w) or "the default gate"
 
     def _score(self, rec: Record) -> float:
         """Latency if the record meets every constraint, else inf. Judged anew on each run, so a
         resumed run with other constraints re-ranks what is stored."""
         cfg = self.cfg
-        if rec.status != "ok" or rec.latency_ms is None or (rec.fidelity or 0) < cfg.min_fidelity:
+        if rec.status != "ok" or rec.latency_ms is None or rec.fidelity is None or rec.fidelity < self.min_required:
             return math.inf
         if cfg.max_latency_ms is not None and rec.latency_ms > cfg.max_latency_ms:
             return math.inf
@@ -413,9 +455,9 @@ class Search:
             timings["fidelity"] = time.monotonic() - t
             rec.fidelity, rec.fidelity_detail = fid.value, fid.to_dict()
             max_mb = self.cfg.max_size_mb
-            if fid.value < self.cfg.min_fidelity:
+            if not fid.value >= self.min_required:
                 rec.status = "infeasible"
-                rec.error = f"fidelity {fid.value:.6f} < --min-fidelity {self.cfg.min_fidelity}"
+                rec.error = f"fidelity {fid.value:.6f} < {self.min_required:.6g} ({self._gate_words()})"
             elif max_mb is not None and rec.size_bytes > max_mb * 1e6:
                 rec.status = "infeasible"
                 rec.error = f"size {rec.size_bytes / 1e6:.3f} MB > --max-size-mb {max_mb}"
@@ -669,6 +711,9 @@ class Search:
         report["confirmed"] = confirmed
         if getattr(self, "recovery", None) is not None:
             report["recovery"] = self.recovery
+        from .quality import report_blocks
+
+        report.update(report_blocks(self, best))  # data splits, held-out task metric, trust
         self._profile_best(report, best)
         try:
             report_exit = write_outputs(self, report, best)
@@ -926,6 +971,25 @@ def _graphopt_version() -> str:
     from . import __version__
 
     return __version__
+
+
+def _spec_str(spec: Any) -> str | None:
+    """A --data / --eval-data spec as stored: a path resolved, a module:function as given."""
+    if spec is None:
+        return None
+    text = str(spec)
+    return str(Path(text).resolve()) if Path(text).exists() else text
+
+
+def _spec_path(spec: Any) -> Path | None:
+    """The file or folder a --data spec names (a loader's .py file), None for a module:function."""
+    if spec is None:
+        return None
+    text = str(spec)
+    if Path(text).exists():
+        return Path(text)
+    head = text.rpartition(":")[0]
+    return Path(head) if head.endswith(".py") and Path(head).exists() else None
 
 
 def _stable(obj: Any) -> str:

@@ -1,14 +1,21 @@
 """Calibration data and fidelity: how closely a candidate computes what the original computes.
 
-Fidelity is measured with onnxruntime on calibration inputs (cheap, done before any compile).
-Metrics, all "higher is better", 1.0 = identical:
+Fidelity is measured with onnxruntime on the `select` split (graphopt.data), before any compile.
+Similarity metrics (all "higher is better", 1.0 = identical; the minimum over outputs):
+  channel (default) per output, per channel (see channel_axis), 1 - ||cand_c - orig_c||^2 / scale_c
+          where scale_c = max(||orig_c||^2, median over the output's channels of ||orig_k||^2);
+          the worst channel. Each channel is judged on its own scale (so 4 box coordinates in
+          pixels cannot hide 80 dead class scores), with the typical channel's energy as a floor
+          (so a channel that is almost always ~0 is not failed by noise that is tiny next to its
+          peers). 1 - noise/signal power, i.e. an SQNR: 0.99 = 20 dB, 0.999 = 30 dB.
   cosine  mean over samples of the cosine similarity of each flattened output with the
-          original's; the minimum over outputs.
+          original's. Dominated by the largest-valued channels of an output.
   top1    fraction of samples whose argmax over the last axis agrees with the original's
-          (classifier logits); the minimum over outputs.
-  rel_l2  1 - ||candidate - original|| / ||original|| per sample, averaged; the minimum over
-          outputs (clipped at 0).
-Integer or boolean outputs are compared for exact equality (fraction of equal elements).
+          (classifier logits).
+  rel_l2  1 - ||candidate - original|| / ||original|| per sample, averaged (clipped at 0).
+Integer or boolean outputs are compared for exact equality (fraction of equal elements). A shape
+mismatch scores 0; a non-finite candidate value where the original is finite scores 0.
+Task metrics (ImageNet top-1, STS-B Spearman, plugins) live in graphopt.metrics.
 """
 
 from __future__ import annotations
@@ -20,42 +27,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .data import ArrayData, Dataset, labels_of, sample_ids
 from .errors import DataError, ModelError
 from .ir import InputSpec
 
 if TYPE_CHECKING:
     import onnx
 
-METRICS = ("cosine", "top1", "rel_l2")
+METRICS = ("channel", "cosine", "top1", "rel_l2")  # similarity metrics (graphopt.metrics has all)
 
 
-@dataclass
-class CalibrationData:
-    """Input name -> array of shape [samples, *input_shape]."""
+class CalibrationData(ArrayData):
+    """Input name -> array of shape [samples, *input_shape] (+ optional per-sample labels, extras)."""
 
-    arrays: dict[str, np.ndarray]
-    source: str  # "file:<path>" or "synthetic"
-
-    @property
-    def synthetic(self) -> bool:
-        return self.source == "synthetic"
-
-    @property
-    def num_samples(self) -> int:
-        return next(iter(self.arrays.values())).shape[0] if self.arrays else 0
-
-    def sample(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i, ...] for k, v in self.arrays.items()}  # [i, ...]: a 0-d array for a scalar input, not a numpy scalar
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for k in sorted(self.arrays):
-            a = np.ascontiguousarray(self.arrays[k])
-            h.update(k.encode())
-            h.update(str(a.dtype).encode())
-            h.update(str(a.shape).encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
+    def __init__(self, arrays: dict[str, np.ndarray], source: str, labels=None, extras=None):
+        super().__init__(arrays, source, labels=labels, extras=extras)
 
 
 def load_data(path: str | Path, inputs: list[InputSpec]) -> CalibrationData:
@@ -70,11 +56,14 @@ def load_data(path: str | Path, inputs: list[InputSpec]) -> CalibrationData:
         raise DataError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e}); "
                         "write one with numpy.savez(path, **{input_name: array})") from None
     names = [s.name for s in inputs]
+    labels = arrays.pop("labels", None) if "labels" not in names else None
+    extras = {k[len("extra_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_") and k not in names}
     missing = [n for n in names if n not in arrays]
     extra = [k for k in arrays if k not in names]
     if missing or extra:
         raise DataError(f"--data {path}: keys {sorted(arrays)} do not match the model's inputs {names}"
-                        + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else ""))
+                        + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra}; per-sample "
+                           "labels go under 'labels', dataset-level extras under 'extra_<name>')" if extra else ""))
     n = None
     out = {}
     for spec in inputs:
@@ -97,7 +86,9 @@ def load_data(path: str | Path, inputs: list[InputSpec]) -> CalibrationData:
         out[spec.name] = a
     if not n:
         raise DataError(f"--data {path}: no samples (leading axis is 0)")
-    return CalibrationData(out, f"file:{path}")
+    if labels is not None and len(labels) != n:
+        raise DataError(f"--data {path}: 'labels' has {len(labels)} entries for {n} samples")
+    return CalibrationData(out, f"file:{path}", labels=labels, extras=extras)
 
 
 def synthetic_data(inputs: list[InputSpec], model: "onnx.ModelProto", samples: int = 8,
@@ -148,10 +139,22 @@ def _session(model: "onnx.ModelProto", threads: int | None = None):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: "onnx.ModelProto", data: CalibrationData) -> list[list[np.ndarray]]:
+def run_model(model: "onnx.ModelProto", data: Dataset) -> list[list[np.ndarray]]:
     """Outputs per sample: result[i][j] = output j of sample i."""
     sess = _session(model)
     return [sess.run(None, data.sample(i)) for i in range(data.num_samples)]
+
+
+def stack_outputs(per_sample: list[list[np.ndarray]], names: list[str]) -> dict[str, np.ndarray | list]:
+    """Output name -> [samples, *shape] (a list of arrays when the shapes differ between samples)."""
+    out: dict[str, np.ndarray | list] = {}
+    for j, name in enumerate(names):
+        arrs = [np.asarray(r[j]) for r in per_sample]
+        try:
+            out[name] = np.stack(arrs) if arrs else np.zeros((0,))
+        except ValueError:
+            out[name] = arrs
+    return out
 
 
 @dataclass
@@ -166,14 +169,85 @@ class Fidelity:
 
 def compare(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], names: list[str],
             metric: str) -> Fidelity:
+    """Per-sample outputs of the original and a candidate -> a similarity Fidelity."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}")
+    value, per_output = similarity(stack_outputs(reference, names), stack_outputs(candidate, names), metric)
+    return Fidelity(value, metric, per_output)
+
+
+def similarity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], metric: str
+               ) -> tuple[float, dict[str, float]]:
+    """(worst output's score, per output) for a similarity metric on stacked outputs."""
     per_output = {}
-    for j, name in enumerate(names):
-        refs = [r[j] for r in reference]
-        cands = [c[j] for c in candidate]
-        per_output[name] = _score_output(refs, cands, metric)
-    return Fidelity(min(per_output.values()) if per_output else 1.0, metric, per_output)
+    for name, ref in reference.items():
+        cand = candidate.get(name)
+        if cand is None:
+            per_output[name] = 0.0
+        elif metric == "channel":
+            per_output[name] = channel_score(ref, cand)
+        else:
+            refs, cands = list(ref), list(cand)
+            per_output[name] = 0.0 if len(refs) != len(cands) else _score_output(refs, cands, metric)
+    return (min(per_output.values()) if per_output else 1.0), per_output
+
+
+def channel_axis(sample_shape: tuple[int, ...]) -> int | None:
+    """The channel axis of one sample's output: none for a scalar; the features of [F] and [B, F];
+    for [B, A, C] the shorter of A and C (a detector's [1, 84, anchors] or [1, anchors, 85], a
+    transformer's [1, tokens, hidden]) -- channel_score judges [B, A, C] along both A and C and
+    keeps the worse, so a layout the guess gets wrong is still covered; axis 1 for rank >= 4 (NCHW)."""
+    r = len(sample_shape)
+    if r == 0:
+        return None
+    if r == 1:
+        return 0
+    if r == 2:
+        return 1
+    if r == 3:
+        return 1 if sample_shape[1] <= sample_shape[2] else 2
+    return 1
+
+
+def channel_score(ref, cand) -> float:
+    """The `channel` metric on one output, stacked [samples, *shape]. See the module doc."""
+    if isinstance(ref, list) or isinstance(cand, list):  # ragged: per sample, the worst
+        if len(ref) != len(cand) or not len(ref):
+            return 0.0 if len(ref) != len(cand) else 1.0
+        return min(channel_score(np.asarray(r)[None], np.asarray(c)[None]) for r, c in zip(ref, cand))
+    r, c = np.asarray(ref), np.asarray(cand)
+    if r.shape != c.shape:
+        return 0.0
+    if r.size == 0:
+        return 1.0
+    if not np.issubdtype(r.dtype, np.floating):
+        return float(np.mean(r == c))
+    r64, c64 = r.astype(np.float64), c.astype(np.float64)
+    fin_r, fin_c = np.isfinite(r64), np.isfinite(c64)
+    if np.any(fin_r & ~fin_c):
+        return 0.0
+    if not np.all(fin_r):  # where the original is inf/nan the candidate must be the same
+        same = np.where(np.isnan(r64), np.isnan(c64), r64 == c64)
+        if not np.all(same[~fin_r]):
+            return 0.0
+        r64, c64 = np.where(fin_r, r64, 0.0), np.where(fin_r, c64, 0.0)
+    ax = channel_axis(r.shape[1:])
+    axes = [ax] if len(r.shape) != 4 else [1, 2]  # [B, A, C]: both axes, the worst (layout unknown)
+    return min(_channel_fid(r64, c64, a) for a in axes)
+
+
+def _channel_fid(r64: np.ndarray, c64: np.ndarray, ax: int | None) -> float:
+    if ax is None:
+        rc, cc = r64.reshape(1, -1), c64.reshape(1, -1)
+    else:
+        rc = np.moveaxis(r64, ax + 1, 0).reshape(r64.shape[ax + 1], -1)
+        cc = np.moveaxis(c64, ax + 1, 0).reshape(r64.shape[ax + 1], -1)
+    energy = np.mean(rc * rc, axis=1)
+    err = np.mean((cc - rc) ** 2, axis=1)
+    scale = np.maximum(energy, np.median(energy))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fid = np.where(scale > 0, 1.0 - err / np.where(scale > 0, scale, 1.0), np.where(err > 0, 0.0, 1.0))
+    return float(np.clip(np.min(fid), 0.0, 1.0))
 
 
 def _score_output(refs: list[np.ndarray], cands: list[np.ndarray], metric: str) -> float:
@@ -183,6 +257,9 @@ def _score_output(refs: list[np.ndarray], cands: list[np.ndarray], metric: str) 
         c = np.asarray(c)
         if r.shape != c.shape:
             return 0.0
+        if metric == "channel":
+            vals.append(channel_score(r[None], c[None]))
+            continue
         if not np.issubdtype(r.dtype, np.floating):
             vals.append(float(np.mean(r == c)) if r.size else 1.0)
             continue
@@ -211,12 +288,16 @@ def _score_output(refs: list[np.ndarray], cands: list[np.ndarray], metric: str) 
 
 
 class FidelityChecker:
-    """Runs the original once on the calibration data; scores candidates against it."""
+    """Runs the original once on the data (the select split); scores candidates against it with a
+    metric (a name or a graphopt.metrics.Metric), passing labels and extras when the data has them.
+    `reference_value`: the original's own score (1.0 for a similarity metric; its accuracy for a
+    task metric), the base of --max-drop."""
 
-    def __init__(self, base: "onnx.ModelProto", data: CalibrationData, metric: str = "cosine"):
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}")
-        self.metric = metric
+    def __init__(self, base: "onnx.ModelProto", data: Dataset, metric="channel"):
+        from .metrics import resolve_metric
+
+        self.metric_obj = resolve_metric(metric)
+        self.metric = self.metric_obj.name
         self.data = data
         self.output_names = [o.name for o in base.graph.output]
         try:
@@ -229,10 +310,18 @@ class FidelityChecker:
                             + ("synthetic inputs are random values of the declared types and shapes, which this "
                                "model does not accept: pass real inputs with --data" if data.synthetic else
                                "check that --data holds valid inputs for the model")) from None
+        self._ref_stacked = stack_outputs(self.reference, self.output_names)
+        self.labels = labels_of(data)
+        self.extras = dict(getattr(data, "extras", {}) or {}, sample_ids=sample_ids(data))
+        self.reference_value = self.metric_obj(self._ref_stacked, self._ref_stacked, self.labels, self.extras)[0]
+
+    def score_outputs(self, outs: list[list[np.ndarray]]) -> Fidelity:
+        value, per_output = self.metric_obj(self._ref_stacked, stack_outputs(outs, self.output_names),
+                                            self.labels, self.extras)
+        return Fidelity(value, self.metric, per_output)
 
     def score(self, candidate: "onnx.ModelProto") -> Fidelity:
-        outs = run_model(candidate, self.data)
         names = [o.name for o in candidate.graph.output]
         if names != self.output_names:
             raise ValueError(f"candidate outputs {names} differ from the original's {self.output_names}")
-        return compare(self.reference, outs, self.output_names, self.metric)
+        return self.score_outputs(run_model(candidate, self.data))

@@ -554,6 +554,20 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
     cards.append(card(f"fidelity ({metric})", _fid(fidelity.get("best") if best else None),
                       f"required \u2265 {_e(fidelity.get('min_required'))}" if min_fid is not None else "",
                       "card-fidelity"))
+    trust = _d(report.get("trust"))
+    if trust and not trust.get("trusted", True):
+        cards.append(card("result", '<span class="badge bad">NOT TO BE TRUSTED</span>',
+                          _e(trust.get("warning") or ""), "card-trust"))
+    held = _d(report.get("held_out"))
+    if held and held.get("original") is not None:
+        hm = _d(held.get("metric"))
+        u = "%" if hm.get("units") == "%" else ""
+
+        def hv(v: Any) -> str:
+            return DASH if _num(v) is None else (f"{_num(v):.2f}{u}" if hm.get("units") else f"{_num(v):.6f}")
+        cards.append(card(f"held-out {_e(hm.get('name'))}", f"{hv(held.get('best'))}",
+                          f"original {hv(held.get('original'))}, {_e(held.get('samples'))} held-out samples",
+                          "card-held-out"))
     if fidelity.get("synthetic"):
         cards.append(card("data", '<span class="badge bad">SYNTHETIC</span>',
                           "random inputs; pass --data for real calibration data", "card-data"))
@@ -605,7 +619,8 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
         how.append(("confirmed speedup", _e(confirmed.get("how") or "re-measured after the search")
                     + f" ({_e(confirmed.get('rounds'))} rounds)"))
     how += [
-        ("fidelity metric", f"<code>{_e(metric)}</code>: {_e(_METRIC_WORDS.get(metric, metric))}"),
+        ("fidelity metric", f"<code>{_e(metric)}</code>: "
+                            f"{_e(fidelity.get('definition') or _METRIC_WORDS.get(metric, metric))}"),
         ("fidelity data", ('<strong>SYNTHETIC</strong> random inputs' if fidelity.get("synthetic") else
                            f"<code>{_e(fidelity.get('data'))}</code>") + f", {_e(fidelity.get('samples'))} samples"
          if fidelity else DASH),
@@ -617,6 +632,18 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
                       f"passes {', '.join(map(str, search.get('passes') or [])) or 'none'}; stopped because: "
                       f"{search.get('stopped_because')}") if search else DASH),
     ]
+    dsplit = _d(report.get("data"))
+    if dsplit:
+        sz = _d(dsplit.get("sizes"))
+        src = _d(dsplit.get("sources"))
+        how.append(("data splits", _e(f"fit {sz.get('fit')} (calibration subset {sz.get('calibration')}), select "
+                                      f"{sz.get('select')}, held-out {sz.get('held_out')} samples; fit/select from "
+                                      f"{src.get('fit')}, held-out from {src.get('held_out')}. {dsplit.get('how', '')}")
+                    + "".join(f" {_e(n)}" for n in dsplit.get("notes") or [])))
+    if held:
+        hm = _d(held.get("metric"))
+        how.append(("held-out metric", f"<code>{_e(hm.get('name'))}</code>: {_e(hm.get('definition'))}; "
+                    + _e(held.get("how") or "") + (f" (error: {_e(held.get('error'))})" if held.get("error") else "")))
     space = _d(search.get("space"))
     if space:
         how.append(("search space", _e(f"{space.get('sites')} sites, 10^{space.get('log10_genotypes')} genotypes")))

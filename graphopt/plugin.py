@@ -80,6 +80,13 @@ class Pass:
         """(node name, why it is not a site) for near misses; shown by `graphopt inspect`."""
         return []
 
+    def data_moves(self, sites: list[Site], options: Mapping[str, Any]) -> str | None:
+        """What this pass's moves at `sites` fit to data with these options (calibration ranges,
+        repaired weights, data-driven choices), in a few words; None when they need no data.
+        Without --data, a run whose passes name something here stops (exit 2) unless the user
+        passes --allow-synthetic (graphopt.data). Default: from `uses_calibration`."""
+        return "fits to calibration data" if self.uses_calibration else None
+
 
 # -------------------------------------------------------------------------------------- targets
 LATENCY_METHODS = ("measured", "rpc", "estimated")

@@ -84,7 +84,16 @@ STRATEGIES = Registry("strategy", "graphopt.strategies", {
     "sensitivity": "graphopt.search.sensitivity:SensitivitySearch",
 })
 
-REGISTRIES = {"passes": PASSES, "targets": TARGETS, "strategies": STRATEGIES}
+METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/metrics.py: how candidates are judged
+    "channel": "graphopt.metrics:CHANNEL",
+    "cosine": "graphopt.metrics:COSINE",
+    "imagenet_top1": "graphopt.metrics:imagenet_top1",
+    "rel_l2": "graphopt.metrics:REL_L2",
+    "sts_spearman": "graphopt.metrics:sts_spearman",
+    "top1": "graphopt.metrics:TOP1",
+})
+
+REGISTRIES = {"passes": PASSES, "targets": TARGETS, "strategies": STRATEGIES, "metrics": METRICS}
 
 
 def parse_names(registry: Registry, text: str | list[str] | None) -> list[str]:

@@ -121,15 +121,17 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
                   "moves": moves(search, best), "fidelity": best.fidelity, **(best_lat or {})} if best else None),
         "speedup": speedup,
         "pareto_front": sorted(front_ids(records, resolution=FRONT_RESOLUTION)),
-        "constraints": {"min_fidelity": cfg.min_fidelity, "max_size_mb": cfg.max_size_mb,
-                        "max_latency_ms": cfg.max_latency_ms},
-        "fidelity": {"metric": cfg.metric, "min_required": cfg.min_fidelity,
+        "constraints": {"min_fidelity": search.min_required, "max_drop": cfg.max_drop,
+                        "max_size_mb": cfg.max_size_mb, "max_latency_ms": cfg.max_latency_ms},
+        "fidelity": {"metric": search.checker.metric, "min_required": search.min_required,
+                     "definition": search.checker.metric_obj.description, "units": search.checker.metric_obj.units,
+                     "original": search.checker.reference_value, "max_drop": cfg.max_drop,
                      "best": best.fidelity if best else None,
                      "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),
                      "synthetic": search.data.synthetic, "samples": search.fidelity_data.num_samples,
                      "repair_fit_samples": search.fit_samples,
-                     "how": ("onnxruntime outputs of each candidate vs the original on the calibration inputs"
-                             + (" (the half not used to fit repaired weights)" if search.fit_samples else "")
+                     "how": ("onnxruntime outputs of each candidate vs the original on the select split"
+                             + (" (disjoint from the fit split that moves are fit to)" if search.fit_samples else "")
                              + ("; inputs were SYNTHETIC (random, from the declared types and shapes): "
                                 "pass --data for real calibration data" if search.data.synthetic else ""))},
         "search": {"strategy": cfg.strategy, "seed": cfg.seed, "budget": search.cfg.budget.describe(),

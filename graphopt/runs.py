@@ -86,18 +86,20 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
     space = build_space(sites, bool(cfg.get("search_exact", True)))
     if not all(k in space for k in rec.genotype):
         space = build_space(sites, not cfg.get("search_exact", True))
+    from .data import open_data
     from .driver import move_context, split_calibration
-    from .evaluate import load_data, synthetic_data
+    from .evaluate import synthetic_data
 
     seed = int(cfg.get("seed") or 0)
-    data = (load_data(cfg["data"], base.inputs) if cfg.get("data")
+    data = (open_data(cfg["data"], base.inputs) if cfg.get("data")
             else synthetic_data(base.inputs, base.proto, samples=int(cfg.get("synthetic_samples") or 8), seed=seed))
+    eval_data = open_data(cfg["eval_data"], base.inputs, "--eval-data") if cfg.get("eval_data") else None
     options = cfg.get("pass_options") or {}
     steps = int(cfg.get("finetune_steps") or 0)
     _check_same_inputs(out_dir, candidate, cfg, ident, data, options, steps)
-    # the same data and fit half the run used, so the rebuilt candidate is the one that was measured
-    fit, _ = split_calibration(data, passes, options, steps, recover=int(cfg.get("recover_top") or 0) > 0)
-    ctx = move_context(base, fit, options, steps, seed, run_dir=out_dir)  # run_dir: recovered weights
+    # the same data and fit split the run used, so the rebuilt candidate is the one that was measured
+    splits, _ = split_calibration(data, eval_data, passes, space, cfg)
+    ctx = move_context(base, splits, options, steps, seed, run_dir=out_dir)  # run_dir: recovered weights
     model, _ = materialize(base, space, rec.genotype, passes, ctx)
     _check_same_graph(candidate, rec, model, cfg, steps)
     return atomic_write_bytes(Path(dest), model.SerializeToString())

@@ -887,6 +887,10 @@ class AttentionFusion(Pass):
         _rewrite(graph, m, keep_heads=keep, mask_source=src)
         return True
 
+    def data_moves(self, sites: list[Site], options) -> str | None:
+        prune = any(str(c).startswith("prune_") for s in sites for c in s.choices)
+        return "head importance ranked on calibration data (prune_k)" if prune else None
+
     def rejections(self, graph: gs.Graph) -> list[tuple[str, str]]:
         out = []
         for n in _candidates(graph):

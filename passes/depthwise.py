@@ -205,6 +205,9 @@ class DepthwiseSeparable(Pass):
 
     uses_calibration = True
 
+    def data_moves(self, sites, options) -> str | None:
+        return "least-squares repair of the new weights" if options.get("repair", True) else None
+
     name = "depthwise"
     description = "replace a KxK conv by depthwise KxK (multiplier r) + pointwise 1x1, SVD-initialised"
     stage = 30

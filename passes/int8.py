@@ -381,6 +381,10 @@ class Int8Quantize(Pass):
                         activations=str(opts.get("int8_activations", "uint8")),
                         reduce_range=opts.get("int8_reduce_range", "auto"), cache_dir=cache_dir)
 
+    def data_moves(self, sites: list[Site], options) -> str | None:
+        static = any(c in ("int8", "all") for s in sites for c in s.choices)
+        return "static int8 calibration (activation ranges)" if static else None
+
     def rejections(self, graph: gs.Graph) -> list[tuple[str, str]]:
         out = []
         for node in graph.nodes:

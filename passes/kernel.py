@@ -248,6 +248,9 @@ class KernelResize(Pass):
 
     uses_calibration = True  # shrinking refits the cropped kernel to the original outputs
 
+    def data_moves(self, sites, options) -> str | None:
+        return "least-squares repair of the new weights" if options.get("repair", True) else None
+
     name = "kernel"
     description = "resize a KxK conv kernel to (K-2)x(K-2) (crop centre) or (K+2)x(K+2) (zero ring)"
     stage = 30

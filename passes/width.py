@@ -878,6 +878,13 @@ class WidthPrune(Pass):
     stage = 40  # after kernel/depthwise (stage 30): their repairs read original channel counts
     uses_calibration = True
 
+    def data_moves(self, sites, options) -> str | None:
+        norm = str(options.get("width_importance", "auto"))
+        repair = bool(options.get("repair", True))
+        words = (["least-squares repair"] if repair else []) + (
+            ["data-driven channel choice"] if norm == "ls" or (norm == "auto" and repair) else [])
+        return " and ".join(words) or None
+
     def sites(self, graph: gs.Graph) -> list[Site]:
         out = []
         for g in _Analysis(graph).groups():

@@ -27,7 +27,9 @@ def test_example_conv_bn(example_model, tmp_path, target, budget):
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(res.stdout)
     assert file_sha(example_model) == sha
-    assert rep["status"] == "ok" and rep["fidelity"]["synthetic"] is False and rep["fidelity"]["samples"] == 16
+    # exact moves only: no fit split; the 16 samples are split into select (the gate) and held-out
+    assert rep["status"] == "ok" and rep["fidelity"]["synthetic"] is False and rep["fidelity"]["samples"] == 8
+    assert rep["data"]["sizes"]["held_out"] == 8 and rep["held_out"]["original"] == 1.0
     assert rep["best"]["fidelity"] >= 0.9999
     assert rep["search"]["space"]["sites_per_pass"] == {"conv_bn": 49}
     assert rep["latency_method"] == "measured"

@@ -170,7 +170,8 @@ def test_server_dies_mid_run_then_resume(cluster, tmp_path):
     onnx.save(conv_bn_model(), model)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "graphopt", "run", str(model), "--target", "x86", "--threads", "1", "--passes",
-            "conv_bn,kernel", "--search-exact", "--budget", "30", "--target-opt", f"tracker={cluster.tracker}", "--target-opt",
+            "conv_bn,kernel", "--search-exact", "--allow-synthetic", "--budget", "30", "--target-opt",
+            f"tracker={cluster.tracker}", "--target-opt",
             "key=local", "--target-opt", "repeat=2", "--target-opt", "request_timeout=10", "--out", str(out),
             "--json"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)

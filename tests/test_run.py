@@ -44,7 +44,7 @@ def test_run_writes_best_report_and_store(convbn_path, tmp_path):
     assert rep["target"]["name"] == "ort" and rep["target"]["threads"] >= 1
     assert rep["baseline"]["median_ms"] > 0 and rep["baseline"]["spread"]["min_ms"] <= rep["baseline"]["median_ms"]
     assert rep["best"]["median_ms"] > 0 and rep["best"]["fidelity"] >= 0.9999
-    assert rep["fidelity"]["metric"] == "cosine" and rep["fidelity"]["synthetic"] is True
+    assert rep["fidelity"]["metric"] == "channel" and rep["fidelity"]["synthetic"] is True
     assert "SYNTHETIC" in rep["fidelity"]["how"]
     assert rep["speedup"] == pytest.approx(rep["baseline"]["median_ms"] / rep["best"]["median_ms"])
     assert rep["search"]["space"]["sites_per_pass"] == {"conv_bn": 2}
@@ -132,7 +132,8 @@ def test_api_matches_cli(convbn_path, tmp_path):
                    out=tmp_path / "o")
     assert res.exit_code == 0
     rep = res.report
-    assert rep["fidelity"]["synthetic"] is False and rep["fidelity"]["samples"] == 4
+    assert rep["fidelity"]["synthetic"] is False and rep["fidelity"]["samples"] == 2  # select; 2 held out
+    assert rep["data"]["sizes"] == {"fit": 0, "select": 2, "held_out": 2, "calibration": 0}
     assert rep["fidelity"]["metric"] == "rel_l2" and rep["best"]["fidelity"] > 0.999
     assert json.loads((tmp_path / "o" / "report.json").read_text())["best"] == json.loads(json.dumps(rep["best"]))
     with pytest.raises(UsageError, match="unknown target"):
@@ -269,9 +270,11 @@ def test_repair_fit_and_fidelity_use_disjoint_samples(convbn_path, tmp_path):
     res = optimize(convbn_path, "ort", passes="depthwise", budget=2, data=data, out=tmp_path / "o",
                    min_fidelity=0.0)
     f = res.report["fidelity"]
-    assert f["repair_fit_samples"] == 5 and f["samples"] == 5 and "not used to fit" in f["how"]
+    # fit / select / held-out interleaved (fit, select, fit, held-out, ...): 5 / 3 / 2 of 10 samples
+    assert f["repair_fit_samples"] == 5 and f["samples"] == 3 and "disjoint from the fit split" in f["how"]
+    assert res.report["data"]["sizes"] == {"fit": 5, "select": 3, "held_out": 2, "calibration": 5}
     res = optimize(convbn_path, "ort", passes="conv_bn", budget=1, data=data, out=tmp_path / "o2")
-    assert res.report["fidelity"]["samples"] == 10 and res.report["fidelity"]["repair_fit_samples"] == 0
+    assert res.report["fidelity"]["samples"] == 5 and res.report["fidelity"]["repair_fit_samples"] == 0  # 5 held out
 
 
 def _node_count_target(flip_after: int | None):
