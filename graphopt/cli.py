@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a candidate is feasible only if its metric >= the original's - D on the select split "
                           "(points of a task metric, e.g. 0.5; default for a task metric: 1.0)")
     run.add_argument("--select-samples", type=int, metavar="N", help="cap of the select split (default 256)")
-    run.add_argument("--eval-samples", type=int, metavar="N", help="cap of the held-out split (default 1000)")
+    run.add_argument("--eval-samples", type=int, metavar="N", help="cap of the held-out split (default 5000)")
     run.add_argument("--calib-samples", type=int, metavar="N",
                      help="fit samples held in memory for calibration and least-squares repair (default 64)")
     run.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...",

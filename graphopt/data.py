@@ -27,8 +27,8 @@ for no choice). With --eval-data, held-out is that source and --data is split in
 select; without it, --data is split three ways. Assignment is by a fixed interleave over groups
 (fit, select, fit, held-out, ...: data sorted by class spreads over every split), deterministic,
 so `graphopt export` rebuilds candidates on the same fit samples. When no move of the run needs
-data, fit is empty. Caps: select <= select_max, held-out <= held_out_max (samples over a cap go
-to fit). `MoveContext.calibration` is a bounded in-memory subset of fit (`calib_max` samples,
+data, fit is empty. Caps: select <= select_max (256), held-out <= held_out_max (5000, whole
+groups); samples over a cap go to fit. `MoveContext.calibration` is a bounded in-memory subset of fit (`calib_max` samples,
 evenly spaced) as input name -> [samples, *shape].
 """
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .plugin import Pass
 
 SELECT_MAX = 256
-HELD_OUT_MAX = 1000
+HELD_OUT_MAX = 5000
 CALIB_MAX = 64
 
 
@@ -170,7 +170,9 @@ def labels_of(ds: Dataset) -> Any:
 
 
 def sample_ids(ds: Dataset) -> np.ndarray:
-    return np.asarray(ds.indices if isinstance(ds, Subset) else range(ds.num_samples), dtype=np.int64)
+    """The samples' indices in their source (a split's positions in the data it was cut from)."""
+    idx = getattr(ds, "indices", None)
+    return np.asarray(idx if idx is not None else range(ds.num_samples), dtype=np.int64)
 
 
 def stack(ds: Dataset, indices: Iterable[int] | None = None) -> dict[str, np.ndarray]:
@@ -618,8 +620,12 @@ def split_data(data: Dataset, eval_data: Dataset | None = None, needs_fit: bool 
             notes.append(f"{data.num_samples} sample(s) are too few to split: {name} reuses the samples of "
                          "another split, so it is not independent")
     if eval_data is not None:
-        held: Dataset = eval_data if eval_data.num_samples <= held_out_max else \
-            Subset(eval_data, np.linspace(0, eval_data.num_samples - 1, held_out_max).round().astype(int), "held_out")
+        held: Dataset = eval_data
+        if eval_data.num_samples > held_out_max:  # whole groups (pairs), evenly spaced, up to the cap
+            eunits = _units(eval_data)
+            per = max(1, max(len(u) for u in eunits))
+            take = np.unique(np.linspace(0, len(eunits) - 1, max(1, held_out_max // per)).round().astype(int))
+            held = Subset(eval_data, [i for k in take for i in eunits[k]], "held_out")
     else:
         held = Subset(data, idx["held_out"], "held_out")
     fit = Subset(data, idx["fit"], "fit")

@@ -104,7 +104,7 @@ class RunConfig:
     allow_synthetic: bool = False  # let data-dependent moves fit to synthetic inputs (report: not trusted)
     max_drop: float | None = None  # gate: metric >= original's - max_drop (points of a task metric)
     task_metric: str | None = None  # the held-out number reported (default: the gate's metric)
-    select_samples: int | None = None  # caps (graphopt.data defaults: 256 select, 1000 held-out, 64 calib)
+    select_samples: int | None = None  # caps (graphopt.data defaults: 256 select, 5000 held-out, 64 calib)
     eval_samples: int | None = None
     calib_samples: int | None = None
 

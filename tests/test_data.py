@@ -137,6 +137,10 @@ def test_split_is_disjoint_interleaved_capped_and_group_aware():
     ev = ArrayData({"x": np.zeros((5, 1), np.float32)}, "eval")
     s2 = split_data(ds, ev, needs_fit=True, select_max=100)
     assert s2.sizes()["fit"] + s2.sizes()["select"] == n and s2.held_out is ev
+    # a capped held-out source keeps whole groups (pairs)
+    ev_pairs = ArrayData({"x": np.zeros((20, 1), np.float32)}, "eval", groups=[i // 2 for i in range(20)])
+    capped = split_data(ds, ev_pairs, needs_fit=True, held_out_max=7).held_out
+    assert capped.num_samples == 6 and all((i ^ 1) in capped.indices for i in capped.indices)
     # no move needs data: no fit split, nothing in memory
     s3 = split_data(ds, None, needs_fit=False)
     assert s3.sizes() == {"fit": 0, "select": 20, "held_out": 20, "calibration": 0}
@@ -369,6 +373,15 @@ def test_minilm_like_embedder_good_on_the_task_is_accepted_with_max_drop(tmp_pat
         assert h["original"] > 90 and h["best"] is not None and h["data"].startswith("loader:")
         # no move fits to data: no fit split; select capped at 256 of the 400 samples
         assert rep["data"]["sizes"] == {"fit": 0, "select": 256, "held_out": 200, "calibration": 0}
+        # the terminal summary and report.html show the held-out number, its definition and the splits
+        from graphopt.cli import summary
+
+        text = summary(rep)
+        assert f"held-out sts_spearman: original {h['original']:.2f}, best {h['best']:.2f} on 200 samples" in text
+        assert "data: fit 0 (calibration 0), select 256, held-out 200 samples" in text
+        html = (tmp_path / "task" / "report.html").read_text()
+        assert 'id="card-held-out"' in html and f"{h['best']:.2f}" in html and "STS-B Spearman" in html
+        assert "select 256, held-out 200 samples" in html
         # a stricter drop rejects it
         strict = optimize(p, "ort", passes="noisy", strategy="grid", budget=1, data=data, eval_data=ev,
                           metric="sts_spearman", max_drop=0.0, min_fidelity=None, out=tmp_path / "strict")
