@@ -388,3 +388,21 @@ def test_minilm_like_embedder_good_on_the_task_is_accepted_with_max_drop(tmp_pat
         assert next(r for r in strict.records if r.genotype).status == "infeasible"
     finally:
         PASSES.unregister("noisy")
+
+
+def test_cli_plugin_metric_from_a_file(convbn_path, tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("import numpy as np\n\n"
+                 "def agree(original, candidate, labels=None, extras=None):\n"
+                 "    \"\"\"argmax agreement in %\"\"\"\n"
+                 "    o, c = original['logits'], candidate['logits']\n"
+                 "    return 100.0 * float(np.mean(o.argmax(-1) == c.argmax(-1)))\n")
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "2", "--metric", f"{f}:agree", "--max-drop",
+                  "0.5", "--out", tmp_path / "o", "--json")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["fidelity"]["metric"] == f"{f}:agree" and rep["fidelity"]["definition"] == "argmax agreement in %"
+    assert rep["fidelity"]["original"] == 100.0 and rep["fidelity"]["min_required"] == 99.5
+    assert rep["held_out"]["original"] == 100.0 and rep["held_out"]["metric"]["name"] == f"{f}:agree"
+    bad = run_cli("run", convbn_path, "--target", "ort", "--metric", "nope", "--out", tmp_path / "b")
+    assert bad.returncode == 2 and "unknown metric" in bad.stderr
