@@ -267,6 +267,10 @@ class DepthRemoval(Pass):
     stage = 15  # after exact fusions (conv_bn), before the passes that act inside blocks
     uses_calibration = True  # the opt-in least-squares repair (depth_repair) fits the readers to data
 
+    def data_moves(self, sites, options) -> str | None:
+        return ("least-squares repair of the readers (depth_repair)"
+                if options.get("depth_repair", False) and options.get("repair", True) else None)
+
     def sites(self, graph: "gs.Graph") -> list[Site]:
         blocks, _ = _blocks(graph)
         out = []
