@@ -145,7 +145,7 @@ def test_int8_accuracy_control_reverts_the_fragile_layer(tmp_path):
     np.savez(data, x=fragile_data())
     TARGETS.register("node_count", _node_count_target(int8=True))
     try:
-        res = optimize(p, "node_count", passes="int8", strategy="sensitivity", budget=12, data=data,
+        res = optimize(p, "node_count", passes="int8", strategy="sensitivity", budget=12, data=data, metric="cosine",
                        min_fidelity=0.99, out=tmp_path / "o", strategy_options={"mode": "int8", "then": "none"})
     finally:
         TARGETS.unregister("node_count")
