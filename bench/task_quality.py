@@ -216,6 +216,8 @@ def main() -> None:
         rows, info = bench_model(key, args, out)
         parts += [table(MODELS[key]["label"], info, rows), ""]
         raw[key] = {"info": info, "rows": rows}
+        write_results(out, f"task_quality_{key}", "\n".join([header, "", parts[-2], ""]), rows, say=log,
+                      header=header, info=info)  # each model's table as soon as it is done
     parts.append(f"Total bench time {time.perf_counter() - t0:.0f} s.")
     md = "\n".join(parts) + "\n"
     print(md)
