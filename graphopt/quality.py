@@ -55,8 +55,11 @@ def split_sizes(cfg: Any) -> dict[str, int]:
 
 def run_moves(passes, space, cfg: Any) -> list[str]:
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    return data_dependent_moves(passes, space.by_pass(), get("pass_options") or {},
-                                int(get("finetune_steps") or 0))
+    moves = data_dependent_moves(passes, space.by_pass(), get("pass_options") or {},
+                                 int(get("finetune_steps") or 0))
+    if int(get("recover_top") or 0) > 0:
+        moves.append(f"--recover-top {int(get('recover_top'))}: distillation on the fit split")
+    return moves
 
 
 # ------------------------------------------------------------------------------ held-out

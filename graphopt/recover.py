@@ -659,7 +659,7 @@ def recover_phase(search: Search) -> None:
     k = int(cfg.recover_top)
     search.recovery = []
     records = search.store.records()
-    chosen = pick_candidates(records, k, getattr(search, "baseline", None), cfg.min_fidelity)
+    chosen = pick_candidates(records, k, getattr(search, "baseline", None), search.min_required)
     if not chosen:
         log.info("recover: no candidate to recover (none below --min-fidelity or faster than the original and inexact)")
         return

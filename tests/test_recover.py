@@ -290,7 +290,7 @@ def test_ctrl_c_during_recovery_keeps_the_recovered_candidate(tmp_path, monkeypa
     onnx.save(residual_model(), path)
     np.savez(data, x=smooth(rng, 32))
     res = optimize(path, "ort", passes="width,kernel", strategy="random", budget=6, data=data, min_fidelity=0.999,
-                   out=tmp_path / "o", recover_top=3, recover_time="60s", target_options={"repeat": 3},
+                   metric="cosine", out=tmp_path / "o", recover_top=3, recover_time="60s", target_options={"repeat": 3},
                    pass_options={"finetune_threads": 1, "recover_train_size": None})
     rep = res.report
     assert rep["status"] == "interrupted" and res.exit_code == 130
