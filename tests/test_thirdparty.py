@@ -27,6 +27,7 @@ def _sess(model):
 
 def _cfg(path, out, **kw):
     kw.setdefault("passes", ["conv_bn"])
+    kw.setdefault("allow_synthetic", True)  # robustness on synthetic inputs, data-dependent moves included
     return RunConfig(model=path, target="ort", budget=Budget(trials=kw.pop("trials", 2)), out=out, progress=False,
                      confirm_rounds=0, target_options={"repeat": 3, "number": 2, "warmup": 1}, **kw)
 
