@@ -27,8 +27,10 @@ models: setup
 	$(PY) models/minilm.py
 
 demo: models
-	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target ort --passes conv_bn \
-		--data models/efficientnet_lite0_calib.npz --budget 10 --out $(OUT)
+	$(VENV)/bin/graphopt run models/efficientnet_lite0.onnx --target ort --passes conv_bn,int8 \
+		--strategy sensitivity --strategy-opt mode=int8 \
+		--data models/loaders.py:effnet_photos --eval-data models/loaders.py:effnet_imagenet \
+		--metric imagenet_top1 --max-drop 1.0 --budget 8 --out $(OUT)
 
 # TVM x86, MetaSchedule-tuned: the first run fills the tuning database (~/.cache/graphopt/tuning,
 # 47 workloads: ~3 min on 2 cores at 2 trials each, ~5 min at 8); later runs and candidates reuse it.
