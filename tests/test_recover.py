@@ -239,7 +239,7 @@ def test_run_with_recovery_honours_a_time_budget_and_export_rebuilds_the_recover
     TARGETS.register("slow_recover", Slow)
     try:
         t0 = time.monotonic()
-        res = optimize(path, "slow_recover", passes="width,kernel", budget="30s", data=data, min_fidelity=0.997,
+        res = optimize(path, "slow_recover", passes="width,kernel", budget="30s", data=data, min_fidelity=0.997, metric="cosine",
                        out=tmp_path / "o", recover_top=2, target_options={"repeat": 3},
                        pass_options={"finetune_threads": 1, "width_importance": "l1"})
         wall = time.monotonic() - t0
@@ -266,7 +266,10 @@ def test_run_with_recovery_honours_a_time_budget_and_export_rebuilds_the_recover
     model = onnx.load(out)
     onnx.checker.check_model(model)
     x = np.load(data)["x"]
-    select = FidelityChecker(onnx.load(path), CalibrationData({"x": x[24:]}, "s"), "cosine")
+    from graphopt.data import ArrayData, split_data, stack
+
+    sel = split_data(ArrayData({"x": x}, "d")).select  # the run's own select split
+    select = FidelityChecker(onnx.load(path), CalibrationData(stack(sel), "s"), "cosine")
     assert select.score(model).value == pytest.approx(rec.fidelity, abs=1e-9)
     assert "recover: candidate" in __import__("graphopt.cli", fromlist=["summary"]).summary(rep)
 
