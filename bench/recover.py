@@ -92,6 +92,17 @@ def top1(model_bytes: bytes, data: Photos, labels: list[int]) -> float:
     return 100.0 * hits / len(labels)
 
 
+def width_candidate(ratio: float, which: str):
+    """(base, pass, space, genotype): width `ratio` at all sites, or at the `which` costliest (by FLOPs)."""
+    base = load_model(MODEL, {})
+    p = WidthPrune()
+    sites = [s for s in p.sites(base.graph()) if ratio in s.choices]
+    if which != "all":
+        flops = {n.name: n.flops for n in analyze(base.proto).nodes}
+        sites = sorted(sites, key=lambda s: -sum(flops.get(n, 0) for n in s.nodes))[:int(which)]
+    return base, p, SearchSpace(p.sites(base.graph())), Genotype({s.key: ratio for s in sites})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.75)
@@ -125,18 +136,11 @@ def main() -> int:
     log(f"data: fit {fit.num_samples}, select {select.num_samples} (photos-unlabelled), held-out {len(labels)} "
         f"(imagenet-sample); {time.monotonic() - t_all:.0f} s")
 
-    base = load_model(MODEL, {})
-    p = WidthPrune()
-    sites = [s for s in p.sites(base.graph()) if args.ratio in s.choices]
-    if args.sites != "all":
-        flops = {n.name: n.flops for n in analyze(base.proto).nodes}
-        sites = sorted(sites, key=lambda s: -sum(flops.get(n, 0) for n in s.nodes))[:int(args.sites)]
-    space = SearchSpace(p.sites(base.graph()))
-    g = Genotype({s.key: args.ratio for s in sites})
+    base, p, space, g = width_candidate(args.ratio, args.sites)
     repair = Photos(photos[:args.repair_images]).arrays()  # the first fit photos
     t = time.monotonic()
     cand, applied = materialize(base, space, g, {p.name: p}, MoveContext(base.proto, repair, {"repair": True}))
-    log(f"candidate: width {args.ratio} on {len(sites)} sites ({sum(v == 'applied' for v in applied.values())} "
+    log(f"candidate: width {args.ratio} on {len(g)} sites ({sum(v == 'applied' for v in applied.values())} "
         f"applied), least-squares repair on {args.repair_images} photos: {time.monotonic() - t:.0f} s")
     checker = FidelityChecker(base.proto, CalibrationData(select.arrays(), "select"), "cosine")
     sel_before = checker.score(cand).value
@@ -144,7 +148,7 @@ def main() -> int:
     res = recover(cand, base.proto, fit, checker, seconds=args.seconds, select_before=sel_before,
                   options=RecoverOptions(train=args.train, batch_size=args.batch, lr=args.lr, threads=args.threads or None,
                                          train_size=args.train_size, eval_every_s=args.eval_every),
-                  label=f"width {args.ratio} x{len(sites)}")
+                  label=f"width {args.ratio} x{len(g)}")
     log(f"recovery: {res.steps} steps in {time.monotonic() - t:.0f} s ({res.stopped}, {res.threads} thread(s)); select cosine "
         f"{res.select_before:.4f} -> {res.select_after:.4f}; features {res.features}")
     atomic_write_bytes(out / "recover_candidate.onnx", res.model.SerializeToString())
@@ -166,13 +170,13 @@ def main() -> int:
     ms = {r["name"]: statistics.median(r["rounds_ms"]) for r in timing}
     ratio = ms["original"] / ms["candidate"]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "args": vars(args),
-              "sites": len(sites), "select_before": res.select_before, "select_after": res.select_after,
+              "sites": len(g), "select_before": res.select_before, "select_after": res.select_after,
               "recovery": res.to_dict(), "history": res.history, "top1": acc, "held_cosine": cos,
               "latency_ms": ms, "speedup": ratio, "wall_s": round(time.monotonic() - t_all, 1)}
     md = (f"| candidate | select cosine | held-out cosine | top-1 (imagenet-sample, {len(labels)}) | ORT ms (x orig) |\n"
           f"|---|---|---|---|---|\n"
           f"| original | 1 | 1 | {acc['original']:.1f}% | {ms['original']:.2f} |\n"
-          f"| width {args.ratio} x{len(sites)}, LS repair | {res.select_before:.4f} | {cos['repaired']:.4f} | "
+          f"| width {args.ratio} x{len(g)}, LS repair | {res.select_before:.4f} | {cos['repaired']:.4f} | "
           f"{acc['repaired']:.1f}% | {ms['candidate']:.2f} (x{ratio:.2f}) |\n"
           f"| + recovery {res.seconds:.0f} s, {res.steps} steps | {res.select_after:.4f} | {cos['recovered']:.4f} | "
           f"{acc['recovered']:.1f}% | (same graph) |\n")

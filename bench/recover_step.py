@@ -27,13 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
-from recover import PHOTOS, Photos  # noqa: E402  (bench/recover.py)
+from recover import PHOTOS, Photos, width_candidate  # noqa: E402  (bench/recover.py)
 
-from graphopt.analysis import analyze  # noqa: E402
 from graphopt.driver import materialize  # noqa: E402
-from graphopt.genotype import Genotype, SearchSpace  # noqa: E402
-from graphopt.ir import load_model  # noqa: E402
-from graphopt.passes.width import WidthPrune  # noqa: E402
 from graphopt.plugin import MoveContext  # noqa: E402
 
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
@@ -63,14 +59,7 @@ def main() -> int:
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     photos = sorted(PHOTOS.glob("*.jpg"))
     fit = Photos(photos[:args.fit])
-    base = load_model(MODEL, {})
-    p = WidthPrune()
-    sites = [s for s in p.sites(base.graph()) if args.ratio in s.choices]
-    if args.sites != "all":
-        flops = {n.name: n.flops for n in analyze(base.proto).nodes}
-        sites = sorted(sites, key=lambda s: -sum(flops.get(n, 0) for n in s.nodes))[:int(args.sites)]
-    space = SearchSpace(p.sites(base.graph()))
-    g = Genotype({s.key: args.ratio for s in sites})
+    base, p, space, g = width_candidate(args.ratio, args.sites)
     cand, _ = materialize(base, space, g, {p.name: p}, MoveContext(base.proto, Photos(photos[:8]).arrays(),
                                                                     {"repair": True}))
 
