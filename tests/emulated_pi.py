@@ -53,7 +53,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from rpc_cluster import free_port, group_members  # noqa: E402
+from rpc_cluster import ProcessFixture, free_port, group_members  # noqa: E402
 
 CACHE = Path(os.environ.get("GRAPHOPT_EMULATED_PI", "~/.cache/graphopt/emulated-pi")).expanduser()
 SUITE = "bookworm"  # Debian 12: python3.11, glibc 2.36 (Raspberry Pi OS 12 is bookworm too)
@@ -351,7 +351,7 @@ def _end_group(pgid: int, grace: float = 5.0) -> None:
             return
 
 
-class EmulatedPi:
+class EmulatedPi(ProcessFixture):
     """A TVM RPC tracker on 127.0.0.1 (started here unless `tracker` is given) and `servers`
     emulated Pis registered under `key`. A context manager; stop() ends every process group."""
 
@@ -421,15 +421,6 @@ class EmulatedPi:
     def leftover_processes(self) -> list[int]:
         return [pid for g in self.pgids for pid in group_members(g)]
 
-    def __enter__(self) -> EmulatedPi:  # noqa: PYI034
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -24,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from rpc_cluster import free_port, group_members
+from rpc_cluster import ProcessFixture, free_port, group_members
 
 RAY = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
 
 
-class RayCluster:
+class RayCluster(ProcessFixture):
     def __init__(self, workers: int = 2, log_dir: Path | None = None, resources_per_worker: int = 1):
         self.n_workers = workers
         self.per_worker = resources_per_worker
@@ -116,15 +116,6 @@ class RayCluster:
         mine = [p for pg in self.groups for p in group_members(pg)]
         return sorted(set(mine) | {p for p in getattr(self, "_forked", []) if _alive(p)})
 
-    def __enter__(self) -> "RayCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _kill_group(pg: int, sig: int) -> None:

@@ -49,7 +49,22 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
-class RpcCluster:
+class ProcessFixture:
+    """`with Fixture(...) as f:` starts it and always stops it, even when start() fails half-way
+    (a subclass defines start() -> self and stop())."""
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RpcCluster(ProcessFixture):
     def __init__(self, servers: int = 1, key: str = "local", threads: int = 1, log_dir: Path | None = None):
         self.key = key
         self.threads = threads
@@ -157,12 +172,3 @@ class RpcCluster:
     def leftover_processes(self) -> list[int]:
         return [pid for g in self.all_pgids for pid in group_members(g)]
 
-    def __enter__(self) -> RpcCluster:  # noqa: PYI034
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
