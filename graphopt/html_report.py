@@ -566,7 +566,8 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
         def hv(v: Any) -> str:
             return DASH if _num(v) is None else (f"{_num(v):.2f}{u}" if hm.get("units") else f"{_num(v):.6f}")
         cards.append(card(f"held-out {_e(hm.get('name'))}", f"{hv(held.get('best'))}",
-                          f"original {hv(held.get('original'))}, {_e(held.get('samples'))} held-out samples",
+                          f"original {hv(held.get('original'))}, {_e(held.get('samples'))} held-out samples"
+                          + (f"; {_e(hm['basis'])}" if hm.get("basis") else ""),
                           "card-held-out"))
     if fidelity.get("synthetic"):
         cards.append(card("data", '<span class="badge bad">SYNTHETIC</span>',
@@ -620,7 +621,9 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
                     + f" ({_e(confirmed.get('rounds'))} rounds)"))
     how += [
         ("fidelity metric", f"<code>{_e(metric)}</code>: "
-                            f"{_e(fidelity.get('definition') or _METRIC_WORDS.get(metric, metric))}"),
+                            f"{_e(fidelity.get('definition') or _METRIC_WORDS.get(metric, metric))}"
+                            + (f" <strong>On the select split: {_e(fidelity['basis'])}.</strong>"
+                               if fidelity.get("basis") else "")),
         ("fidelity data", ('<strong>SYNTHETIC</strong> random inputs' if fidelity.get("synthetic") else
                            f"<code>{_e(fidelity.get('data'))}</code>") + f", {_e(fidelity.get('samples'))} samples"
          if fidelity else DASH),

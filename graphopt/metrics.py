@@ -13,7 +13,10 @@ metric(original, original, ...), is the base of `--max-drop`: 1.0 for a similari
 original's accuracy for a task metric.
 
 Built-ins: `channel` (default), `cosine`, `top1`, `rel_l2` (similarity; graphopt.evaluate),
-`imagenet_top1` and `sts_spearman` (task metrics, in points: 0-100). Third parties register
+`imagenet_top1`, `soft_top1`, `agreement_top1` and `sts_spearman` (task metrics, in points: 0-100).
+On unlabelled data `imagenet_top1` is `soft_top1`: the top-1 estimated from the original's softmax
+(docs/gate_proxy.md: calibrated against held-out ImageNet top-1); a function's `basis(labels)`
+attribute says which quantity a value is on given data (Metric.basis). Third parties register
 entry points in the group `graphopt.metrics` (a function, or a Metric), or pass `--metric
 module:function` / `--metric path/to/file.py:function`. A function's first docstring line is
 its definition in the report; set `fn.units = "%"` (or "points") to say how it reads.
@@ -37,6 +40,12 @@ class Metric:
     description: str = ""
     units: str = ""  # "" (a fraction, 1.0 = identical) or "%" / "points"
     similarity: bool = False  # compares candidate and original only: the original scores 1.0, range [0, 1]
+    basis_fn: Callable[[Any], str] | None = None  # labels -> what the value is on this data (fn.basis)
+
+    def basis(self, labels=None) -> str | None:
+        """What the metric measures on data with these labels (e.g. "top-1 on labels" or "estimated
+        top-1 from the original's soft labels"); None when it does not depend on the data."""
+        return self.basis_fn(labels) if self.basis_fn is not None else None
 
     def __call__(self, original, candidate, labels=None, extras=None) -> tuple[float, dict[str, float]]:
         out = self.fn(original, candidate, labels, extras)
@@ -48,6 +57,11 @@ class Metric:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "definition": self.description, "units": self.units,
                 "similarity": self.similarity}
+
+    def describe(self, labels=None) -> dict[str, Any]:
+        """to_dict() plus `basis` on this data (when the metric says)."""
+        b = self.basis(labels)
+        return dict(self.to_dict(), **({"basis": b} if b else {}))
 
 
 # ------------------------------------------------------------------------------ similarity
@@ -80,28 +94,88 @@ def _first_float(outputs: dict[str, Any]) -> np.ndarray:
     raise ValueError("the model has no floating-point output")
 
 
+def _class_scores(a: np.ndarray) -> np.ndarray:
+    """[samples, classes]: the first position of the last axis's vectors (logits or probabilities)."""
+    n = a.shape[0]
+    return a.reshape(n, -1, a.shape[-1])[:, 0].astype(np.float64)
+
+
+def soft_labels(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The original's class distribution per sample: its softmax at `temperature`; an output that is
+    already a distribution (non-negative, rows summing to 1) is taken as it is at temperature 1."""
+    s = np.asarray(scores, dtype=np.float64)
+    if temperature == 1.0 and s.size and np.all(s >= 0) and np.allclose(s.sum(-1), 1.0, atol=1e-3):
+        return s
+    z = s / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def soft_top1(original, candidate, labels=None, extras=None) -> float:
+    """Estimated top-1 % from the original's soft labels (no labels needed): mean over samples of the
+    original's softmax probability of the candidate's top-1 class; the original scores its mean
+    confidence, so the drop is the probability mass a candidate's flips move away from the original's
+    choice (a flip where the original was unsure costs little). Exact expected top-1 if the original
+    is calibrated."""
+    ref = _first_float(original)
+    cand = _first_float(candidate)
+    if ref.shape != cand.shape or not np.all(np.isfinite(cand)) or not ref.shape[0]:
+        return 0.0
+    p = soft_labels(_class_scores(ref))
+    pred = np.argmax(_class_scores(cand), axis=-1)
+    return float(100.0 * np.mean(p[np.arange(len(pred)), pred]))
+
+
+soft_top1.units = "%"  # type: ignore[attr-defined]
+soft_top1.description = " ".join(soft_top1.__doc__.split())  # type: ignore[attr-defined]
+soft_top1.basis = lambda labels: SOFT_BASIS  # type: ignore[attr-defined]
+
+SOFT_BASIS = "estimated top-1 from the original's soft labels (no labels)"
+LABEL_BASIS = "top-1 on labels"
+
+
+def _label_array(labels) -> np.ndarray | None:
+    """Class index per sample (-1 = unlabelled), or None when no sample is labelled."""
+    if labels is None:
+        return None
+    lab = np.array([(-1 if x is None else int(np.asarray(x).reshape(-1)[0])) for x in labels], dtype=np.int64)
+    return lab if np.any(lab >= 0) else None
+
+
 def imagenet_top1(original, candidate, labels=None, extras=None) -> float:
-    """ImageNet top-1 accuracy in %: argmax of the first float output (logits over the last axis)
-    against the labels (class index; < 0 = unlabelled); on unlabelled data, against the original's argmax."""
+    """ImageNet (any classifier's) top-1 accuracy in %: argmax of the first float output (logits over the
+    last axis) against the labels (class index; < 0 = unlabelled samples, skipped); on unlabelled data
+    (the select split of unlabelled photos), soft_top1: the top-1 estimated from the original's softmax."""
     ref = _first_float(original)
     cand = _first_float(candidate)
     if ref.shape != cand.shape or not np.all(np.isfinite(cand)):
         return 0.0
-    n = cand.shape[0]
-    pred = np.argmax(cand.reshape(n, -1, cand.shape[-1]), axis=-1)[:, 0]
-    truth = None
-    if labels is not None:
-        lab = np.array([(-1 if x is None else int(np.asarray(x).reshape(-1)[0])) for x in labels], dtype=np.int64)
-        if np.any(lab >= 0):
-            truth, keep = lab, lab >= 0
+    truth = _label_array(labels)
     if truth is None:
-        truth = np.argmax(ref.reshape(n, -1, ref.shape[-1]), axis=-1)[:, 0]
-        keep = np.ones(n, dtype=bool)
-    return float(100.0 * np.mean(pred[keep] == truth[keep])) if keep.any() else 0.0
+        return soft_top1(original, candidate)
+    pred = np.argmax(_class_scores(cand), axis=-1)
+    keep = truth >= 0
+    return float(100.0 * np.mean(pred[keep] == truth[keep]))
 
 
 imagenet_top1.units = "%"  # type: ignore[attr-defined]
 imagenet_top1.description = " ".join(imagenet_top1.__doc__.split())  # type: ignore[attr-defined]
+imagenet_top1.basis = lambda labels: LABEL_BASIS if _label_array(labels) is not None else SOFT_BASIS  # type: ignore[attr-defined]
+
+
+def agreement_top1(original, candidate, labels=None, extras=None) -> float:
+    """Top-1 agreement in %: share of samples whose argmax (first float output, last axis) equals the
+    original's (imagenet_top1's behaviour on unlabelled data before soft_top1; harsher: every flip costs 1)."""
+    ref = _first_float(original)
+    cand = _first_float(candidate)
+    if ref.shape != cand.shape or not np.all(np.isfinite(cand)) or not ref.shape[0]:
+        return 0.0
+    return float(100.0 * np.mean(np.argmax(_class_scores(cand), -1) == np.argmax(_class_scores(ref), -1)))
+
+
+agreement_top1.units = "%"  # type: ignore[attr-defined]
+agreement_top1.description = " ".join(agreement_top1.__doc__.split())  # type: ignore[attr-defined]
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -189,7 +263,8 @@ def as_metric(obj: Any, name: str) -> Metric:
                          "(original, candidate, labels, extras)")
     doc = (getattr(obj, "description", None) or (obj.__doc__ or "").strip() or name)
     return Metric(name=name, fn=obj, description=" ".join(doc.split("\n\n")[0].split()),
-                  units=str(getattr(obj, "units", "")), similarity=bool(getattr(obj, "similarity", False)))
+                  units=str(getattr(obj, "units", "")), similarity=bool(getattr(obj, "similarity", False)),
+                  basis_fn=getattr(obj, "basis", None) if callable(getattr(obj, "basis", None)) else None)
 
 
 def resolve_metric(spec: Any) -> Metric:
@@ -225,5 +300,6 @@ DEFAULT_MIN_FIDELITY = 0.99
 DEFAULT_MAX_DROP = 1.0
 
 
-__all__ = ["DEFAULT", "METRICS", "Metric", "as_metric", "gate_threshold", "imagenet_top1", "rankdata",
-           "resolve_metric", "spearman", "sts_spearman"]
+__all__ = ["DEFAULT", "LABEL_BASIS", "METRICS", "Metric", "SOFT_BASIS", "agreement_top1", "as_metric",
+           "gate_threshold", "imagenet_top1", "rankdata", "resolve_metric", "soft_labels", "soft_top1", "spearman",
+           "sts_spearman"]

@@ -84,6 +84,7 @@ def held_out(search: "Search", best: "Record | None") -> dict[str, Any]:
         return out
     try:
         checker = FidelityChecker(search.base.proto, ds, task)
+        out["metric"] = task.describe(checker.labels)  # + basis: top-1 on labels, or estimated without them
         out["original"] = checker.reference_value
         if best is None:
             return out
@@ -100,7 +101,7 @@ def held_out(search: "Search", best: "Record | None") -> dict[str, Any]:
             g._ref_stacked, g.labels, g.extras = checker._ref_stacked, checker.labels, checker.extras
             out["gate_metric"] = {"name": gate.name, "original": gate(g._ref_stacked, g._ref_stacked, g.labels,
                                                                       g.extras)[0],
-                                  "best": g.score_outputs(outs).value}
+                                  "best": g.score_outputs(outs).value, "basis": gate.basis(g.labels)}
     except Exception as e:  # noqa: BLE001 - the report stands without it
         out["error"] = f"{type(e).__name__}: {e}"
         log.warning("held-out evaluation failed: %s", out["error"])
@@ -131,11 +132,16 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"data: fit {s['fit']} (calibration {s['calibration']}), select {s['select']}, held-out "
                      f"{s['held_out']} samples" + (" (SYNTHETIC)" if d.get("synthetic") else "")
                      + "".join(f"; {n}" for n in d.get("notes") or []))
+    f = rep.get("fidelity") or {}
+    if f.get("basis"):  # the gate's metric depends on the data: say what it measured on the select split
+        lines.append(f"gate: {f['metric']} on {f.get('samples')} select samples = {f['basis']}: original "
+                     f"{_fmt(f.get('original'), f.get('units', ''))}, required >= {_fmt(f.get('min_required'), f.get('units', ''))}")
     h = rep.get("held_out")
     if h and h.get("original") is not None:
         m = h["metric"]
         lines.append(f"held-out {m['name']}: original {_fmt(h['original'], m['units'])}, best "
-                     f"{_fmt(h.get('best'), m['units'])} on {h['samples']} samples ({m['definition'][:90]})")
+                     f"{_fmt(h.get('best'), m['units'])} on {h['samples']} samples ("
+                     + (f"{m['basis']}; " if m.get("basis") else "") + f"{m['definition'][:90]})")
     t = rep.get("trust")
     if t and not t.get("trusted", True):
         lines.append(f"WARNING: {t['warning']}")

@@ -85,10 +85,12 @@ STRATEGIES = Registry("strategy", "graphopt.strategies", {
 })
 
 METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/metrics.py: how candidates are judged
+    "agreement_top1": "graphopt.metrics:agreement_top1",
     "channel": "graphopt.metrics:CHANNEL",
     "cosine": "graphopt.metrics:COSINE",
     "imagenet_top1": "graphopt.metrics:imagenet_top1",
     "rel_l2": "graphopt.metrics:REL_L2",
+    "soft_top1": "graphopt.metrics:soft_top1",
     "sts_spearman": "graphopt.metrics:sts_spearman",
     "top1": "graphopt.metrics:TOP1",
 })

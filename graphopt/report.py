@@ -125,6 +125,7 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
                         "max_size_mb": cfg.max_size_mb, "max_latency_ms": cfg.max_latency_ms},
         "fidelity": {"metric": search.checker.metric, "min_required": search.min_required,
                      "definition": search.checker.metric_obj.description, "units": search.checker.metric_obj.units,
+                     "basis": search.checker.metric_obj.basis(search.checker.labels),  # e.g. soft labels vs labels
                      "original": search.checker.reference_value, "max_drop": cfg.max_drop,
                      "best": best.fidelity if best else None,
                      "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),

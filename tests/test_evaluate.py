@@ -8,8 +8,8 @@ import pytest
 
 from graphopt.errors import UsageError
 from graphopt.evaluate import channel_axis, channel_score, compare, similarity
-from graphopt.metrics import (gate_threshold, imagenet_top1, rankdata, resolve_metric, spearman,
-                              sts_spearman)
+from graphopt.metrics import (LABEL_BASIS, SOFT_BASIS, agreement_top1, gate_threshold, imagenet_top1, rankdata,
+                              resolve_metric, soft_labels, soft_top1, spearman, sts_spearman)
 
 RNG = np.random.default_rng(0)
 
@@ -125,12 +125,62 @@ def test_imagenet_top1_with_and_without_labels():
     out = {"logits": logits}
     assert imagenet_top1(out, out, np.array([3, 1, 4, 9])) == pytest.approx(75.0)
     assert imagenet_top1(out, out, [3, None, 4, 9]) == pytest.approx(100 * 2 / 3)  # None = unlabelled
-    assert imagenet_top1(out, out, None) == 100.0  # no labels: agreement with the original
+    conf = np.exp(5.0) / (np.exp(5.0) + 9)  # the original's softmax probability of its own top-1
+    # no labels: the top-1 estimated from the original's soft labels (its mean confidence for itself)
+    assert imagenet_top1(out, out, None) == pytest.approx(100 * conf)
+    assert imagenet_top1(out, out, [None] * 4) == pytest.approx(100 * conf)
     cand = logits.copy()
-    cand[0, 0, 3], cand[0, 0, 7] = 0.0, 6.0
-    assert imagenet_top1(out, {"logits": cand}, None) == pytest.approx(75.0)
+    cand[0, 0, 3], cand[0, 0, 7] = 0.0, 6.0  # sample 0 flips from class 3 to class 7 (p_orig = 1 / (e^5 + 9))
+    assert imagenet_top1(out, {"logits": cand}, None) == pytest.approx(100 * (3 * conf + (1 - conf) / 9) / 4)
+    assert agreement_top1(out, {"logits": cand}) == pytest.approx(75.0)  # the old unlabelled behaviour
+    assert imagenet_top1(out, {"logits": cand}, np.array([7, 1, 4, 9])) == pytest.approx(75.0)  # labels win
     assert imagenet_top1(out, {"logits": cand[:, :, :5]}, None) == 0.0  # shape mismatch
     assert imagenet_top1(out, {"logits": np.full_like(cand, np.nan)}, None) == 0.0
+    m = resolve_metric("imagenet_top1")
+    assert m.basis(None) == SOFT_BASIS and m.basis([None, 3]) == LABEL_BASIS and m.basis([None]) == SOFT_BASIS
+    assert m.describe(None)["basis"] == SOFT_BASIS and resolve_metric("channel").basis(None) is None
+
+
+def test_soft_top1_closed_form():
+    # two classes, the original's softmax (0.7, 0.3), (0.6, 0.4), (0.9, 0.1), (0.2, 0.8)
+    p = np.array([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.2, 0.8]])
+    orig = {"y": np.log(p) + 3.0}  # logits: softmax is shift-invariant
+    assert soft_top1(orig, orig) == pytest.approx(100 * (0.7 + 0.6 + 0.9 + 0.8) / 4)
+    flip = {"y": orig["y"][:, ::-1].copy()}  # every prediction flipped
+    assert soft_top1(orig, flip) == pytest.approx(100 * (0.3 + 0.4 + 0.1 + 0.2) / 4)
+    one = orig["y"].copy()
+    one[1] = one[1, ::-1]  # only the unsure sample (0.6 / 0.4) flips: costs 0.2 / 4 = 5 points
+    assert soft_top1(orig, {"y": one}) == pytest.approx(100 * (0.7 + 0.4 + 0.9 + 0.8) / 4)
+    probs = {"y": p}  # an output that already is a distribution is used as it is
+    assert soft_top1(probs, probs) == pytest.approx(75.0)
+    np.testing.assert_allclose(soft_labels(np.log(p)), p)
+    np.testing.assert_allclose(soft_labels(np.log(p), temperature=2.0), np.sqrt(p) / np.sqrt(p).sum(1, keepdims=True))
+    assert soft_top1(orig, {"y": np.full_like(p, np.inf)}) == 0.0
+    assert resolve_metric("soft_top1").basis([1, 2]) == SOFT_BASIS  # label-free even when labels exist
+
+
+def test_low_confidence_flips_pass_a_one_point_gate_that_agreement_fails():
+    """100 samples: 95 the original is sure of (p = 0.99), 5 it is not (0.40 vs 0.38). A candidate that
+    flips the 5 unsure ones loses 5 points of agreement but ~0.1 point of estimated top-1: it passes
+    --max-drop 1 under imagenet_top1 on unlabelled data; one that flips 2 sure samples fails it."""
+    k, n = 10, 100
+    p = np.full((n, k), 0.01 / (k - 1))
+    p[:, 0] = 0.99
+    p[95:] = 0.22 / (k - 2)
+    p[95:, 0], p[95:, 1] = 0.40, 0.38
+    orig = {"logits": np.log(p).astype(np.float32)[:, None, :]}
+    unsure = orig["logits"].copy()
+    unsure[95:, 0, 1] += 0.1  # class 1 now wins on the 5 unsure samples
+    sure = orig["logits"].copy()
+    sure[:2, 0, 2] += 10.0  # 2 confident samples flip to class 2
+    top1, agree = resolve_metric("imagenet_top1"), resolve_metric("agreement_top1")
+    for metric, unsure_passes in ((top1, True), (agree, False)):
+        base = metric(orig, orig)[0]
+        need = gate_threshold(None, 1.0, base, similarity=False)
+        assert (metric(orig, {"logits": unsure})[0] >= need) is unsure_passes, metric.name
+        assert metric(orig, {"logits": sure})[0] < need, metric.name
+    assert top1(orig, orig)[0] - top1(orig, {"logits": unsure})[0] == pytest.approx(5 * (0.40 - 0.38), abs=1e-4)
+    assert agree(orig, orig)[0] - agree(orig, {"logits": unsure})[0] == pytest.approx(5.0)
 
 
 def test_rankdata_and_spearman_match_scipy():
