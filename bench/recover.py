@@ -33,7 +33,8 @@ from compare import interleaved_rounds, session  # noqa: E402
 
 from graphopt.analysis import analyze  # noqa: E402
 from graphopt.driver import materialize  # noqa: E402
-from graphopt.evaluate import CalibrationData, FidelityChecker  # noqa: E402
+from graphopt.evaluate import CalibrationData  # noqa: E402
+from graphopt.fidelity import FidelityChecker  # noqa: E402
 from graphopt.genotype import Genotype, SearchSpace  # noqa: E402
 from graphopt.ir import load_model  # noqa: E402
 from graphopt.outputs import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402

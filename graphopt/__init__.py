@@ -4,7 +4,7 @@
     result = optimize("model.onnx", target="ort", passes=["conv_bn"], budget=20, out="out")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def optimize(*args, **kwargs):

@@ -9,7 +9,7 @@ import sqlite3
 import sys
 from typing import Any, Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, GraphoptError, UsageError
 
 EXIT_CODES = """\

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from .errors import GraphoptError, ModelError
+from .errors import GraphoptError, ModelError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -46,13 +46,20 @@ def has_subgraphs(model: "onnx.ModelProto") -> bool:
                for n in model.graph.node for a in n.attribute)
 
 
-def _session_error(proto: "onnx.ModelProto") -> str | None:
-    from .ir import _check_onnxruntime, _first_line
+def _check_onnxruntime(proto: "onnx.ModelProto", where: str) -> None:
+    """Raise the runtime's error (its first line) if onnxruntime cannot build a session for proto."""
+    import onnxruntime as ort
 
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _session_error(proto: "onnx.ModelProto") -> str | None:
     try:
         _check_onnxruntime(proto, "")
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
-        return _first_line(e)
+        return first_line(e)
     return None
 
 

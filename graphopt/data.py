@@ -491,8 +491,6 @@ def open_data(spec: str | Path | Dataset, inputs: "Sequence[InputSpec]", flag: s
     path = Path(text)
     if path.is_dir():
         return _open_folder(path, inputs, flag)
-    from .evaluate import load_data
-
     return load_data(path, inputs)
 
 
@@ -672,6 +670,61 @@ def require_real_data(moves: list[str], allow_synthetic: bool) -> str | None:
             + "): calibration ranges, repaired weights and channel choices may be wrong on real data")
 
 
-__all__ = ["ArrayData", "CachedData", "Dataset", "LoaderData", "ShardData", "Splits", "Subset", "check_feed",
-           "data_dependent_moves", "labels_of", "load_callable", "open_data", "require_real_data", "sample_ids",
+# ------------------------------------------------------------------------------ .npz files
+class CalibrationData(ArrayData):
+    """Input name -> array of shape [samples, *input_shape] (+ optional per-sample labels, extras)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: str, labels=None, extras=None):
+        super().__init__(arrays, source, labels=labels, extras=extras)
+
+
+def load_data(path: str | Path, inputs: "list[InputSpec]") -> CalibrationData:
+    """Read an .npz keyed by input name with a leading sample axis; check it against the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--data {path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise DataError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e}); "
+                        "write one with numpy.savez(path, **{input_name: array})") from None
+    names = [s.name for s in inputs]
+    labels = arrays.pop("labels", None) if "labels" not in names else None
+    extras = {k[len("extra_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_") and k not in names}
+    missing = [n for n in names if n not in arrays]
+    extra = [k for k in arrays if k not in names]
+    if missing or extra:
+        raise DataError(f"--data {path}: keys {sorted(arrays)} do not match the model's inputs {names}"
+                        + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra}; per-sample "
+                           "labels go under 'labels', dataset-level extras under 'extra_<name>')" if extra else ""))
+    n = None
+    out = {}
+    for spec in inputs:
+        a = arrays[spec.name]
+        if a.shape[1:] != spec.shape:
+            hint = ""
+            if a.shape == spec.shape:
+                hint = "; it has no sample axis: stack samples as array[None] for one sample"
+            raise DataError(f"--data {path}: {spec.name!r} has shape {list(a.shape)}, expected "
+                            f"[samples, {', '.join(map(str, spec.shape))}]{hint}")
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise DataError(f"--data {path}: inputs have different sample counts ({n} vs {a.shape[0]} for {spec.name!r})")
+        if a.dtype != spec.dtype:
+            if np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
+                a = a.astype(spec.dtype)
+            else:
+                raise DataError(f"--data {path}: {spec.name!r} has dtype {a.dtype}, the model expects {spec.dtype}")
+        out[spec.name] = a
+    if not n:
+        raise DataError(f"--data {path}: no samples (leading axis is 0)")
+    if labels is not None and len(labels) != n:
+        raise DataError(f"--data {path}: 'labels' has {len(labels)} entries for {n} samples")
+    return CalibrationData(out, f"file:{path}", labels=labels, extras=extras)
+
+
+__all__ = ["ArrayData", "CachedData", "CalibrationData", "Dataset", "LoaderData", "ShardData", "Splits", "Subset", "check_feed",
+           "data_dependent_moves", "labels_of", "load_callable", "load_data", "open_data", "require_real_data", "sample_ids",
            "split_data", "stack"]

@@ -23,10 +23,11 @@ from typing import Any, Mapping
 from .errors import GraphoptError, NoFeasibleCandidate, TargetUnreachable, UsageError
 from .controlflow import guard_sites
 from .data import Dataset, Splits
-from .evaluate import FidelityChecker
+from .fidelity import FidelityChecker
 from .genotype import Genotype, SearchSpace
-from .ir import LoadedModel, export_graph, load_model, model_hash
-from .plugin import Artifact, Measurement, MoveContext, Pass, Strategy, Target
+from .ir import load_model, model_hash
+from .materialize import materialize, move_context  # noqa: F401 (re-exported: graphopt.driver.materialize)
+from .plugin import Artifact, Measurement, Pass, Strategy, Target
 from .registry import PASSES, STRATEGIES, TARGETS, parse_names
 from .store import Record, RunStore
 
@@ -150,52 +151,6 @@ class RunConfig:
             check_config(self)
 
 
-# ------------------------------------------------------------------------------- materialize
-def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passes: Mapping[str, Pass],
-                ctx: MoveContext, finalize: bool = True):
-    """Clone the base graph, apply the genotype's moves in stage order, finalize once.
-
-    Returns (model, applied) where applied maps site key -> "applied" | "did not apply".
-    A recovered record's genotype (a `recover` gene, graphopt.recover) is its parent's moves plus
-    the recovered weights stored in the run directory. finalize=False: before whole-model
-    steps (int8), the float model recovery trains.
-    The empty genotype is the original: the loaded model itself, never re-exported (a model
-    graphopt could not export, e.g. an already-int8 one, is still measured as it is).
-    """
-    if not genotype:
-        model = type(base.proto)()
-        model.CopyFrom(base.proto)
-        return model, {}
-    from .exact import expand
-    from .recover import split_genotype
-
-    genotype, recovered = split_genotype(genotype)
-    graph = base.graph()  # a fresh import is a private clone
-    # a group gene (one for a pass's exact moves, graphopt.exact) expands to its sites' moves
-    genes = sorted(expand(space, genotype), key=lambda m: passes[m[0].pass_name].stage)  # stable: space order
-    applied = {}
-    moves: dict[str, list] = {}  # pass name -> its applied (site, choice) pairs, for Pass.finalize
-    for site, choice, key in genes:
-        ok = passes[site.pass_name].apply(graph, site, choice, ctx)
-        applied[key] = "applied" if ok or applied.get(key) == "applied" else "did not apply"
-        if ok:
-            moves.setdefault(site.pass_name, []).append((site, choice))
-    model = export_graph(graph)
-    steps = int(ctx.options.get("finetune_steps", 0) or 0)
-    if recovered:  # the recovered weights (graphopt.recover), before int8 finalize
-        from .recover import apply_recovered
-
-        model = apply_recovered(model, ctx, recovered)
-        applied["recover"] = "applied"
-    elif steps > 0 and moves:  # distil the float weights toward the original, before int8 finalize
-        from .finetune import finetune_in_context
-
-        model = finetune_in_context(model, ctx, steps)
-    for name in sorted(moves, key=lambda n: passes[n].stage) if finalize else ():  # whole-model steps (int8)
-        model = passes[name].finalize(model, moves[name], ctx)
-    return model, applied
-
-
 def split_calibration(data: Dataset, eval_data: Dataset | None, passes: Mapping[str, Pass], space: SearchSpace,
                       config: Any) -> tuple[Splits, list[str]]:
     """(fit / select / held-out splits, data-dependent moves) of a run (graphopt.data.split_data):
@@ -206,17 +161,6 @@ def split_calibration(data: Dataset, eval_data: Dataset | None, passes: Mapping[
 
     moves = run_moves(passes, space, config)
     return make_splits(data, eval_data, moves, split_sizes(config)), moves
-
-
-def move_context(base: LoadedModel, splits: Any, pass_options: Mapping[str, Any],
-                 finetune_steps: int = 0, seed: int = 0, run_dir: str | Path | None = None) -> MoveContext:
-    """`splits`: the run's Splits (its in-memory calibration subset of fit), or a CalibrationData /
-    {input: [samples, ...]} used whole (benches that build candidates without a run)."""
-    calib = splits.calibration if isinstance(splits, Splits) else getattr(splits, "arrays", splits)
-    return MoveContext(base_model=base.proto, calibration=calib,
-                       options=dict(pass_options, **({"finetune_steps": finetune_steps, "seed": seed}
-                                                     if finetune_steps else {}),
-                                    **({"run_dir": str(run_dir)} if run_dir is not None else {})))
 
 
 # ------------------------------------------------------------------------------------ search
@@ -665,7 +609,7 @@ class Search:
                 self._tell([rec])
                 self._progress(done, rec, cached)
             if self.cfg.recover_top > 0:  # distil the most promising candidates (graphopt.recover)
-                from .recover import recover_phase
+                from .recover_phase import recover_phase
 
                 recover_phase(self)
         except KeyboardInterrupt:
@@ -968,7 +912,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _graphopt_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

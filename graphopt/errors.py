@@ -52,3 +52,12 @@ class CompileError(GraphoptError):
 
 class MoveError(GraphoptError):
     """A move could not be materialized. Recorded as a value by the driver."""
+
+
+def first_line(e: BaseException, limit: int = 400) -> str:
+    """The first non-empty line of an exception's message (its type's name when empty), cut at
+    `limit` characters: how graphopt puts a library's error into its own one-line messages.
+    (TVM's errors carry a C++ traceback first: graphopt.targets.tvm_common._first_line picks
+    their message line instead.)"""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]

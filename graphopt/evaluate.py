@@ -22,73 +22,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import ArrayData, Dataset, labels_of, sample_ids
-from .errors import DataError, ModelError
+from .data import CalibrationData, Dataset, load_data  # noqa: F401 (CalibrationData, load_data: re-exported)
+from .errors import ModelError
 from .ir import InputSpec
 
 if TYPE_CHECKING:
     import onnx
 
 METRICS = ("channel", "cosine", "top1", "rel_l2")  # similarity metrics (graphopt.metrics has all)
-
-
-class CalibrationData(ArrayData):
-    """Input name -> array of shape [samples, *input_shape] (+ optional per-sample labels, extras)."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], source: str, labels=None, extras=None):
-        super().__init__(arrays, source, labels=labels, extras=extras)
-
-
-def load_data(path: str | Path, inputs: list[InputSpec]) -> CalibrationData:
-    """Read an .npz keyed by input name with a leading sample axis; check it against the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--data {path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise DataError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e}); "
-                        "write one with numpy.savez(path, **{input_name: array})") from None
-    names = [s.name for s in inputs]
-    labels = arrays.pop("labels", None) if "labels" not in names else None
-    extras = {k[len("extra_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_") and k not in names}
-    missing = [n for n in names if n not in arrays]
-    extra = [k for k in arrays if k not in names]
-    if missing or extra:
-        raise DataError(f"--data {path}: keys {sorted(arrays)} do not match the model's inputs {names}"
-                        + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra}; per-sample "
-                           "labels go under 'labels', dataset-level extras under 'extra_<name>')" if extra else ""))
-    n = None
-    out = {}
-    for spec in inputs:
-        a = arrays[spec.name]
-        if a.shape[1:] != spec.shape:
-            hint = ""
-            if a.shape == spec.shape:
-                hint = "; it has no sample axis: stack samples as array[None] for one sample"
-            raise DataError(f"--data {path}: {spec.name!r} has shape {list(a.shape)}, expected "
-                            f"[samples, {', '.join(map(str, spec.shape))}]{hint}")
-        if n is None:
-            n = a.shape[0]
-        elif a.shape[0] != n:
-            raise DataError(f"--data {path}: inputs have different sample counts ({n} vs {a.shape[0]} for {spec.name!r})")
-        if a.dtype != spec.dtype:
-            if np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
-                a = a.astype(spec.dtype)
-            else:
-                raise DataError(f"--data {path}: {spec.name!r} has dtype {a.dtype}, the model expects {spec.dtype}")
-        out[spec.name] = a
-    if not n:
-        raise DataError(f"--data {path}: no samples (leading axis is 0)")
-    if labels is not None and len(labels) != n:
-        raise DataError(f"--data {path}: 'labels' has {len(labels)} entries for {n} samples")
-    return CalibrationData(out, f"file:{path}", labels=labels, extras=extras)
 
 
 def synthetic_data(inputs: list[InputSpec], model: "onnx.ModelProto", samples: int = 8,
@@ -285,43 +230,3 @@ def _score_output(refs: list[np.ndarray], cands: list[np.ndarray], metric: str) 
             else:
                 vals.append(float(np.mean(np.argmax(r, axis=-1) == np.argmax(c, axis=-1))))
     return float(np.mean(vals)) if vals else 1.0
-
-
-class FidelityChecker:
-    """Runs the original once on the data (the select split); scores candidates against it with a
-    metric (a name or a graphopt.metrics.Metric), passing labels and extras when the data has them.
-    `reference_value`: the original's own score (1.0 for a similarity metric; its accuracy for a
-    task metric), the base of --max-drop."""
-
-    def __init__(self, base: "onnx.ModelProto", data: Dataset, metric="channel"):
-        from .metrics import resolve_metric
-
-        self.metric_obj = resolve_metric(metric)
-        self.metric = self.metric_obj.name
-        self.data = data
-        self.output_names = [o.name for o in base.graph.output]
-        try:
-            self.reference = run_model(base, data)
-        except Exception as e:  # the original itself fails on these inputs: the data's fault, not a candidate's
-            from .errors import DataError
-
-            text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:400]
-            raise DataError(f"onnxruntime cannot run the original model on the {data.source} inputs ({text}); "
-                            + ("synthetic inputs are random values of the declared types and shapes, which this "
-                               "model does not accept: pass real inputs with --data" if data.synthetic else
-                               "check that --data holds valid inputs for the model")) from None
-        self._ref_stacked = stack_outputs(self.reference, self.output_names)
-        self.labels = labels_of(data)
-        self.extras = dict(getattr(data, "extras", {}) or {}, sample_ids=sample_ids(data))
-        self.reference_value = self.metric_obj(self._ref_stacked, self._ref_stacked, self.labels, self.extras)[0]
-
-    def score_outputs(self, outs: list[list[np.ndarray]]) -> Fidelity:
-        value, per_output = self.metric_obj(self._ref_stacked, stack_outputs(outs, self.output_names),
-                                            self.labels, self.extras)
-        return Fidelity(value, self.metric, per_output)
-
-    def score(self, candidate: "onnx.ModelProto") -> Fidelity:
-        names = [o.name for o in candidate.graph.output]
-        if names != self.output_names:
-            raise ValueError(f"candidate outputs {names} differ from the original's {self.output_names}")
-        return self.score_outputs(run_model(candidate, self.data))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from .errors import ModelError, UsageError
+from .errors import first_line as _first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -338,21 +339,6 @@ def _name_nodes(proto: "onnx.ModelProto") -> None:
             seen[base] += 1
         seen[name] += 1
         node.name = name
-
-
-def _check_onnxruntime(proto: "onnx.ModelProto", where: str) -> None:
-    """Raise the runtime's error (its first line) if onnxruntime cannot build a session for proto."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0][:400] if lines else text[:400]
 
 
 # ------------------------------------------------------------------------------ constant folding

@@ -65,8 +65,9 @@ def run_moves(passes, space, cfg: Any) -> list[str]:
 # ------------------------------------------------------------------------------ held-out
 def held_out(search: "Search", best: "Record | None") -> dict[str, Any]:
     """The task metric (and the gate's metric) of the original and the best on the held-out split."""
-    from .driver import materialize
-    from .evaluate import FidelityChecker, run_model
+    from .materialize import materialize
+    from .evaluate import run_model
+    from .fidelity import FidelityChecker
     from .metrics import resolve_metric
 
     cfg = search.cfg

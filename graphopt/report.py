@@ -153,7 +153,7 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
 
 def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None") -> int:
     """best.onnx, the target's artifact and report.json, each written atomically."""
-    from .driver import materialize
+    from .materialize import materialize
 
     out = search.out
     outputs = report["outputs"]

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, first_line
 
 log = logging.getLogger("graphopt")
 
@@ -420,5 +420,4 @@ def in_temp_cwd(prefix: str = "graphopt-cwd-") -> Iterator[Path]:
 
 
 def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
+    return first_line(e, 300)

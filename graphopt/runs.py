@@ -49,7 +49,7 @@ def format_runs(records: list[Record], front: set[int]) -> str:
 
 def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> Path:
     """Materialize a stored candidate's genotype on the run's model and write it atomically."""
-    from .driver import materialize
+    from .materialize import materialize
     from .genotype import SearchSpace
     from .ir import load_model
     from .outputs import atomic_write_bytes
@@ -108,7 +108,7 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
 def _check_same_inputs(out_dir: str | Path, candidate: int, cfg: dict[str, Any], ident: dict[str, str], data: Any,
                        options: dict[str, Any], steps: int) -> None:
     """Everything a materialization depends on is what the run keyed (the store's identity)."""
-    from . import __version__
+    from ._version import __version__
 
     old_fp = ident.get("id.data")
     if old_fp is not None and data.fingerprint() != old_fp:
@@ -134,7 +134,7 @@ def _check_same_graph(candidate: int, rec: Record, model: Any, cfg: dict[str, An
     builds a move differently, say so instead of writing another model."""
     import logging
 
-    from . import __version__
+    from ._version import __version__
     from .ir import model_hash
 
     if rec.graph_hash is None or model_hash(model) == rec.graph_hash:

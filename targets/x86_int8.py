@@ -47,9 +47,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from . import tvm_common as tc
+    from .tvm_load import load_tvm
 
-    tvm = tc.load_tvm()
+    tvm = load_tvm()
     from tvm.s_tir import TensorIntrin
 
     for dtype, name in INTRINS.items():

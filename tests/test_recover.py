@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.driver import materialize
 from graphopt.errors import UsageError
-from graphopt.evaluate import CalibrationData, FidelityChecker
+from graphopt.evaluate import CalibrationData
+from graphopt.fidelity import FidelityChecker
 from graphopt.genotype import Genotype, SearchSpace
 from graphopt.ir import load_proto
 from graphopt.passes.kernel import KernelResize
