@@ -65,7 +65,6 @@ def run_moves(passes, space, cfg: Any) -> list[str]:
 # ------------------------------------------------------------------------------ held-out
 def held_out(search: "Search", best: "Record | None") -> dict[str, Any]:
     """The task metric (and the gate's metric) of the original and the best on the held-out split."""
-    from .materialize import materialize
     from .evaluate import run_model
     from .fidelity import FidelityChecker
     from .metrics import resolve_metric
@@ -92,8 +91,7 @@ def held_out(search: "Search", best: "Record | None") -> dict[str, Any]:
         if not best.genotype:
             outs = checker.reference
         else:
-            model, _ = materialize(search.base, search.space, best.genotype, search.passes, search.ctx)
-            outs = run_model(model, ds)
+            outs = run_model(search.model_for(best), ds)  # materialized once for the run's end
         out["best"] = checker.score_outputs(outs).value
         out["drop"] = out["original"] - out["best"]
         if gate.name != task.name:

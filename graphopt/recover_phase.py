@@ -74,8 +74,8 @@ def recover_phase(search: Search) -> None:
             continue
         left = len(chosen) - i
         # after the phase, inside a time budget: confirming the best (the original and it measured
-        # alternately) and rebuilding it (best.onnx; once more for a per-layer profile)
-        rebuilds = 1 + (getattr(search.target, "profile", None) is not None)
+        # alternately) and rebuilding it once (best.onnx, the held-out check and a per-layer profile share it)
+        rebuilds = 1  # the run's end materializes the best once (Search.model_for)
         tail = (2 * cfg.confirm_rounds * median("measure") + rebuilds * build) if cfg.budget.seconds is not None else 0.0
         seconds = (end - tail - time.monotonic()) / left - (build + rest)
         if seconds < 1.0:

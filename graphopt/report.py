@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import platform
-import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
 from .outputs import atomic_write_bytes, atomic_write_json
 from .pareto import front_ids
-from .plugin import Target
 
 if TYPE_CHECKING:
-    from .driver import Search
+    from .genotype import SearchSpace
+    from .ir import LoadedModel
     from .store import Record
 
 log = logging.getLogger("graphopt")
@@ -23,6 +23,32 @@ log = logging.getLogger("graphopt")
 REPORT_VERSION = 1
 # fidelities of exact rewrites differ by ~1e-13 (float noise): compare at this step on the front
 FRONT_RESOLUTION = {"fidelity": 1e-9}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What report.json says about a run besides its records: plain values the search hands over
+    at its end (graphopt.conclude), so the report never reads the Search itself."""
+
+    config: Any  # the RunConfig (graphopt.config)
+    base: "LoadedModel"
+    space: "SearchSpace"
+    target: dict[str, Any]  # Target.describe()
+    stopped_because: str
+    resumed: bool
+    min_required: float
+    metric: str  # the gate's metric: name, definition, units, the original's own value
+    metric_description: str
+    metric_units: str
+    metric_basis: Any  # Metric.basis(labels): what the gate's metric measured on this data
+    reference_value: float
+    data_synthetic: bool
+    data_source: str
+    select_samples: int
+    fit_samples: int
+    counts: dict[str, int]
+    timings: dict[str, float]
+    wall_time_s: float
 
 
 def versions() -> dict[str, str | None]:
@@ -69,10 +95,10 @@ def tuning_summary(records: list["Record"]) -> dict[str, Any] | None:
     return out
 
 
-def moves(search: "Search", rec: "Record") -> list[dict[str, Any]]:
+def moves(space: "SearchSpace", rec: "Record") -> list[dict[str, Any]]:
     out = []
     for key, choice in rec.genotype.items():
-        site = search.space.site(key) if key in search.space else None
+        site = space.site(key) if key in space else None
         out.append({"site": key, "pass": site.pass_name if site else key.split(":", 1)[0], "choice": choice,
                     "nodes": list(site.nodes) if site else [], "note": site.note if site else "",
                     "result": rec.applied.get(key)})
@@ -87,8 +113,8 @@ def _device_check(records: list["Record"]) -> dict[str, Any]:
     return {"device_check": d} if d else {}
 
 
-def build_report(search: "Search", records: list["Record"], best: "Record | None") -> dict[str, Any]:
-    cfg = search.cfg
+def build_report(run: RunSummary, records: list["Record"], best: "Record | None") -> dict[str, Any]:
+    cfg = run.config
     base = next((r for r in records if not r.genotype), None)
     best_lat = _latency_block(best)
     base_lat = _latency_block(base)
@@ -96,85 +122,79 @@ def build_report(search: "Search", records: list["Record"], best: "Record | None
     tuned = list({r.measurement["tuned"] for r in records if r.measurement})
     speedup = (base.latency_ms / best.latency_ms) if (best and base and base.latency_ms and best.latency_ms) else None
     statuses = {s: sum(1 for r in records if r.status == s) for s in ("ok", "infeasible", "failed")}
-    if search.stopped_because.startswith("target unreachable"):
+    if run.stopped_because.startswith("target unreachable"):
         status = "unreachable"
     elif best is None:
         status = "infeasible"
-    elif search.stopped_because == "interrupted":
+    elif run.stopped_because == "interrupted":
         status = "interrupted"
     else:
         status = "ok"
-    target_desc = search.target.describe()
     return {
         "report_version": REPORT_VERSION,
         "status": status,
-        "model": {"path": str(cfg.model), "sha256": search.base.sha256,
-                  "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in search.base.inputs],
-                  "outputs": search.base.output_names, "nodes": len(search.base.proto.graph.node),
-                  "defaulted_dims": search.base.defaulted_dims, "load_notes": search.base.notes},
-        "target": target_desc,
+        "model": {"path": str(cfg.model), "sha256": run.base.sha256,
+                  "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in run.base.inputs],
+                  "outputs": run.base.output_names, "nodes": len(run.base.proto.graph.node),
+                  "defaulted_dims": run.base.defaulted_dims, "load_notes": run.base.notes},
+        "target": run.target,
         "latency_method": methods[0] if len(methods) == 1 else (methods or None),
         "tuned": tuned[0] if len(tuned) == 1 else (None if not tuned else "mixed"),
         "baseline": ({"candidate_id": base.id, "status": base.status, "error": base.error, **(base_lat or {})}
                      if base else None),
         "best": ({"candidate_id": best.id, "is_original": not best.genotype, "genotype": dict(best.genotype),
-                  "moves": moves(search, best), "fidelity": best.fidelity, **(best_lat or {})} if best else None),
+                  "moves": moves(run.space, best), "fidelity": best.fidelity, **(best_lat or {})} if best else None),
         "speedup": speedup,
         "pareto_front": sorted(front_ids(records, resolution=FRONT_RESOLUTION)),
-        "constraints": {"min_fidelity": search.min_required, "max_drop": cfg.max_drop,
+        "constraints": {"min_fidelity": run.min_required, "max_drop": cfg.max_drop,
                         "max_size_mb": cfg.max_size_mb, "max_latency_ms": cfg.max_latency_ms},
-        "fidelity": {"metric": search.checker.metric, "min_required": search.min_required,
-                     "definition": search.checker.metric_obj.description, "units": search.checker.metric_obj.units,
-                     "basis": search.checker.metric_obj.basis(search.checker.labels),  # e.g. soft labels vs labels
-                     "original": search.checker.reference_value, "max_drop": cfg.max_drop,
+        "fidelity": {"metric": run.metric, "min_required": run.min_required,
+                     "definition": run.metric_description, "units": run.metric_units,
+                     "basis": run.metric_basis,  # e.g. soft labels vs labels
+                     "original": run.reference_value, "max_drop": cfg.max_drop,
                      "best": best.fidelity if best else None,
-                     "data": "synthetic" if search.data.synthetic else search.data.source.removeprefix("file:"),
-                     "synthetic": search.data.synthetic, "samples": search.fidelity_data.num_samples,
-                     "repair_fit_samples": search.fit_samples,
+                     "data": "synthetic" if run.data_synthetic else run.data_source.removeprefix("file:"),
+                     "synthetic": run.data_synthetic, "samples": run.select_samples,
+                     "repair_fit_samples": run.fit_samples,
                      "how": ("onnxruntime outputs of each candidate vs the original on the select split"
-                             + (" (disjoint from the fit split that moves are fit to)" if search.fit_samples else "")
+                             + (" (disjoint from the fit split that moves are fit to)" if run.fit_samples else "")
                              + ("; inputs were SYNTHETIC (random, from the declared types and shapes): "
-                                "pass --data for real calibration data" if search.data.synthetic else ""))},
-        "search": {"strategy": cfg.strategy, "seed": cfg.seed, "budget": search.cfg.budget.describe(),
-                   "passes": list(cfg.passes), "stopped_because": search.stopped_because,
-                   "resumed": search.resumed,
-                   "space": {"sites": len(search.space), "log10_genotypes": round(search.space.log10_size(), 3),
-                             "sites_per_pass": {k: len(v) for k, v in search.space.by_pass().items()}},
-                   "candidates": {"total_in_store": len(records), "tried_this_run": search.counts["new"]
-                                  + search.counts["cached"], **search.counts, "by_status": statuses}},
+                                "pass --data for real calibration data" if run.data_synthetic else ""))},
+        "search": {"strategy": cfg.strategy, "seed": cfg.seed, "budget": cfg.budget.describe(),
+                   "passes": list(cfg.passes), "stopped_because": run.stopped_because,
+                   "resumed": run.resumed,
+                   "space": {"sites": len(run.space), "log10_genotypes": round(run.space.log10_size(), 3),
+                             "sites_per_pass": {k: len(v) for k, v in run.space.by_pass().items()}},
+                   "candidates": {"total_in_store": len(records), "tried_this_run": run.counts["new"]
+                                  + run.counts["cached"], **run.counts, "by_status": statuses}},
         "tuning": tuning_summary(records),
         **_device_check(records),
-        "wall_time_s": round(time.monotonic() - search.t_start, 3),
-        "timings_s": {k: round(v, 3) for k, v in search.timings.items()},
+        "wall_time_s": run.wall_time_s,
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
         "versions": versions(),
         "outputs": {},
     }
 
 
-def write_outputs(search: "Search", report: dict[str, Any], best: "Record | None") -> int:
-    """best.onnx, the target's artifact and report.json, each written atomically."""
-    from .materialize import materialize
-
-    out = search.out
+def write_outputs(out: Path, report: dict[str, Any], best: "Record | None", records: list["Record"], *,
+                  store_path: Path, best_onnx: bytes | None,
+                  export_artifact: Callable[[], list[Path]] | None = None) -> int:
+    """best.onnx (`best_onnx`: the best candidate's bytes), the target's artifact (`export_artifact`:
+    writes it, None when the target exports nothing) and report.json, each written atomically."""
     outputs = report["outputs"]
-    outputs["store"] = str(search.store.path)
+    outputs["store"] = str(store_path)
     if best is not None:
-        if not best.genotype and search.base.path is not None:
-            data = search.base.path.read_bytes()  # the original file, byte for byte
-        else:
-            model, _ = materialize(search.base, search.space, best.genotype, search.passes, search.ctx)
-            data = model.SerializeToString()
-        outputs["best_onnx"] = str(atomic_write_bytes(out / "best.onnx", data))
-        if type(search.target).export is not Target.export:
+        outputs["best_onnx"] = str(atomic_write_bytes(out / "best.onnx", best_onnx))
+        if export_artifact is not None:
             try:
-                outputs["artifact"] = [str(p) for p in _export_artifact(search, best)]
+                outputs["artifact"] = [str(p) for p in export_artifact()]
             except Exception as e:  # the report still says what was found
                 outputs["artifact_error"] = f"{type(e).__name__}: {e}"
                 log.warning("could not export the compiled artifact: %s", e)
     outputs["report"] = str(out / "report.json")
     outputs["html"] = str(out / "report.html")
     atomic_write_json(out / "report.json", report)
-    write_html(out, report, search.store.records())
+    write_html(out, report, records)
     if report["status"] == "unreachable":
         return EXIT_UNREACHABLE
     if best is None:
@@ -189,7 +209,3 @@ def write_html(out: Path, report: dict[str, Any], records: list["Record"]) -> Pa
 
     page = render_html(report, records, set(report.get("pareto_front") or []))
     return atomic_write_bytes(out / "report.html", page.encode("utf-8"))
-
-
-def _export_artifact(search: "Search", best: "Record") -> list[Path]:
-    return search.target.export(search.artifact_for(best), search.out)

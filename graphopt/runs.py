@@ -49,17 +49,16 @@ def format_runs(records: list[Record], front: set[int]) -> str:
 
 def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> Path:
     """Materialize a stored candidate's genotype on the run's model and write it atomically."""
-    from .materialize import materialize
-    from .genotype import SearchSpace
     from .ir import load_model
+    from .materialize import materialize, move_context
     from .outputs import atomic_write_bytes
-    from .registry import PASSES
+    from .world import create_passes, guarded_sites, split_calibration
 
     store = open_store(out_dir)
     try:
         rec = store.by_id(candidate)
         cfg: dict[str, Any] | None = store.get_meta("config")
-        ident = dict(store.db.execute("SELECT key, value FROM meta WHERE key LIKE 'id.%'").fetchall())
+        ident = store.identity()
     finally:
         store.close()
     if rec is None:
@@ -76,18 +75,17 @@ def export_candidate(out_dir: str | Path, candidate: int, dest: str | Path) -> P
     if base.sha256 != ident.get("id.model"):
         raise UsageError(f"{cfg['model']} changed since the run (its hash differs); cannot rebuild candidate "
                          f"{candidate}: restore the model the run used, or run graphopt again")
-    passes = {n: PASSES.create(n) for n in cfg["passes"]}
-    graph = base.graph()
+    passes = create_passes(cfg["passes"])
     from .exact import build_space
 
     # runs stored before search_exact existed searched exact moves per site; a store written by runs
-    # with and without --search-exact holds genotypes of both spaces (the config is the last run's)
-    sites = {n: p.sites(graph) for n, p in passes.items()}
+    # with and without --search-exact holds genotypes of both spaces (the config is the last run's).
+    # The run's sites: none on or into control flow (graphopt.world, as the run built them)
+    sites = guarded_sites(base, passes)
     space = build_space(sites, bool(cfg.get("search_exact", True)))
     if not all(k in space for k in rec.genotype):
         space = build_space(sites, not cfg.get("search_exact", True))
     from .data import open_data
-    from .driver import move_context, split_calibration
     from .evaluate import synthetic_data
 
     seed = int(cfg.get("seed") or 0)

@@ -94,9 +94,13 @@ class RunStore:
         self.db.close()
 
     # ------------------------------------------------------------------ identity of the run
+    def identity(self) -> dict[str, str]:
+        """What the run is keyed on, as stored by check_identity: {"id.model": sha256, ...}."""
+        return dict(self.db.execute("SELECT key, value FROM meta WHERE key LIKE 'id.%'").fetchall())
+
     def check_identity(self, identity: dict[str, str]) -> bool:
         """Record identity on first use; on reuse, refuse a different one. True if resuming."""
-        rows = dict(self.db.execute("SELECT key, value FROM meta WHERE key LIKE 'id.%'").fetchall())
+        rows = self.identity()
         if not rows:
             for k, v in identity.items():
                 self.db.execute("INSERT INTO meta VALUES (?, ?)", (f"id.{k}", str(v)))

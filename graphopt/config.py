@@ -1,0 +1,133 @@
+"""What a run is asked to do: its budget (Budget) and its configuration (RunConfig, validated
+before anything runs). graphopt.api and the CLI build a RunConfig; graphopt.driver runs it."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .registry import PASSES, STRATEGIES, TARGETS, parse_names
+
+
+# ------------------------------------------------------------------------------------ budget
+@dataclass(frozen=True)
+class Budget:
+    """A number of candidates (besides the original) and/or a wall-clock limit in seconds."""
+
+    trials: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int | float | None) -> "Budget":
+        if text is None:
+            return cls(trials=20)
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            text = str(text)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", str(text))
+        if not m:
+            raise UsageError(f"--budget {text!r}: expected a number of candidates (20) or a time (90s, 5m, 1h)")
+        value, unit = float(m.group(1)), m.group(2)
+        if value <= 0:
+            raise UsageError(f"--budget {text!r}: must be positive (e.g. --budget 20 or --budget 5m)")
+        if unit is None:
+            if value != int(value):
+                raise UsageError(f"--budget {text!r}: a number of candidates must be a whole number")
+            return cls(trials=int(value))
+        scale = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
+        return cls(seconds=value * scale)
+
+    def describe(self) -> str:
+        parts = []
+        if self.trials is not None:
+            parts.append(f"{self.trials} candidates")
+        if self.seconds is not None:
+            parts.append(f"{self.seconds:g} s")
+        return " or ".join(parts) or "unbounded"
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class RunConfig:
+    model: str | Path
+    target: str = "ort"
+    passes: list[str] = field(default_factory=lambda: ["conv_bn"])
+    strategy: str = "random"
+    budget: Budget = field(default_factory=Budget)
+    data: str | Path | None = None
+    metric: str = "channel"  # the gate's metric (graphopt.metrics): a name, module:function, or a Metric
+    min_fidelity: float | None = None  # absolute floor (None and no max_drop: 0.99 for a similarity metric)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    out: str | Path = "graphopt-out"
+    target_options: dict[str, Any] = field(default_factory=dict)
+    pass_options: dict[str, Any] = field(default_factory=dict)
+    synthetic_samples: int = 8
+    confirm_rounds: int = 3
+    max_size_mb: float | None = None
+    max_latency_ms: float | None = None
+    progress: bool = True  # a progress bar on stderr when it is a terminal
+    finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.finetune; needs torch)
+    jobs: int = 1  # candidates measured at once (> 1: remote devices only; see Search._run_pipelined)
+    compile_workers: int = 1  # > 1: compiles in that many worker processes (graphopt.compile_pool)
+    search_exact: bool = False  # True: one gene per exact site (conv_bn, fused attention); else one per pass
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # --strategy-opt: the strategy's keyword options
+    recover_top: int = 0  # > 0: distil the K most promising candidates after the search (graphopt.recover)
+    recover_seconds: float | None = None  # time for that phase (None: a share of a time budget)
+    recover_train: str = "changed"  # what recovery trains: changed | all
+    cluster: str | None = None  # Ray address: compiles as Ray tasks on its workers (graphopt.cluster_pool)
+    # data and quality (graphopt.data, graphopt.metrics, graphopt.quality)
+    eval_data: str | Path | None = None  # held-out source; default: a split of `data`
+    allow_synthetic: bool = False  # let data-dependent moves fit to synthetic inputs (report: not trusted)
+    max_drop: float | None = None  # gate: metric >= original's - max_drop (points of a task metric)
+    task_metric: str | None = None  # the held-out number reported (default: the gate's metric)
+    select_samples: int | None = None  # caps (graphopt.data defaults: 256 select, 5000 held-out, 64 calib)
+    eval_samples: int | None = None
+    calib_samples: int | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"--seed {self.seed}: must be a whole number >= 0")
+        from .metrics import resolve_metric
+
+        gate = resolve_metric(self.metric)
+        if self.task_metric is not None:
+            resolve_metric(self.task_metric)
+        if self.min_fidelity is not None and (not math.isfinite(self.min_fidelity) or (
+                gate.similarity and not 0.0 <= self.min_fidelity <= 1.0)):
+            raise UsageError(f"--min-fidelity {self.min_fidelity}: must be between 0 and 1"
+                             + ("" if gate.similarity else " (or a finite value of the metric)"))
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise UsageError(f"--max-drop {self.max_drop}: must be a number >= 0 (points of the metric)")
+        for flag, v in (("--select-samples", self.select_samples), ("--eval-samples", self.eval_samples),
+                        ("--calib-samples", self.calib_samples)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise UsageError(f"{flag} {v}: must be a positive number of samples")
+        for flag, v in (("--max-size-mb", self.max_size_mb), ("--max-latency-ms", self.max_latency_ms)):
+            if v is not None and not v > 0:
+                raise UsageError(f"{flag} {v}: must be a positive number")
+        parse_names(PASSES, self.passes)
+        parse_names(TARGETS, [self.target])
+        parse_names(STRATEGIES, [self.strategy])
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise UsageError(f"--jobs {self.jobs}: must be a positive number of candidates measured at once")
+        if isinstance(self.compile_workers, bool) or not isinstance(self.compile_workers, int) \
+                or self.compile_workers < 1:
+            raise UsageError(f"--compile-workers {self.compile_workers}: must be a positive number of worker "
+                             "processes (1 = compile in the search's own process)")
+        if self.finetune_steps < 0:
+            raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
+        if self.finetune_steps > 0:
+            from .finetune import check_available
+
+            check_available()
+        if self.recover_top:
+            from .recover import check_config
+
+            check_config(self)
+
+
+__all__ = ["Budget", "RunConfig"]
