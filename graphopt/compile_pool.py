@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .errors import GraphoptError, TargetUnreachable, UsageError
+from .errors import GraphoptError, TargetUnreachable, UsageError, first_line
 
 log = logging.getLogger("graphopt")
 
@@ -104,8 +104,7 @@ def _compile(model_path: str, workdir: str, knobs: dict[str, Any]) -> Any:
     except TargetUnreachable:  # stops the run, as from an in-process compile
         raise
     except BaseException as e:  # noqa: BLE001 - every failure goes back as a picklable value
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        text = (lines[0] if lines else type(e).__name__)[:500]
+        text = first_line(e, 500)
         msg = text if isinstance(e, GraphoptError) else f"{type(e).__name__}: {text}"
         raise WorkerCompileError(msg, traceback.format_exc()) from None
     portable.info["compiled_in"] = {"pid": os.getpid(), "started": started, "ended": time.time(),

@@ -38,20 +38,12 @@ class DataError(UsageError):
     """The calibration data does not match the model's inputs."""
 
 
-class NoFeasibleCandidate(GraphoptError):
-    exit_code = EXIT_INFEASIBLE
-
-
 class TargetUnreachable(GraphoptError):
     exit_code = EXIT_UNREACHABLE
 
 
 class CompileError(GraphoptError):
     """A candidate failed to compile on a target. Recorded as a value by the driver."""
-
-
-class MoveError(GraphoptError):
-    """A move could not be materialized. Recorded as a value by the driver."""
 
 
 def first_line(e: BaseException, limit: int = 400) -> str:

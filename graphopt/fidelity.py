@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data import Dataset, labels_of, sample_ids
-from .errors import DataError
+from .errors import DataError, first_line
 from .evaluate import Fidelity, run_model, stack_outputs
 from .metrics import resolve_metric
 
@@ -33,7 +33,7 @@ class FidelityChecker:
         try:
             self.reference = run_model(base, data)
         except Exception as e:  # the original itself fails on these inputs: the data's fault, not a candidate's
-            text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:400]
+            text = first_line(e, 400)
             raise DataError(f"onnxruntime cannot run the original model on the {data.source} inputs ({text}); "
                             + ("synthetic inputs are random values of the declared types and shapes, which this "
                                "model does not accept: pass real inputs with --data" if data.synthetic else

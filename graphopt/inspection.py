@@ -10,6 +10,7 @@ from .analysis import analyze, format_table
 from .controlflow import guard_sites, leave_alone
 from .ir import load_model, op_histogram
 from .registry import PASSES, parse_names
+from .world import create_passes
 
 
 def inspect_model(model: str | Path, passes: str | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -19,9 +20,8 @@ def inspect_model(model: str | Path, passes: str | None = None, shapes: Mapping[
     names = parse_names(PASSES, passes) if passes else PASSES.names()
     graph = base.graph()
     per_pass: dict[str, Any] = {}
-    for name in names:
-        p = PASSES.create(name)
-        sites, guarded = guard_sites(graph, p.sites(graph))
+    for name, p in create_passes(names).items():  # the passes as a run builds them (graphopt.world)
+        sites, guarded = guard_sites(graph, p.sites(graph))  # what a run keeps, and why the rest goes
         rejected = p.rejections(graph) + guarded
         seen = {n for n, _ in rejected}
         rejected += [(n, why) for n, why in leave_alone(graph) if n not in seen]

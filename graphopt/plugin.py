@@ -87,6 +87,10 @@ class Pass:
         passes --allow-synthetic (graphopt.data). Default: from `uses_calibration`."""
         return "fits to calibration data" if self.uses_calibration else None
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise UsageError (one line: the option, the value, the fix) for a pass option this pass
+        cannot use; called once at the start of a run (graphopt.world.open_world), before any candidate is built."""
+
 
 # -------------------------------------------------------------------------------------- targets
 LATENCY_METHODS = ("measured", "rpc", "estimated")

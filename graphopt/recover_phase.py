@@ -12,6 +12,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from .errors import first_line
 from .genotype import Genotype
 from .materialize import materialize
 from .plugin import Pass
@@ -98,7 +99,7 @@ def recover_phase(search: Search) -> None:
         except KeyboardInterrupt:
             raise
         except Exception as e:  # failure is a value
-            entry["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            entry["error"] = f"{type(e).__name__}: {first_line(e, 500)}"
             log.warning("recover: candidate %d: %s", parent.id, entry["error"])
             continue
         entry.update(res.to_dict())

@@ -66,6 +66,10 @@ def open_world(cfg: "RunConfig") -> World:
     if cfg.data is None:  # the memory a --shape implies, before allocating it
         rundir.check_synthetic_memory(w.base.inputs, cfg.synthetic_samples, w.base.proto, cfg.shapes)
     w.passes = create_passes(cfg.passes)
+    for p in w.passes.values():  # pass options: checked once, before any candidate is built
+        check = getattr(p, "check_options", None)
+        if check is not None:
+            check(cfg.pass_options)
     w.space = search_space(w.base, w.passes, cfg.search_exact)
     for d in w.base.defaulted_dims:
         log.info("input %s: symbolic batch dimension %r set to 1 (--shape %s=... to choose)",

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphopt.errors import UsageError
+from graphopt.errors import UsageError, first_line
 from graphopt.genotype import Choice, Site
 from graphopt.ir import node_by_name
 from graphopt.plugin import MoveContext, Pass
@@ -242,7 +242,7 @@ def opset_for_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         so.log_severity_level = 3
         ort.InferenceSession(conv.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        why = first_line(e, 200)
         if key + "/per-tensor" not in _said:
             _said.add(key + "/per-tensor")
             log.info("int8: opset %d < %d and onnx.version_converter failed (%s): quantizing weights per tensor",

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from graphopt.errors import UsageError
 from graphopt.genotype import Choice, Site
 from graphopt.plugin import MoveContext, Pass
 
@@ -885,6 +886,11 @@ class WidthPrune(Pass):
             ["data-driven channel choice"] if norm == "ls" or (norm == "auto" and repair) else [])
         return " and ".join(words) or None
 
+    def check_options(self, options) -> None:
+        norm = str(options.get("width_importance", "auto"))
+        if norm not in IMPORTANCE:
+            raise UsageError(f"pass option width_importance={norm!r}: use one of {', '.join(IMPORTANCE)}")
+
     def sites(self, graph: gs.Graph) -> list[Site]:
         out = []
         for g in _Analysis(graph).groups():
@@ -963,6 +969,9 @@ class _Base:
                         names.append(t.name)
                         budget -= size
         return names
+
+
+IMPORTANCE = ("auto", "l1", "l2", "ls")  # ctx.options["width_importance"], checked at run start (check_options)
 
 
 def _base_info(ctx: MoveContext) -> _Base:

@@ -13,7 +13,6 @@ table for one model, e.g. the best candidate at the end of a run.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +21,8 @@ import numpy as np
 
 from graphopt.errors import CompileError, UsageError
 from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
+
+from .host import cpu_model_name
 
 # ops ORT folds into the Conv/Gemm/MatMul before them (Conv+BN, FusedConv activations, NCHWc)
 _FOLDED_INTO_PRODUCER = {"BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu",
@@ -107,14 +108,8 @@ def profile_layers(model, inputs: Mapping[str, np.ndarray], session_options, war
                            f"after {warmup} warm-up runs, in a separate profiling session; fused nodes as ORT runs them")}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# the host CPU's name (targets/host.py: "model name" of /proc/cpuinfo, or the ARM board's Model/Hardware)
+cpu_name = cpu_model_name
 
 
 class OrtTarget(Target):

@@ -340,18 +340,6 @@ def run_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], devi
     return with_session(cfg, work, "run")
 
 
-def remote_info(cfg: RpcConfig) -> dict[str, Any]:
-    """What the device says about itself: its TVM runtime thread count (best effort)."""
-
-    def work(sess):
-        try:
-            return {"threads": int(sess.get_function("runtime.NumThreads")())}
-        except Exception:  # noqa: BLE001
-            return {}
-
-    return with_session(cfg, work, "query")
-
-
 # ------------------------------------------------------------------------------ tuning
 def ms_runner(cfg: RpcConfig, number: int = 3, repeat: int = 1, min_repeat_ms: int = 20, max_workers: int | None = None):
     """A MetaSchedule RPCRunner measuring tuning trials on the tracker's devices (one worker per

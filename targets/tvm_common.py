@@ -1,16 +1,17 @@
-"""Helpers shared by the TVM targets (x86 now; rpi4 and cuda later).
+"""Helpers shared by the TVM targets (x86, rpi4, cuda; tuning in targets/tuning.py).
 
 Importing this module does not import tvm: every function imports it lazily, because
-`import tvm` costs seconds (and `graphopt --help` must stay fast). Call `load_tvm(threads)`
-(or any helper here, which calls it) before anything else imports tvm: the runtime's thread
-pool is sized from TVM_NUM_THREADS when it is first created, and can later be shrunk but never
-grown (measured on TVM 0.27).
+`import tvm` costs seconds (and `graphopt --help` must stay fast). tvm is loaded by
+targets/tvm_load.py (`load_tvm(threads)`, re-exported here), which every helper here calls
+first: the runtime's thread pool is sized from TVM_NUM_THREADS when it is first created, and
+can later be shrunk but never grown (measured on TVM 0.27).
 
-The compile flow a TVM target follows, so that tuning can slot in between the steps:
+The compile flow a TVM target follows:
 
     mod = import_onnx(model, input_shapes)   # ONNX -> Relax IRModule (raw); folds constants
-    ...                                      # (later: MetaSchedule tuning on the fused module)
-    ex = build(mod, target)                  # untuned tvm.compile; tuned: compile_relax(db, raw)
+    ex = build(mod, target)                  # untuned: tvm.compile with the default pipeline
+    ex = tuning.tune_and_build(mod, target, db_dir=...)  # tuned: MetaSchedule on the fused module,
+                                             # then compile_relax(db, raw) (targets/tuning.py)
     outs = run_vm(ex, dev, inputs); ms = time_vm(ex, dev, inputs, number, repeat, warmup)
 """
 
@@ -35,17 +36,7 @@ if TYPE_CHECKING:
     import onnx
 
 # ----------------------------------------------------------------------------------- the host
-def cpu_model_name() -> str:
-    """The host CPU's marketing name (/proc/cpuinfo 'model name'), or platform's best guess."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+from .host import cpu_model_name  # noqa: E402,F401 (re-exported: tc.cpu_model_name)
 
 
 def _cpu_flags() -> set[str]:

@@ -177,7 +177,7 @@ def test_help_documents_exit_codes():
         assert codes[errors.EXIT_OK].startswith("success")
         assert codes[errors.EXIT_INTERNAL].startswith("internal error")
         assert codes[errors.UsageError.exit_code].startswith("bad input or usage")
-        assert codes[errors.NoFeasibleCandidate.exit_code].startswith("no candidate met the constraints")
+        assert codes[errors.EXIT_INFEASIBLE].startswith("no candidate met the constraints")
         assert codes[errors.TargetUnreachable.exit_code].startswith("target unreachable")
         assert codes[errors.EXIT_INTERRUPTED].startswith("interrupted (Ctrl-C)")
         assert codes[EXIT_TERMINATED].startswith("terminated (SIGTERM")

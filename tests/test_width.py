@@ -445,3 +445,20 @@ def test_transformer_ffn_hidden_units():
         assert _weight(m, "/ffn/up").shape == (d, f // 2) and _weight(m, "/ffn/down").shape == (f // 2, d)
         err[rep] = np.mean([np.linalg.norm(_run(m, x) - _run(loaded.proto, x)) for x in held])
     assert err[True] < 0.9 * err[False], err
+
+
+def test_bad_importance_option_stops_the_run_before_any_candidate(tmp_path):
+    """width_importance is checked once at the start of a run (Pass.check_options), as a usage
+    error naming the fix, not once per candidate as a failed record."""
+    from graphopt.config import RunConfig
+    from graphopt.errors import UsageError
+    from graphopt.world import open_world
+
+    path = tmp_path / "m.onnx"
+    onnx.save(cnn_model(), path)
+    cfg = RunConfig(model=path, passes=["width"], pass_options={"width_importance": "l3"}, allow_synthetic=True,
+                    out=tmp_path / "out")
+    with pytest.raises(UsageError, match=r"width_importance='l3': use one of auto, l1, l2, ls"):
+        open_world(cfg)
+    cfg.pass_options["width_importance"] = "l2"
+    assert len(open_world(cfg).space) > 0
