@@ -405,6 +405,6 @@ def load_data(path: str | Path, inputs: "list[InputSpec]") -> CalibrationData:
     return CalibrationData(out, f"file:{path}", labels=labels, extras=extras)
 
 
-__all__ = ["ArrayData", "CachedData", "CalibrationData", "Dataset", "LoaderData", "ShardData", "Splits", "Subset", "check_feed",
-           "data_dependent_moves", "labels_of", "load_callable", "load_data", "open_data", "require_real_data", "sample_ids",
-           "split_data", "stack"]
+__all__ = ["ArrayData", "CachedData", "CalibrationData", "Dataset", "LoaderData", "ShardData", "Splits", "Subset",
+           "check_feed", "data_dependent_moves", "labels_of", "load_callable", "load_data", "open_data",
+           "require_real_data", "sample_ids", "split_data", "stack"]

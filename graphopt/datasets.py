@@ -344,4 +344,5 @@ class CalibrationData(ArrayData):
         super().__init__(arrays, source, labels=labels, extras=extras)
 
 
-__all__ = ["ArrayData", "CachedData", "CalibrationData", "Dataset", "LoaderData", "ShardData", "Subset", "check_feed", "labels_of", "sample_ids", "stack"]
+__all__ = ["ArrayData", "CachedData", "CalibrationData", "Dataset", "LoaderData", "ShardData", "Subset",
+           "check_feed", "labels_of", "sample_ids", "stack"]

@@ -32,7 +32,7 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
         model.CopyFrom(base.proto)
         return model, {}
     from .exact import expand
-    from .recover import split_genotype
+    from .recover_files import split_genotype
 
     genotype, recovered = split_genotype(genotype)
     graph = base.graph()  # a fresh import is a private clone
@@ -48,7 +48,7 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
     model = export_graph(graph)
     steps = int(ctx.options.get("finetune_steps", 0) or 0)
     if recovered:  # the recovered weights (graphopt.recover), before int8 finalize
-        from .recover import apply_recovered
+        from .recover_files import apply_recovered
 
         model = apply_recovered(model, ctx, recovered)
         applied["recover"] = "applied"

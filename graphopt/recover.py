@@ -39,7 +39,6 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -49,13 +48,13 @@ from .errors import UsageError
 if TYPE_CHECKING:
     import onnx
 
-    from .genotype import Genotype
     from .store import Record
 
 log = logging.getLogger("graphopt")
 
-RECOVER_KEY = "recover"  # the gene that marks a recovered record: value "from-<parent id>"
-RECOVER_DIR = "recovered"  # weights files under the run directory
+# a recovered record's gene and weights files (graphopt.recover_files), re-exported
+from .recover_files import (RECOVER_DIR, RECOVER_KEY, apply_recovered, save_weights,  # noqa: E402,F401
+                            split_genotype, weights_path, with_weights)
 TRAIN_MODES = ("changed", "all")
 DEFAULT_SECONDS_PER_CANDIDATE = 120.0  # --recover-top without --recover-time or a time budget
 DEFAULT_SHARE = 0.5  # of a time --budget, when --recover-time is not given
@@ -115,116 +114,8 @@ class RecoveryResult:
                 "loss_first": self.loss_first, "loss_last": self.loss_last, "threads": self.threads}
 
 
-# --------------------------------------------------------------------------------- features
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    import onnx
-
-    try:
-        m = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - shapes only steer the choice of features
-        m = model
-    out = {}
-    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
-        t = vi.type.tensor_type
-        if t.HasField("shape") and t.elem_type == onnx.TensorProto.FLOAT:
-            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-            if all(d is not None for d in dims):
-                out[vi.name] = dims
-    return out
-
-
-def choose_features(original: onnx.ModelProto, candidate: onnx.ModelProto, live: set[str],
-                    max_features: int = 16) -> list[str]:
-    """Intermediate tensors to match (see the module docstring), in graph order. A tensor whose
-    channels (axis 1) were pruned counts, and is matched against the original's channels it kept."""
-    so, sc = _shapes(original), _shapes(candidate)
-    outputs = {o.name for o in candidate.graph.output}
-    inits = {t.name for t in candidate.graph.initializer}
-
-    def same(name: str) -> bool:
-        return name in so and so[name] == sc.get(name)
-
-    def fits(name: str) -> bool:  # same shape, or a subset of the original's channels (axis 1): a pruned tensor
-        a, b = sc.get(name), so.get(name)
-        return (a is not None and b is not None and len(a) == len(b) >= 2 and a[0] == b[0] and a[2:] == b[2:]
-                and a[1] <= b[1])
-
-    picked = []
-    for n in candidate.graph.node:
-        if not n.output or not n.output[0]:
-            continue
-        y = n.output[0]
-        if y in outputs or y not in live or not fits(y):
-            continue
-        data_in = [i for i in n.input if i and i not in inits]
-        residual = n.op_type == "Add" and len(data_in) == 2
-        absorbs = same(y) and any(not same(i) for i in data_in)
-        if residual or absorbs:
-            picked.append(y)
-    if len(picked) > max_features > 0:
-        idx = np.linspace(0, len(picked) - 1, max_features).round().astype(int)
-        picked = [picked[i] for i in sorted(set(idx.tolist()))]
-    return picked
-
-
-# ------------------------------------------------------------------------------- augmentation
-def image_like(feeds: Mapping[str, np.ndarray]) -> bool:
-    return bool(feeds) and all(np.issubdtype(v.dtype, np.floating) and v.ndim == 4 and v.shape[1] in (1, 3)
-                               and min(v.shape[2:]) >= 16 for v in feeds.values())
-
-
-def resized_crops(batch: dict[str, np.ndarray], size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per sample: a random crop (35-100% of the area, aspect 3:4-4:3) resized to size x size (bilinear)."""
-    import torch
-
-    F = torch.nn.functional
-    n = next(iter(batch.values())).shape[0]
-    h, w = next(iter(batch.values())).shape[2:]
-    boxes = []
-    for _ in range(n):
-        area = rng.uniform(0.35, 1.0) * h * w
-        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        ch, cw = min(h, int(round(math.sqrt(area / ar)))), min(w, int(round(math.sqrt(area * ar))))
-        boxes.append((int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw))
-    out = {}
-    for k, v in batch.items():
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        out[k] = torch.cat([F.interpolate(t[i:i + 1, :, y:y + ch, x:x + cw], size=(size, size), mode="bilinear",
-                                          align_corners=False, antialias=True)
-                            for i, (y, x, ch, cw) in enumerate(boxes)]).numpy()
-    return out
-
-
-def _match_channels(student, teacher):
-    """For each channel of a pruned tensor, the original channel it correlates with best."""
-    import torch
-
-    a = student.transpose(0, 1).reshape(student.shape[1], -1).double()
-    b = teacher.transpose(0, 1).reshape(teacher.shape[1], -1).double()
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    a = a / (a.norm(dim=1, keepdim=True) + 1e-12)
-    b = b / (b.norm(dim=1, keepdim=True) + 1e-12)
-    return torch.argmax(a @ b.T, dim=1)
-
-
-def augment(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per sample (axis 0): random horizontal flip, random shift up to H/16 (edge padded)."""
-    out = {}
-    n = next(iter(batch.values())).shape[0]
-    flips = rng.random(n) < 0.5
-    first = next(iter(batch.values()))
-    mh, mw = max(1, first.shape[2] // 16), max(1, first.shape[3] // 16)
-    dy, dx = rng.integers(-mh, mh + 1, n), rng.integers(-mw, mw + 1, n)
-    for k, v in batch.items():
-        res = np.empty_like(v)
-        h, w = v.shape[2:]
-        for i in range(n):
-            x = v[i, :, :, ::-1] if flips[i] else v[i]
-            p = np.pad(x, ((0, 0), (mh, mh), (mw, mw)), mode="edge")
-            res[i] = p[:, mh + dy[i]:mh + dy[i] + h, mw + dx[i]:mw + dx[i] + w]
-        out[k] = res
-    return out
+# what it trains on (graphopt.recover_inputs), re-exported
+from .recover_inputs import _match_channels, augment, choose_features, image_like, resized_crops  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------ recover
@@ -330,20 +221,6 @@ def _pick_threads(tg, fit: DataSource, bs: int, small: bool, opts: RecoverOption
 def _score_value(scorer: Any, model: onnx.ModelProto) -> float:
     v = scorer.score(model) if hasattr(scorer, "score") else scorer(model)
     return float(getattr(v, "value", v))
-
-
-def with_weights(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers named in `values` hold those arrays (dtype kept)."""
-    import onnx
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for init in out.graph.initializer:
-        if init.name in values:
-            dtype = numpy_helper.to_array(init).dtype
-            init.CopyFrom(numpy_helper.from_array(np.asarray(values[init.name]).astype(dtype), init.name))
-    return out
 
 
 def recover(candidate: onnx.ModelProto, original: onnx.ModelProto, fit: DataSource, select: Any, *,
@@ -519,51 +396,6 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
                           evals, stopped, aug, loss_first, loss_last, history, threads)
 
 
-# ----------------------------------------------------------------------------- genotype / files
-def split_genotype(genotype: Genotype) -> tuple[Genotype, str | None]:
-    """(the parent's genotype, "from-<id>" or None)."""
-    if RECOVER_KEY not in genotype:
-        return genotype, None
-    from .genotype import Genotype
-
-    return Genotype({k: v for k, v in genotype.items() if k != RECOVER_KEY}), str(genotype[RECOVER_KEY])
-
-
-def weights_path(run_dir: str | Path, tag: str) -> Path:
-    return Path(run_dir) / RECOVER_DIR / f"{tag}.npz"
-
-
-def apply_recovered(model: onnx.ModelProto, ctx, tag: str) -> onnx.ModelProto:
-    """The materialize hook: load the recovered weights file of this record into the model."""
-    from .errors import UsageError
-
-    run_dir = ctx.options.get("run_dir")
-    path = weights_path(run_dir, tag) if run_dir else None
-    if path is None or not path.is_file():
-        raise UsageError(f"recovered weights {path or RECOVER_DIR + '/' + tag + '.npz'} not found: the run "
-                         "directory lost its recovered/ folder; run again with --recover-top")
-    with np.load(path, allow_pickle=False) as z:
-        values = {k: z[k] for k in z.files}
-    have = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    bad = [k for k, v in values.items() if have.get(k) != tuple(v.shape)]
-    if bad:
-        raise UsageError(f"recovered weights {path}: tensors {bad[:3]} do not fit the rebuilt candidate "
-                         "(the passes changed since the run); run again with another --out")
-    return with_weights(model, values)
-
-
-def save_weights(run_dir: str | Path, tag: str, weights: Mapping[str, np.ndarray]) -> Path:
-    import io
-
-    from .outputs import atomic_write_bytes
-
-    path = weights_path(run_dir, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in weights.items()})
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 # --------------------------------------------------------------------------------- in a run
 def check_config(cfg: Any) -> None:
     """UsageErrors for the recovery options of a RunConfig (one line each, naming the fix)."""
@@ -645,6 +477,6 @@ def phase_seconds(budget_seconds: float | None, recover_seconds: float | None, k
     return DEFAULT_SECONDS_PER_CANDIDATE * k
 
 
-__all__ = ["RECOVER_KEY", "DataSource", "RecoverOptions", "RecoveryResult", "apply_recovered", "augment",
+__all__ = ["RECOVER_DIR", "RECOVER_KEY", "DataSource", "RecoverOptions", "RecoveryResult", "apply_recovered", "augment",
            "choose_features", "image_like", "pick_candidates", "recover", "save_weights",
-           "split_genotype", "with_weights"]
+           "split_genotype", "weights_path", "with_weights"]
