@@ -314,6 +314,7 @@ def summary(rep: dict[str, Any]) -> str:
     how = rep.get("latency_method")
     tuned = rep.get("tuned")
     tag = f"{how}" + ("" if tuned is None else (", tuned" if tuned is True else ", UNTUNED" if tuned is False else ", partly tuned"))
+    tag += f", {rep['latency_over'].removeprefix('latency: ')}" if rep.get("latency_over") else ""
     if base and base.get("median_ms") is not None:
         lines.append(f"original: {base['median_ms']:.3f} ms ({tag}, spread {base['spread']['min_ms']:.3f}-"
                      f"{base['spread']['max_ms']:.3f} ms)")

@@ -60,11 +60,12 @@ class ConcludeSearch:
 
         t = time.monotonic()
         base_art, best_art = self.artifact_for(self.baseline), self.artifact_for(best)
-        inputs = self.data.sample(0)
+        from .timing import measure_feeds  # the same K select samples as the search
+
         b, c = [], []
         for _ in range(rounds):
-            b.append(self.target.measure(base_art, inputs).latency.median_ms)
-            c.append(self.target.measure(best_art, inputs).latency.median_ms)
+            b.append(measure_feeds(self.target, base_art, self.timing_feeds, self.value_dependent).latency.median_ms)
+            c.append(measure_feeds(self.target, best_art, self.timing_feeds, self.value_dependent).latency.median_ms)
         self.timings["confirm"] = time.monotonic() - t
         bm, cm = statistics.median(b), statistics.median(c)
         log.info("confirm: original %.3f ms vs best %.3f ms over %d alternating rounds: x%.3f", bm, cm, rounds, bm / cm)
@@ -94,7 +95,8 @@ class ConcludeSearch:
             data_synthetic=self.data.synthetic, data_source=self.data.source,
             select_samples=self.fidelity_data.num_samples, fit_samples=self.fit_samples,
             counts=dict(self.counts), timings=dict(self.timings),
-            wall_time_s=round(time.monotonic() - self.t_start, 3))
+            wall_time_s=round(time.monotonic() - self.t_start, 3),
+            latency_over=getattr(self, "latency_over", None), not_applicable=getattr(self, "not_applicable", None))
 
     def _conclude(self) -> SearchResult:
         """The end of a run: confirm the best against the original, build the report from a plain

@@ -67,6 +67,7 @@ class Search(PipelinedSearch, ConcludeSearch):
         self.base, self.passes, self.space = world.base, world.passes, world.space
         self.data, self.trust_warning = world.data, world.trust_warning
         self.splits, self.data_moves = world.splits, world.data_moves
+        self.not_applicable = world.not_applicable or {}
         self.target: Target = TARGETS.create(cfg.target, **cfg.target_options)
         self.target.check()
         if cfg.jobs > 1 and not self.target.concurrent_measure:
@@ -83,6 +84,12 @@ class Search(PipelinedSearch, ConcludeSearch):
         self.store.set_meta("config", run_config_meta(cfg))
         # moves are fit on `fit`; candidates are judged (and chosen) on `select`; held-out is only reported
         self.fidelity_data = CachedData(self.splits.select)
+        from .timing import how, timing_feeds  # every candidate is timed on the same K select samples
+
+        self.timing_feeds = timing_feeds(self.fidelity_data)
+        self.value_dependent = any(getattr(p, "dynamic_shapes", False) for n, p in self.passes.items()
+                                   if n not in self.not_applicable)
+        self.latency_over = how(self.target, len(self.timing_feeds), value_dependent=self.value_dependent)
         self.fit_data = self.splits.fit  # distillation (graphopt.recover) streams it
         self.fit_samples = self.splits.fit.num_samples
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
@@ -243,7 +250,9 @@ class Search(PipelinedSearch, ConcludeSearch):
         """Time the artifact on the device: (measurement, seconds). Safe to run in a worker
         thread for targets with concurrent_measure (nothing here touches the store)."""
         t = time.monotonic()
-        m = self.target.measure(p.artifact, self.data.sample(0))
+        from .timing import measure_feeds
+
+        m = measure_feeds(self.target, p.artifact, self.timing_feeds, self.value_dependent)
         return m, time.monotonic() - t
 
     def _finish(self, p: "_Pending", result: Any) -> Record:

@@ -69,6 +69,7 @@ PASSES = Registry("pass", "graphopt.passes", {
     "depthwise": "graphopt.passes.depthwise:DepthwiseSeparable",
     "int8": "graphopt.passes.int8:Int8Quantize",
     "kernel": "graphopt.passes.kernel:KernelResize",
+    "trim_padding": "graphopt.passes.trim_padding:TrimPadding",
     "width": "graphopt.passes.width:WidthPrune",
 })
 TARGETS = Registry("target", "graphopt.targets", {

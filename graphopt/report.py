@@ -49,6 +49,8 @@ class RunSummary:
     counts: dict[str, int]
     timings: dict[str, float]
     wall_time_s: float
+    latency_over: str | None = None  # graphopt.timing: which samples each latency was measured over
+    not_applicable: dict[str, str] | None = None  # passes dropped for this target, and why
 
 
 def versions() -> dict[str, str | None]:
@@ -139,6 +141,8 @@ def build_report(run: RunSummary, records: list["Record"], best: "Record | None"
                   "defaulted_dims": run.base.defaulted_dims, "load_notes": run.base.notes},
         "target": run.target,
         "latency_method": methods[0] if len(methods) == 1 else (methods or None),
+        "latency_over": run.latency_over,  # graphopt.timing: which samples were timed
+        "not_applicable": run.not_applicable or {},  # passes dropped for this target, and why
         "tuned": tuned[0] if len(tuned) == 1 else (None if not tuned else "mixed"),
         "baseline": ({"candidate_id": base.id, "status": base.status, "error": base.error, **(base_lat or {})}
                      if base else None),

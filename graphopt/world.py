@@ -38,6 +38,7 @@ class World:
     splits: Splits = None  # type: ignore[assignment]
     data_moves: list[str] = None  # type: ignore[assignment]
     trust_warning: str | None = None
+    not_applicable: dict[str, str] | None = None  # pass -> why it has no sites on this target (graphopt.timing)
 
 
 def create_passes(names: Iterable[str]) -> dict[str, Pass]:
@@ -70,7 +71,14 @@ def open_world(cfg: "RunConfig") -> World:
         check = getattr(p, "check_options", None)
         if check is not None:
             check(cfg.pass_options)
-    w.space = search_space(w.base, w.passes, cfg.search_exact)
+    from .registry import TARGETS
+    from .timing import static_shape_conflicts  # value-dependent shapes on a static-shape target: no sites
+
+    w.not_applicable = static_shape_conflicts(w.passes, TARGETS.get(cfg.target))
+    for why in w.not_applicable.values():
+        log.warning("%s", why)
+    w.space = search_space(w.base, {n: p for n, p in w.passes.items() if n not in w.not_applicable},
+                           cfg.search_exact)
     for d in w.base.defaulted_dims:
         log.info("input %s: symbolic batch dimension %r set to 1 (--shape %s=... to choose)",
                  d["input"], d["dim"], d["input"])

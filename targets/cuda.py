@@ -116,6 +116,7 @@ def _remote_gpu(cfg) -> dict[str, Any]:
 class CudaTarget(Target):
     name = "cuda"
     tunable = True
+    static_shapes = True  # graphopt.timing: TVM compiles static shapes; value-dependent shapes are not applicable
     description = ("An NVIDIA GPU via Apache TVM Relax + CUDA (dlight default schedules; MetaSchedule with "
                    "trials=N), timed locally or over RPC.")
 

@@ -157,20 +157,27 @@ class OrtTarget(Target):
                               runs=runs or max(self.number, 5))
 
     def measure(self, artifact: Artifact, inputs: Mapping[str, np.ndarray]) -> Measurement:
+        return self.measure_feeds(artifact, [inputs])
+
+    def measure_feeds(self, artifact: Artifact, feeds: list[Mapping[str, np.ndarray]]) -> Measurement:
+        """Time the artifact cycling through `feeds` (graphopt.timing): each timed repeat runs every
+        feed (number runs, rounded up to a multiple of len(feeds)); sample = mean ms per run."""
         sess = artifact.handle
-        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        for _ in range(self.warmup):
-            sess.run(None, feed)
+        feeds = [{k: np.ascontiguousarray(v) for k, v in f.items()} for f in feeds]
+        inputs = feeds[0]
+        runs = -(-max(self.number, len(feeds)) // len(feeds)) * len(feeds)
+        for i in range(max(self.warmup, len(feeds))):
+            sess.run(None, feeds[i % len(feeds)])
         samples = []
         for _ in range(self.repeat):
             t0 = time.perf_counter()
-            for _ in range(self.number):
-                sess.run(None, feed)
-            samples.append((time.perf_counter() - t0) * 1000.0 / self.number)
+            for i in range(runs):
+                sess.run(None, feeds[i % len(feeds)])
+            samples.append((time.perf_counter() - t0) * 1000.0 / runs)
         extra: dict[str, Any] = {"runtime": "onnxruntime", "graph_optimization": "ORT_ENABLE_ALL"}
         if self.per_layer and artifact.info.get("model") is not None:
             extra.update(self.profile(artifact.info["model"], inputs))
-        return Measurement(latency=LatencyStats.from_samples(samples, self.number), method="measured",
+        return Measurement(latency=LatencyStats.from_samples(samples, runs), method="measured",
                            tuned=None, threads=self.threads, device=cpu_name(), extra=extra)
 
     def describe(self) -> dict[str, Any]:

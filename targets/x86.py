@@ -33,6 +33,7 @@ class X86Target(Target):
     description = ("This machine's x86 CPU via Apache TVM Relax + LLVM, MetaSchedule-tuned (persistent database), "
                    "timed in-process or over RPC.")
     tunable = True
+    static_shapes = True  # graphopt.timing: TVM compiles static shapes; value-dependent shapes are not applicable
 
     def __init__(
         self,
