@@ -61,6 +61,7 @@ log = logging.getLogger("graphopt.passes.trim_padding")
 
 _WEIGHT_SLOTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,), "MatMulInteger": (1,)}
 _SHAPE_CONST_MAX_LEN = 8
+TRIMMED_DIM = "trimmed_seq"  # the symbolic dim of token-axis tensors after the trim
 _TRIAL_ATOL, _TRIAL_RTOL = 1e-4, 1e-3
 
 
@@ -164,6 +165,7 @@ def _rewrite(graph: "gs.Graph", m: _Match) -> None:
         x = inputs[name]
         sl = node("Slice", [x, zero1, length, const("axis_1", np.array([1], dtype=np.int64))],
                   var(f"{name}_trimmed", x.dtype))
+        sl.shape = [_dims(x)[0], TRIMMED_DIM]
         ours = {id(n) for n in new_nodes}
         for consumer in list(x.outputs):
             if id(consumer) in ours:
@@ -186,6 +188,12 @@ def _rewrite(graph: "gs.Graph", m: _Match) -> None:
             if t.name in replaced:
                 n.inputs[i] = replaced[t.name]
                 continue
+            if n.op == "Reshape" and i == 1 and not n.attrs.get("allowzero", 0) and v.ndim == 1 and np.any(v == m.seq):
+                d = _dims(n.inputs[0])  # the base graph's static shape of the data: S at the same positions?
+                at = np.nonzero(v == m.seq)[0]
+                if d is not None and len(d) > int(at.max()) and all(d[a] == m.seq for a in at):
+                    n.inputs[i] = const("reshape_shape", np.where(v == m.seq, 0, v).astype(v.dtype))  # 0: copy the dim
+                    continue
             new = None
             axes = [a for a, d in enumerate(v.shape) if d == m.seq]
             if axes:
@@ -193,6 +201,7 @@ def _rewrite(graph: "gs.Graph", m: _Match) -> None:
                 ends = node("Concat", [length] * k, var(f"ends_{k}", np.int64), {"axis": 0}) if k > 1 else length
                 new = node("Slice", [t, const("starts", np.zeros(k, dtype=np.int64)), ends,
                                      const("axes", np.array(axes, dtype=np.int64))], var("const_trimmed", v.dtype))
+                new.shape = [TRIMMED_DIM if a in axes else int(d) for a, d in enumerate(v.shape)]
             elif np.issubdtype(v.dtype, np.integer) and v.ndim <= 1 and v.size <= _SHAPE_CONST_MAX_LEN \
                     and np.any(v == m.seq):
                 ln = trimmed_length(v.dtype)
@@ -206,9 +215,66 @@ def _rewrite(graph: "gs.Graph", m: _Match) -> None:
     graph.nodes.extend(new_nodes)
     # tensor shapes recorded for length S are stale: shapes are inferred anew at export
     outs = {t.name for t in graph.outputs}
+    trimmed = {id(nd.outputs[0]) for nd in new_nodes if nd.op == "Slice"}
     for t in graph.tensors().values():
-        if isinstance(t, gs.Variable) and t.name not in inputs and t.name not in outs:
+        if isinstance(t, gs.Variable) and t.name not in inputs and t.name not in outs and id(t) not in trimmed:
             t.shape = None
+
+
+def annotate(model: "onnx.ModelProto", base: "onnx.ModelProto | None" = None, seq: int | None = None) \
+        -> "onnx.ModelProto":
+    """Shapes with the trimmed length as one symbolic dim (TRIMMED_DIM): on the Slices this pass made,
+    and (given the shape-inferred `base` model and its sequence length `seq`) on every tensor of the
+    same name whose base shape has `seq` on an axis; then inferred through the rest of the graph.
+    onnxruntime's fusions (SkipLayerNormalization, MatMul + bias) need to see that the token-axis
+    tensors they add have the same shape; inferred alone, the shapes are lost at the first Reshape
+    or mask broadcast."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shapes = {vi.name: vi.type.tensor_type for vi in model.graph.input}
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for nd in model.graph.node:
+        if nd.op_type == "Constant" and nd.attribute and nd.attribute[0].name == "value":
+            values[nd.output[0]] = numpy_helper.to_array(nd.attribute[0].t)
+    infos = []
+    for nd in model.graph.node:
+        if nd.op_type != "Slice" or not nd.name.startswith("/trim_padding/Slice") or len(nd.input) < 4:
+            continue
+        axes = values.get(nd.input[3])
+        src = nd.input[0]
+        if axes is None:
+            continue
+        if src in shapes:
+            tt = shapes[src]
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            elem = tt.elem_type
+        elif src in values:
+            dims, elem = list(values[src].shape), helper.np_dtype_to_tensor_dtype(values[src].dtype)
+        else:
+            continue
+        dims = [TRIMMED_DIM if a in {int(x) % len(dims) for x in np.ravel(axes)} else d for a, d in enumerate(dims)]
+        infos.append(helper.make_tensor_value_info(nd.output[0], elem, dims))
+    if base is not None and seq:
+        have = {vi.name for vi in infos} | {o.name for o in model.graph.output}
+        produced = {o for nd in model.graph.node for o in nd.output}
+        for vi in base.graph.value_info:
+            tt = vi.type.tensor_type
+            if vi.name in have or vi.name not in produced or not tt.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            if seq in dims:
+                infos.append(helper.make_tensor_value_info(
+                    vi.name, tt.elem_type, [TRIMMED_DIM if d == seq else d for d in dims]))
+    if not infos:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(infos)
+    out = onnx.shape_inference.infer_shapes(out, check_type=False, strict_mode=False, data_prop=True)
+    onnx.checker.check_model(out)
+    return out
 
 
 def _export(graph: "gs.Graph") -> "onnx.ModelProto":
@@ -336,6 +402,26 @@ class TrimPadding(Pass):
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
         m = self._check(graph)
         return [("(graph inputs)", m)] if isinstance(m, str) else []
+
+    def finalize(self, model, moves, ctx):
+        """Symbolic token-axis shapes for onnxruntime's fusions (annotate), kept only when the
+        annotated model still matches the candidate on the trial feeds."""
+        import onnx_graphsurgeon as gs
+
+        g = gs.import_onnx(model)
+        m = match(g)
+        if isinstance(m, str) or ctx.base_model is None:
+            return model
+        try:
+            out = annotate(model, ctx.base_model, m.seq)
+        except Exception as e:  # noqa: BLE001 - the shapes are an optimisation hint
+            log.info("trim_padding: symbolic shapes not added: %s", e)
+            return model
+        why = trial(model, out, _trial_feeds(g.inputs, m))
+        if why is not None:
+            log.info("trim_padding: symbolic shapes not added: %s", why)
+            return model
+        return out
 
     def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
         if choice != "trim":
