@@ -431,9 +431,14 @@ class TrimPadding(Pass):
             log.info("trim_padding does not apply: %s", m)
             return False
         original = _export(graph)
-        g2 = graph.copy()
-        _rewrite(g2, m)
-        why = trial(original, _export(g2), _trial_feeds(graph.inputs, m))
+        import hashlib
+
+        key = ("trim_padding_trial", hashlib.sha256(original.SerializeToString()).hexdigest())
+        if key not in ctx.cache:  # candidates that differ only in later moves (int8) share the graph
+            g2 = graph.copy()
+            _rewrite(g2, m)
+            ctx.cache[key] = trial(original, _export(g2), _trial_feeds(graph.inputs, m))
+        why = ctx.cache[key]
         if why is not None:
             log.info("trim_padding does not apply to this candidate: %s", why)
             return False

@@ -11,6 +11,7 @@ import pytest
 
 from graphopt.ir import export_graph, import_graph
 from graphopt.passes.trim_padding import TRIMMED_DIM, TrimPadding, check
+from graphopt.genotype import Site
 from graphopt.plugin import MoveContext
 from graphopt.registry import PASSES
 
@@ -127,6 +128,11 @@ def test_near_misses_are_refused_with_their_reason():
     assert p.sites(flat) == []
     why = p.rejections(flat)[0][1]
     assert "trimmed graph" in why or "differs from the original" in why, why
+    # apply() runs the trial on the candidate too: an inexact trim is never built
+    site = Site("trim_padding:attention_mask", "trim_padding", (), ("keep", "trim"), exact_choice="trim")
+    before = len(flat.nodes)
+    assert p.apply(flat, site, "trim", MoveContext(base_model=tiny_encoder("flatten"))) is False
+    assert len(flat.nodes) == before
     m = tiny_encoder()
     m.graph.input[1].name = "segment_ids"  # no input names a mask: the padding is not known
     for n in m.graph.node:
