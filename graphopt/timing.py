@@ -11,7 +11,9 @@ the select split (`timing_feeds`), and the report says so (`describe`).
     median over repeats;
   - a target that compiles static shapes (`static_shapes`, TVM) takes the same time on any feed
     of the same shapes: one measure() on the first feed (the report says so);
-  - any other target: one measure() per feed, latency = the mean of the per-feed medians.
+  - any other target: when the run has a move whose time depends on the input values
+    (`value_dependent`: a pass with `dynamic_shapes`), one measure() per feed, latency = the
+    mean of the per-feed medians (K times the measuring time); else one measure() on the first.
 Passes whose rewritten graphs have value-dependent shapes (`dynamic_shapes`, trim_padding) are
 not applicable to static-shape targets: `static_shape_conflicts` names them for the driver.
 """
@@ -39,7 +41,7 @@ def timing_feeds(data: Any, k: int = TIMING_SAMPLES) -> list[dict]:
     return [data.sample(i) for i in timing_indices(int(data.num_samples), k)]
 
 
-def how(target: Any, n: int, split: str = "select") -> str:
+def how(target: Any, n: int, split: str = "select", value_dependent: bool = True) -> str:
     """How a latency over `n` feeds was obtained on `target`, in words."""
     if n <= 1:
         return f"latency: on 1 {split} sample"
@@ -48,18 +50,20 @@ def how(target: Any, n: int, split: str = "select") -> str:
     if getattr(target, "static_shapes", False):
         return (f"latency: on 1 {split} sample of {n} (target {getattr(target, 'name', '?')} compiles static shapes: "
                 "the time does not depend on the values)")
+    if not value_dependent:
+        return f"latency: on 1 {split} sample (no move of this run makes the time depend on the input values)"
     return f"latency: mean over {n} {split} samples of the per-sample medians (one measurement per sample)"
 
 
-def measure_feeds(target: Any, artifact: Any, feeds: Sequence[Mapping[str, Any]]):
+def measure_feeds(target: Any, artifact: Any, feeds: Sequence[Mapping[str, Any]], value_dependent: bool = True):
     """One Measurement of `artifact` over `feeds` (see the module docstring)."""
     from .plugin import LatencyStats, Measurement
 
     feeds = list(feeds)
-    if len(feeds) == 1 or getattr(target, "static_shapes", False):
-        m = target.measure(artifact, feeds[0])
-    elif hasattr(target, "measure_feeds"):
+    if hasattr(target, "measure_feeds") and len(feeds) > 1:
         m = target.measure_feeds(artifact, feeds)
+    elif len(feeds) == 1 or getattr(target, "static_shapes", False) or not value_dependent:
+        m = target.measure(artifact, feeds[0])
     else:
         ms = [target.measure(artifact, f) for f in feeds]
         meds = [x.latency.median_ms for x in ms]
@@ -70,7 +74,7 @@ def measure_feeds(target: Any, artifact: Any, feeds: Sequence[Mapping[str, Any]]
                            repeats=first.latency.repeats, runs_per_repeat=first.latency.runs_per_repeat)
         m = Measurement(latency=lat, method=first.method, tuned=first.tuned, threads=first.threads,
                         device=first.device, extra=dict(first.extra, per_sample_ms=meds))
-    m.extra = dict(m.extra, latency_over=how(target, len(feeds)))
+    m.extra = dict(m.extra, latency_over=how(target, len(feeds), value_dependent=value_dependent))
     return m
 
 
