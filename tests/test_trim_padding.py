@@ -193,3 +193,38 @@ def test_trim_is_exact_on_a_transformers_bert_export():
     for feed in _feeds():
         feed["input_ids"] %= 64
         np.testing.assert_allclose(_run(trimmed, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_static_shape_target_drops_the_pass_in_a_run(tmp_path, caplog):
+    """Through the driver: a target that compiles static shapes gets no trim_padding sites, a warning
+    and report.json `not_applicable`, and the run goes on."""
+    from graphopt import optimize
+    from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
+    from graphopt.registry import TARGETS
+
+    class StaticFake(Target):
+        name = "static_fake"
+        static_shapes = True
+
+        def compile(self, model, workdir):
+            return Artifact(target=self.name, handle=len(model.graph.node))
+
+        def measure(self, artifact, inputs):
+            return Measurement(latency=LatencyStats.from_samples([float(artifact.handle)]), method="estimated",
+                               tuned=None)
+
+    p, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(tiny_encoder(), p)
+    feeds = _feeds(8)
+    np.savez(data, **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    TARGETS.register("static_fake", StaticFake)
+    try:
+        with caplog.at_level("WARNING"):
+            res = optimize(p, "static_fake", passes="trim_padding", budget=1, data=data, metric="cosine",
+                           min_fidelity=0.5, out=tmp_path / "o")
+    finally:
+        TARGETS.unregister("static_fake")
+    why = res.report["not_applicable"]["trim_padding"]
+    assert "not applicable to target static_fake" in why and "static shapes" in why
+    assert any("not applicable to target static_fake" in r.getMessage() for r in caplog.records)
+    assert res.report["search"]["space"]["sites"] == 0 and res.report["best"]["is_original"] is True
