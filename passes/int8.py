@@ -14,7 +14,11 @@ after every other pass, with
     nodes_to_quantize=[the chosen nodes]   (None for int8:*=all),
     reduce_range=(option int8_reduce_range; default "auto": True on an x86 CPU without VNNI)
 
-and ctx.calibration as the calibration data (the driver holds half of the samples out and
+on the float graph passes/_int8_prep.py prepares (BatchNormalization and zero Pads folded into the
+convs, exact; for per-layer int8 each chosen node's sole Relu/Clip consumer added to the node list,
+so its output Q sits after the activation, as whole-model int8 places it; docs/int8.md: without
+this int8 ran 2.2x slower than fp32 on EfficientNet-Lite0, and conv_bn + per-layer int8 lost 8.5
+top-1 points), and ctx.calibration as the calibration data (the driver holds half of the samples out and
 judges fidelity on them, since `uses_calibration` is set). MinMax is deterministic.
 Activation ranges are cached per pre-quantization graph (calibration_cache_path), so
 candidates that quantize different node sets of the same graph calibrate once.
