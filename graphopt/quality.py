@@ -107,6 +107,11 @@ def held_out(search: "Search", best: "Record | None") -> dict[str, Any]:
     return out
 
 
+def _short(text: str, limit: int = 90) -> str:
+    """`text` cut at a word boundary before `limit` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def report_blocks(search: "Search", best: "Record | None") -> dict[str, Any]:
     """report.json's `data`, `held_out` and `trust` blocks."""
     splits: Splits = search.splits
@@ -139,8 +144,7 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     if h and h.get("original") is not None:
         m = h["metric"]
         lines.append(f"held-out {m['name']}: original {_fmt(h['original'], m['units'])}, best "
-                     f"{_fmt(h.get('best'), m['units'])} on {h['samples']} samples ("
-                     + (f"{m['basis']}; " if m.get("basis") else "") + f"{m['definition'][:90]})")
+                     f"{_fmt(h.get('best'), m['units'])} on {h['samples']} samples ({m.get('basis') or _short(m['definition'])})")
     t = rep.get("trust")
     if t and not t.get("trusted", True):
         lines.append(f"WARNING: {t['warning']}")

@@ -92,7 +92,7 @@ def test_low_confidence_flips_pass_the_soft_gate_and_the_report_says_so(tmp_path
         assert h["metric"]["basis"] == LABEL_BASIS and h["samples"] == 200
         text = summary(res.report)
         assert f"gate: imagenet_top1 on 200 select samples = {SOFT_BASIS}: original {f['original']:.2f}%" in text
-        assert f"({LABEL_BASIS}; " in text
+        assert f"({LABEL_BASIS})" in text
         html = (tmp_path / "s" / "report.html").read_text()
         assert "estimated top-1 from the original&#x27;s soft labels" in html and LABEL_BASIS in html
     finally:
