@@ -44,8 +44,56 @@ class MoveContext:
     cache: dict[str, Any] = field(default_factory=dict)  # per-run memo (e.g. original activations)
 
 
+class Match:
+    """What a pass's match(graph, node) found: the nodes the rewrite touches (base-graph order;
+    their names become the site's `nodes`) and, by keyword, whatever rewrite() needs.
+
+        return Match(conv, mul, scale=s, note=f"Conv {conv.name} -> Mul {mul.name}")
+
+    `choices` (None: the pass's `choices`), `exact_choice` (None: the pass's), `cost` (rough
+    FLOPs) and `note` (shown by `graphopt inspect`) become the Site's fields.
+    """
+
+    def __init__(self, *nodes: "gs.Node", choices: tuple | None = None, exact_choice: Any = None,
+                 cost: float = 0.0, note: str = "", **named: Any) -> None:
+        if not nodes:
+            raise ValueError("Match needs at least one node")
+        self.nodes = tuple(nodes)
+        self.choices, self.exact_choice, self.cost, self.note = choices, exact_choice, float(cost), note
+        self.__dict__.update(named)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+@dataclass
+class Fail:
+    """Why a node is not a site (onnxscript's MatchResult.fail): `reason` in a few words, and the
+    node it is about (default: the node match() was called on). Falsy, so `if not m: return m`."""
+
+    reason: str
+    node: Any = None
+
+    def __bool__(self) -> bool:
+        return False
+
+
 class Pass:
     """A rewrite that acts at sites of the base graph.
+
+    The short way (a pattern + check + rewrite pass; passes/conv_mul.py is a whole example):
+    set `anchor_ops` (the op types a site starts from), `choices` (keep first) and `exact_choice`,
+    and define
+        match(graph, node) -> Match | Fail | None   read-only: the pattern and the conditions
+                                                    (None: not this pass's pattern, say nothing)
+        rewrite(graph, match, choice)              edit the graph (graphopt/rewrite.py helpers)
+    The base class derives sites() (key "<name>:<anchor node name>"), rejections() (each Fail)
+    and apply() (re-matches the anchor on the graph being edited and returns False when the site
+    went stale: the anchor is gone or the match now covers other nodes).
 
     `sites(graph)` is read-only and returns the places the pass can act on the *base* graph.
     `apply(graph, site, choice, ctx)` edits `graph` (a private clone) in place for one non-keep
@@ -61,12 +109,54 @@ class Pass:
     # True when apply() fits weights to ctx.calibration: the driver then holds half of the
     # calibration samples out of the fit and measures fidelity on them.
     uses_calibration: ClassVar[bool] = False
+    # "exact" when every choice computes the same function as the original; otherwise how the
+    # approximate choices change outputs, in a few words (tests/test_pass_contract.py checks it).
+    fidelity: ClassVar[str] = ""
+    # for match()-based passes (see above)
+    anchor_ops: ClassVar[tuple[str, ...]] = ()
+    choices: ClassVar[tuple[Choice, ...]] = ("keep", "apply")
+    exact_choice: ClassVar[Choice | None] = None
+
+    match: ClassVar[Any] = None  # def match(self, graph, node) -> Match | Fail | None
+
+    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice) -> bool | None:
+        """Edit `graph` for one non-keep choice at a match; return False to say it did not apply."""
+        raise NotImplementedError
+
+    def _matches(self, graph: "gs.Graph"):
+        if self.match is None:
+            raise NotImplementedError(f"pass {self.name!r} defines neither match() nor sites()")
+        for node in list(graph.nodes):
+            if not self.anchor_ops or node.op in self.anchor_ops:
+                yield node, self.match(graph, node)
+
+    def site_key(self, node: "gs.Node") -> str:
+        return f"{self.name}:{node.name}"
 
     def sites(self, graph: "gs.Graph") -> list[Site]:
-        raise NotImplementedError
+        out = []
+        for node, m in self._matches(graph):
+            if isinstance(m, Match):
+                exact = m.exact_choice if m.exact_choice is not None else (
+                    self.exact_choice if m.choices is None else None)
+                out.append(Site(key=self.site_key(node), pass_name=self.name, nodes=m.node_names,
+                                choices=tuple(m.choices or self.choices), exact_choice=exact,
+                                cost=m.cost, note=m.note))
+        return out
 
     def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
-        raise NotImplementedError
+        if self.match is None:
+            raise NotImplementedError(f"pass {self.name!r} defines neither match() nor apply()")
+        if choice not in site.choices[1:]:
+            raise ValueError(f"{self.name}: unknown choice {choice!r} for site {site.key}")
+        from .rewrite import node_by_name
+
+        node = node_by_name(graph, site.key.split(":", 1)[1])
+        m = self.match(graph, node) if node is not None and (
+            not self.anchor_ops or node.op in self.anchor_ops) else None
+        if not isinstance(m, Match) or m.node_names != tuple(site.nodes):
+            return False  # stale: an earlier move removed or changed the site's nodes
+        return self.rewrite(graph, m, choice) is not False
 
     def finalize(self, model: "onnx.ModelProto", moves: list[tuple[Site, Choice]],
                  ctx: MoveContext) -> "onnx.ModelProto":
@@ -77,8 +167,11 @@ class Pass:
         return model
 
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
-        """(node name, why it is not a site) for near misses; shown by `graphopt inspect`."""
-        return []
+        """(node name, why it is not a site) for near misses; shown by `graphopt inspect`.
+        Default: each Fail that match() returns (none for a pass without match())."""
+        if self.match is None:
+            return []
+        return [((m.node or node).name, m.reason) for node, m in self._matches(graph) if isinstance(m, Fail)]
 
     def data_moves(self, sites: list[Site], options: Mapping[str, Any]) -> str | None:
         """What this pass's moves at `sites` fit to data with these options (calibration ranges,

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphopt.genotype import Choice, Site
-from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Pass
+from graphopt.genotype import Choice
+from graphopt.plugin import Fail, Match, Pass
+from graphopt.rewrite import set_input as _set_input
+from graphopt.rewrite import take_over_outputs
 from ._graph import _present, _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
@@ -49,9 +50,8 @@ class _Match:
         return self.add if self.add is not None else self.prod
 
     @property
-    def node_names(self) -> tuple[str, ...]:
-        mids = (self.prod.name,) + ((self.add.name,) if self.add is not None else ())
-        return mids + (self.bn.name,)
+    def nodes(self) -> tuple["gs.Node", ...]:
+        return (self.prod,) + ((self.add,) if self.add is not None else ()) + (self.bn,)
 
     def note(self) -> str:
         mid = f"{self.prod.op} {self.prod.name}"
@@ -249,20 +249,7 @@ def _rewrite(graph: "gs.Graph", m: _Match) -> None:
 
     # Producer (or the Add after it) takes over the BN's output tensor; the BN is unhooked
     # and dropped so later moves in the same candidate see a consistent graph.
-    last = m.last
-    outs = list(bn.outputs)
-    bn.outputs.clear()
-    bn.inputs.clear()
-    last.outputs = outs[:1]
-    graph.nodes.remove(bn)
-
-
-def _set_input(node: "gs.Node", i: int, t) -> None:
-    """Set input slot i (the optional bias of Conv/Gemm; inputs 0 and 1 are always there)."""
-    if len(node.inputs) > i:
-        node.inputs[i] = t
-    else:
-        node.inputs.append(t)
+    take_over_outputs(graph, m.last, bn)
 
 
 def _cost(m: _Match) -> float:
@@ -280,39 +267,22 @@ def _cost(m: _Match) -> float:
 
 # ------------------------------------------------------------------------------------- the pass
 class ConvBnFusion(Pass):
+    """match() finds the pattern and checks it; the base class derives sites, rejections and the
+    stale-site check in apply (graphopt/plugin.py)."""
+
     name = "conv_bn"
     description = "fuse inference BatchNormalization into the preceding Conv/Gemm/MatMul (exact)"
+    fidelity = "exact"
     stage = 10
+    anchor_ops = ("BatchNormalization",)
+    choices = ("keep", "fuse")
+    exact_choice = "fuse"
 
-    def sites(self, graph: "gs.Graph") -> list[Site]:
-        out = []
-        for bn in graph.nodes:
-            if bn.op != "BatchNormalization":
-                continue
-            m = _match(graph, bn)
-            if isinstance(m, str):
-                continue
-            out.append(Site(key=f"conv_bn:{bn.name}", pass_name=self.name, nodes=m.node_names,
-                            choices=("keep", "fuse"), exact_choice="fuse", cost=_cost(m), note=m.note()))
-        return out
-
-    def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
-        if choice != "fuse":
-            raise ValueError(f"conv_bn: unknown choice {choice!r} for site {site.key}")
-        bn = node_by_name(graph, site.nodes[-1])
-        if bn is None or bn.op != "BatchNormalization":
-            return False
+    def match(self, graph: "gs.Graph", bn: "gs.Node") -> Match | Fail:
         m = _match(graph, bn)
-        if isinstance(m, str) or m.node_names != tuple(site.nodes):
-            return False
-        _rewrite(graph, m)
-        return True
+        if isinstance(m, str):
+            return Fail(m, bn)
+        return Match(*m.nodes, cost=_cost(m), note=m.note(), fusion=m)
 
-    def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
-        out = []
-        for bn in graph.nodes:
-            if bn.op == "BatchNormalization":
-                m = _match(graph, bn)
-                if isinstance(m, str):
-                    out.append((bn.name, m))
-        return out
+    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice) -> None:
+        _rewrite(graph, match.fusion)
