@@ -14,11 +14,31 @@ from .errors import UsageError
 
 
 class Registry:
-    def __init__(self, kind: str, group: str, builtins: dict[str, str]):
+    def __init__(self, kind: str, group: str, builtins: dict[str, str], discover: str | None = None):
         self.kind = kind  # "pass", "target", "strategy"
         self.group = group  # entry-point group
         self._builtins = dict(builtins)
         self._extra: dict[str, Any] = {}
+        self._discover = discover  # a package whose modules register themselves (see _discovered)
+        self._found: dict[str, str] | None = None
+
+    def _discovered(self) -> dict[str, str]:
+        """A module `<package>/<name>.py` whose source sets `name = "<name>"` on a class registers
+        that class by its file alone (read as text: nothing is imported until the name is used)."""
+        if self._found is None:
+            self._found = {}
+            if self._discover:
+                import importlib.util
+                import re
+                from pathlib import Path
+
+                spec = importlib.util.find_spec(self._discover)
+                for d in (spec.submodule_search_locations or []) if spec else []:
+                    for f in sorted(Path(d).glob("[!_]*.py")):
+                        if re.search(rf'^\s+name\s*(?::[^=]+)?=\s*["\']{re.escape(f.stem)}["\']',
+                                     f.read_text(errors="replace"), re.M):
+                            self._found[f.stem] = f"{self._discover}.{f.stem}"
+        return {k: v for k, v in self._found.items() if k not in self._builtins}
 
     def _entry_points(self) -> dict[str, Any]:
         return {ep.name: ep for ep in entry_points(group=self.group)}
@@ -31,7 +51,7 @@ class Registry:
         self._extra.pop(name, None)
 
     def names(self) -> list[str]:
-        return sorted(set(self._builtins) | set(self._entry_points()) | set(self._extra))
+        return sorted(set(self._builtins) | set(self._discovered()) | set(self._entry_points()) | set(self._extra))
 
     def get(self, name: str) -> Any:
         if name in self._extra:
@@ -39,6 +59,9 @@ class Registry:
         if name in self._builtins:
             mod, _, attr = self._builtins[name].partition(":")
             return getattr(importlib.import_module(mod), attr)
+        found = self._discovered()
+        if name in found:
+            return _class_named(importlib.import_module(found[name]), name, self.kind)
         eps = self._entry_points()
         if name in eps:
             try:
@@ -62,6 +85,15 @@ class Registry:
         return out
 
 
+def _class_named(module: Any, name: str, kind: str) -> Any:
+    for obj in vars(module).values():
+        if isinstance(obj, type) and obj.__module__ == module.__name__ and getattr(obj, "name", None) == name:
+            return obj
+    raise UsageError(f"{kind} module {module.__name__} defines no class with name = {name!r}")
+
+
+# Passes: a file passes/<name>.py with a Pass subclass whose `name` is "<name>" is found by itself
+# (e.g. passes/conv_mul.py); the table below names the older built-ins explicitly.
 PASSES = Registry("pass", "graphopt.passes", {
     "attention": "graphopt.passes.attention:AttentionFusion",
     "conv_bn": "graphopt.passes.conv_bn:ConvBnFusion",
@@ -71,7 +103,7 @@ PASSES = Registry("pass", "graphopt.passes", {
     "kernel": "graphopt.passes.kernel:KernelResize",
     "trim_padding": "graphopt.passes.trim_padding:TrimPadding",
     "width": "graphopt.passes.width:WidthPrune",
-})
+}, discover="graphopt.passes")
 TARGETS = Registry("target", "graphopt.targets", {
     "cuda": "graphopt.targets.cuda:CudaTarget",
     "ort": "graphopt.targets.ort:OrtTarget",
