@@ -264,6 +264,7 @@ def _blocks(graph) -> tuple[list[_Block], list[tuple[str, str]]]:
 class DepthRemoval(Pass):
     name = "depth"
     description = "remove a residual block (x + f(x) -> x) or a whole post-LN transformer encoder layer"
+    fidelity = "approximate: the removed block's contribution is lost (optionally repaired on calibration data)"
     stage = 15  # after exact fusions (conv_bn), before the passes that act inside blocks
     uses_calibration = True  # the opt-in least-squares repair (depth_repair) fits the readers to data
 

@@ -210,6 +210,7 @@ class DepthwiseSeparable(Pass):
 
     name = "depthwise"
     description = "replace a KxK conv by depthwise KxK (multiplier r) + pointwise 1x1, SVD-initialised"
+    fidelity = "approximate: a low-rank (SVD) factorisation of the KxK kernel"
     stage = 30
 
     def sites(self, graph: "gs.Graph") -> list[Site]:

@@ -253,6 +253,7 @@ class KernelResize(Pass):
 
     name = "kernel"
     description = "resize a KxK conv kernel to (K-2)x(K-2) (crop centre) or (K+2)x(K+2) (zero ring)"
+    fidelity = "smaller kernel approximate (centre crop); larger kernel exact (zero ring)"
     stage = 30
 
     def sites(self, graph: "gs.Graph") -> list[Site]:

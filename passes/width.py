@@ -876,6 +876,7 @@ class WidthPrune(Pass):
 
     name = "width"
     description = "prune coupled channel groups of convs / Gemm / MatMul (keep 75% or 50%), LS-repaired"
+    fidelity = "approximate: pruned channels, least-squares repaired on calibration data"
     stage = 40  # after kernel/depthwise (stage 30): their repairs read original channel counts
     uses_calibration = True
 
