@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "estimate=1; targets that can estimate: rpi4); reported as 'estimated'")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="target-specific option (repeatable), e.g. --target-opt repeat=10")
+    run.add_argument("--pass-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="pass option (repeatable), e.g. --pass-opt width_importance=l2 (`graphopt list passes`)")
     run.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="strategy option (repeatable), e.g. --strategy-opt mode=int8 (sensitivity) or "
                           "--strategy-opt then=evolutionary")
@@ -258,7 +260,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
-                    pass_options={"repair": not args.no_repair}, finetune_steps=args.finetune,
+                    pass_options={"repair": not args.no_repair, **_parse_kv(args.pass_opt, "--pass-opt")},
+                    finetune_steps=args.finetune,
                     jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
                     strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,
                     recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train,
@@ -359,6 +362,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max((len(n) for n, _ in rows), default=0)
     for name, desc in rows:
         print(f"{name:<{width}}  {desc}")
+        for line in REGISTRIES[args.kind].describe_options(name):  # its declared OPTIONS
+            print(f"{'':<{width}}    {line}")
     return 0
 
 

@@ -112,6 +112,11 @@ class RunConfig:
         parse_names(PASSES, self.passes)
         parse_names(TARGETS, [self.target])
         parse_names(STRATEGIES, [self.strategy])
+        from .registry import check_options, run_pass_options  # each plugin's declared OPTIONS table
+
+        check_options(TARGETS, [self.target], self.target_options, "--target-opt")
+        check_options(STRATEGIES, [self.strategy], self.strategy_options, "--strategy-opt")
+        check_options(PASSES, list(self.passes), self.pass_options, "--pass-opt", common=run_pass_options())
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise UsageError(f"--jobs {self.jobs}: must be a positive number of candidates measured at once")
         if isinstance(self.compile_workers, bool) or not isinstance(self.compile_workers, int) \

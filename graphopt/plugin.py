@@ -27,6 +27,64 @@ if TYPE_CHECKING:  # heavy imports stay out of the CLI's import path
     import onnx_graphsurgeon as gs
 
 
+# -------------------------------------------------------------------------------------- options
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False, "": False}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a plugin, declared in its class's `OPTIONS` table:
+
+        OPTIONS = (Option("repeat", int, 5, "timed repeats (median reported)", minimum=1), ...)
+
+    `type` is int, float, bool, str or list; `choices` limits a str option; `minimum` an int or
+    float one. The registry checks --pass-opt / --target-opt / --strategy-opt values against the
+    table before anything runs (graphopt.registry.check_options); `graphopt list` shows it. The
+    value reaches the plugin as the user gave it (the plugin converts it as before)."""
+
+    name: str
+    type: Any = str
+    default: Any = None
+    help: str = ""
+    choices: tuple = ()
+    minimum: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """None if `value` fits this option, else what it expects (a few words)."""
+        if value is None:
+            return None
+        t = self.type
+        if t is object:  # undocumented (a constructor keyword not in the table): the plugin checks it
+            return None
+        if t is bool:
+            return None if isinstance(value, bool) or str(value).strip().lower() in _BOOL_WORDS else "expected 1 or 0"
+        if t in (int, float):
+            try:
+                v = t(value) if not isinstance(value, bool) else None
+                if t is int and v is not None and float(value) != v:
+                    v = None
+            except (TypeError, ValueError):
+                v = None
+            if v is None:
+                return "expected an integer" if t is int else "expected a number"
+            if self.minimum is not None and v < self.minimum:
+                return f"expected a number >= {self.minimum:g}"
+            return None
+        if t is list:
+            return None if isinstance(value, (list, tuple, str)) else "expected a list"
+        if isinstance(value, (dict, list)):
+            return "expected a single value"
+        if self.choices and str(value) not in self.choices:
+            return f"expected one of {', '.join(map(str, self.choices))}"
+        return None
+
+    def describe(self) -> str:
+        kind = "|".join(map(str, self.choices)) if self.choices else getattr(self.type, "__name__", str(self.type))
+        default = "" if self.default is None else f", default {self.default}"
+        return f"{self.name} ({kind}{default}): {self.help}" if self.help else f"{self.name} ({kind}{default})"
+
+
 # --------------------------------------------------------------------------------------- passes
 @dataclass
 class MoveContext:
@@ -112,6 +170,8 @@ class Pass:
     # "exact" when every choice computes the same function as the original; otherwise how the
     # approximate choices change outputs, in a few words (tests/test_pass_contract.py checks it).
     fidelity: ClassVar[str] = ""
+    # the pass options it reads from ctx.options (--pass-opt); None: not declared (not checked)
+    OPTIONS: ClassVar[tuple[Option, ...] | None] = None
     # for match()-based passes (see above)
     anchor_ops: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[tuple[Choice, ...]] = ("keep", "apply")
@@ -271,6 +331,8 @@ class Target:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # its --target-opt options (constructor keywords); None: not declared (the constructor checks)
+    OPTIONS: ClassVar[tuple[Option, ...] | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -355,6 +417,8 @@ class Strategy:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # its --strategy-opt options (constructor keywords); None: not declared (the constructor checks)
+    OPTIONS: ClassVar[tuple[Option, ...] | None] = None
 
     def __init__(self, space: SearchSpace, seed: int = 0, **options: Any) -> None:
         self.space = space

@@ -73,6 +73,13 @@ class Registry:
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)
 
+    def describe_options(self, name: str) -> list[str]:
+        """One line per declared option of `name` (none where it declares no OPTIONS table)."""
+        try:
+            return [o.describe() for o in getattr(self.get(name), "OPTIONS", None) or ()]
+        except Exception:
+            return []
+
     def describe(self) -> list[tuple[str, str]]:
         """(name, one-line description) for `graphopt list`."""
         out = []
@@ -127,6 +134,64 @@ METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/metrics.py: how c
     "sts_spearman": "graphopt.metrics:sts_spearman",
     "top1": "graphopt.metrics:TOP1",
 })
+
+# pass options every run has, whichever passes it uses (the CLI's --no-repair sets repair=0)
+def run_pass_options() -> tuple:
+    from .plugin import Option
+
+    return (Option("repair", bool, True, "least-squares repair of new weights on calibration data"),)
+
+
+def option_table(cls: Any) -> dict[str, Any] | None:
+    """name -> Option for a plugin class that declares OPTIONS (plus its constructor's keyword
+    parameters not in the table, as undocumented options, so a new keyword is never refused);
+    None when it declares none."""
+    table = getattr(cls, "OPTIONS", None)
+    if table is None:
+        return None
+    out = {o.name: o for o in table}
+    import inspect
+
+    from .plugin import Option
+
+    for klass in getattr(cls, "__mro__", ()):  # **options forwarded to a base constructor
+        if "__init__" in vars(klass) and klass is not object:
+            try:
+                params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            for p in params:
+                if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "space", "seed")):
+                    out.setdefault(p.name, Option(p.name, object, None if p.default is p.empty else p.default))
+    return out
+
+
+def check_options(registry: Registry, names: list[str], options: dict[str, Any], flag: str,
+                  common: tuple = ()) -> None:
+    """Check `options` against the OPTIONS tables of the plugins `names` (one target or strategy;
+    the run's passes, whose options are shared) before anything runs. Unknown name or a value of
+    the wrong type: UsageError, one line. Skipped where a plugin declares no table."""
+    if not options:
+        return
+    tables = [option_table(registry.get(n)) for n in names] + [{o.name: o for o in common}]
+    if any(t is None for t in tables):
+        known: dict[str, Any] = {k: o for t in tables if t for k, o in t.items()}
+        check_names = False
+    else:
+        known = {k: o for t in tables for k, o in t.items()}
+        check_names = True
+    owner = f"{registry.kind} {names[0]!r}" if len(names) == 1 else f"passes {', '.join(names)}"
+    for key, value in options.items():
+        opt = known.get(key)
+        if opt is None:
+            if check_names:
+                raise UsageError(f"{flag} {key}={value!r}: unknown option of {owner}; valid: "
+                                 f"{', '.join(sorted(known)) or '(none)'}")
+            continue
+        why = opt.problem(value)
+        if why:
+            raise UsageError(f"{flag} {key}={value!r}: {why} ({owner})")
+
 
 REGISTRIES = {"passes": PASSES, "targets": TARGETS, "strategies": STRATEGIES, "metrics": METRICS}
 

@@ -835,6 +835,7 @@ class AttentionFusion(Pass):
     description = ("fuse attention blocks into com.microsoft.Attention (exact); prune least important heads; "
                    "block-local (window_W) or linear attention")
     fidelity = "fusion exact; head pruning, windowed and linear attention approximate (calibrated)"
+    OPTIONS = ()  # reads no pass options
     stage = 20
     uses_calibration = True  # prune_k ranks heads on calibration data
 

@@ -273,6 +273,7 @@ class ConvBnFusion(Pass):
     name = "conv_bn"
     description = "fuse inference BatchNormalization into the preceding Conv/Gemm/MatMul (exact)"
     fidelity = "exact"
+    OPTIONS = ()
     stage = 10
     anchor_ops = ("BatchNormalization",)
     choices = ("keep", "fuse")

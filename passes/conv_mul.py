@@ -13,6 +13,7 @@ class ConvMulFold(Pass):
     name = "conv_mul"
     description = "fold a Mul by a per-channel constant into the preceding Conv (exact)"
     fidelity = "exact"
+    OPTIONS = ()
     stage = 10  # with the other exact fusions, before architecture moves
     anchor_ops = ("Mul",)
     choices = ("keep", "fold")

@@ -48,7 +48,7 @@ import numpy as np
 
 from graphopt.genotype import Choice, Site
 from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Pass
+from graphopt.plugin import MoveContext, Option, Pass
 
 from ._graph import _const, _present, _static_size
 
@@ -265,6 +265,10 @@ class DepthRemoval(Pass):
     name = "depth"
     description = "remove a residual block (x + f(x) -> x) or a whole post-LN transformer encoder layer"
     fidelity = "approximate: the removed block's contribution is lost (optionally repaired on calibration data)"
+    OPTIONS = (
+        Option("depth_repair", bool, False, "refit the layer that reads a removed residual block"),
+        Option("repair", bool, True, "least-squares repair of new weights on calibration data (--no-repair: 0)"),
+    )
     stage = 15  # after exact fusions (conv_bn), before the passes that act inside blocks
     uses_calibration = True  # the opt-in least-squares repair (depth_repair) fits the readers to data
 

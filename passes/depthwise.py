@@ -31,7 +31,7 @@ import numpy as np
 
 from graphopt.genotype import Choice, Site
 from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Pass
+from graphopt.plugin import MoveContext, Option, Pass
 from ._graph import _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
@@ -211,6 +211,9 @@ class DepthwiseSeparable(Pass):
     name = "depthwise"
     description = "replace a KxK conv by depthwise KxK (multiplier r) + pointwise 1x1, SVD-initialised"
     fidelity = "approximate: a low-rank (SVD) factorisation of the KxK kernel"
+    OPTIONS = (
+        Option("repair", bool, True, "least-squares repair of new weights on calibration data (--no-repair: 0)"),
+    )
     stage = 30
 
     def sites(self, graph: "gs.Graph") -> list[Site]:

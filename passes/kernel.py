@@ -39,7 +39,7 @@ import numpy as np
 
 from graphopt.genotype import Choice, Site
 from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Pass
+from graphopt.plugin import MoveContext, Option, Pass
 from ._graph import _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
@@ -254,6 +254,9 @@ class KernelResize(Pass):
     name = "kernel"
     description = "resize a KxK conv kernel to (K-2)x(K-2) (crop centre) or (K+2)x(K+2) (zero ring)"
     fidelity = "smaller kernel approximate (centre crop); larger kernel exact (zero ring)"
+    OPTIONS = (
+        Option("repair", bool, True, "least-squares repair of new weights on calibration data (--no-repair: 0)"),
+    )
     stage = 30
 
     def sites(self, graph: "gs.Graph") -> list[Site]:

@@ -44,7 +44,7 @@ import numpy as np
 
 from graphopt.errors import UsageError
 from graphopt.genotype import Choice, Site
-from graphopt.plugin import MoveContext, Pass
+from graphopt.plugin import MoveContext, Option, Pass
 
 from ._graph import _const, _fresh_name, _input, _present, _static_size
 
@@ -877,6 +877,10 @@ class WidthPrune(Pass):
     name = "width"
     description = "prune coupled channel groups of convs / Gemm / MatMul (keep 75% or 50%), LS-repaired"
     fidelity = "approximate: pruned channels, least-squares repaired on calibration data"
+    OPTIONS = (
+        Option("width_importance", str, "auto", "how channels are ranked", choices=("auto", "l1", "l2", "ls")),
+        Option("repair", bool, True, "least-squares repair of new weights on calibration data (--no-repair: 0)"),
+    )
     stage = 40  # after kernel/depthwise (stage 30): their repairs read original channel counts
     uses_calibration = True
 

@@ -34,7 +34,7 @@ from itertools import product
 from typing import Any, Sequence
 
 from graphopt.genotype import Choice, Genotype, SearchSpace
-from graphopt.plugin import Strategy
+from graphopt.plugin import Option, Strategy
 
 _MUTATION_TRIES = 32  # mutations of one parent before falling back to a fresh sparse genotype
 _FRESH_TRIES = 256  # fresh sparse genotypes before concluding the space is (nearly) exhausted
@@ -44,6 +44,13 @@ _ENUMERATE_BELOW = 200_000  # spaces this small are enumerated to find what is l
 class EvolutionarySearch(Strategy):
     name = "evolutionary"
     description = "regularized (aging) evolution: tournament, mutation of 1-3 genes, crossover; sparse prior"
+    OPTIONS = (
+        Option("population", int, 16, "genotypes alive at once", minimum=1),
+        Option("sample", int, 4, "tournament size", minimum=1),
+        Option("crossover", float, 0.3, "probability a child mixes two parents (0 to 1)", minimum=0),
+        Option("max_mutations", int, 3, "genes changed per child, at most", minimum=1),
+        Option("prior_genes", int, 4, "genes of the sparse prior's first proposals", minimum=1),
+    )
 
     def __init__(self, space: SearchSpace, seed: int = 0, population: int = 16, sample: int = 4,
                  crossover: float = 0.3, max_mutations: int = 3, prior_genes: int = 4,

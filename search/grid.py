@@ -23,7 +23,7 @@ from itertools import product
 from typing import Any, Iterator, Sequence
 
 from graphopt.genotype import Choice, Genotype, SearchSpace, Site
-from graphopt.plugin import Strategy
+from graphopt.plugin import Option, Strategy
 
 KNOB_MODES = ("passes", "sites")
 
@@ -56,6 +56,7 @@ def _pass_values(sites: list[Site]) -> list[Choice]:
 class GridSearch(Strategy):
     name = "grid"
     description = "Cartesian product over knobs (one per pass, or one per site), in a fixed order"
+    OPTIONS = (Option("knobs", str, "passes", "one knob per pass, or one per site", choices=KNOB_MODES),)
 
     def __init__(self, space: SearchSpace, seed: int = 0, knobs: str = "passes", **options: Any) -> None:
         super().__init__(space, seed, **options)

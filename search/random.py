@@ -23,6 +23,7 @@ _ENUMERATE_BELOW = 4096  # spaces this small are enumerated (shuffled) instead o
 class RandomSearch(Strategy):
     name = "random"
     description = "seeded random sampling without repeats; starts from the all-exact-moves genotype"
+    OPTIONS = ()  # none: --seed is the run's
 
     def __init__(self, space: SearchSpace, seed: int = 0, **options: Any) -> None:
         super().__init__(space, seed, **options)

@@ -41,7 +41,7 @@ import math
 from typing import Any, Sequence
 
 from graphopt.genotype import Choice, Genotype, SearchSpace, Site
-from graphopt.plugin import Result, Strategy
+from graphopt.plugin import Option, Result, Strategy
 
 MODES = ("moves", "int8")
 _EPS_LOSS = 1e-9  # quality loss of an exact move (float noise): ranked first, by latency gain
@@ -51,6 +51,20 @@ class SensitivitySearch(Strategy):
     name = "sensitivity"
     description = ("NetAdapt-style: measure each single move, add moves greedily by latency gained per quality "
                    "lost (re-measured); mode=int8: quantize all, return the most sensitive layers to float")
+    OPTIONS = (
+        Option("mode", str, "moves", "measure single moves, or start all-int8 and return layers", choices=MODES),
+        Option("then", str, "evolutionary", "what searches after the greedy phase", choices=("evolutionary", "none")),
+        Option("quant", str, "int8", "the quantization choice mode=int8 starts from"),
+        Option("max_singles", int, None, "single moves measured, at most", minimum=1),
+        Option("min_gain", float, 0.0, "fraction of latency a move must save to count", minimum=0),
+    ) + tuple(Option("evolutionary_" + o.name, o.type, o.default, "then=evolutionary: " + o.help, minimum=o.minimum)
+              for o in (
+                  Option("population", int, 16, "genotypes alive at once", minimum=1),
+                  Option("sample", int, 4, "tournament size", minimum=1),
+                  Option("crossover", float, 0.3, "probability a child mixes two parents (0 to 1)", minimum=0),
+                  Option("max_mutations", int, 3, "genes changed per child, at most", minimum=1),
+                  Option("prior_genes", int, 4, "genes of the sparse prior's first proposals", minimum=1),
+              ))
 
     def __init__(self, space: SearchSpace, seed: int = 0, mode: str = "moves", then: str = "evolutionary",
                  quant: str = "int8", max_singles: int | None = None, min_gain: float = 0.0,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.errors import CompileError, TargetUnreachable, UsageError
-from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
+from graphopt.plugin import Artifact, LatencyStats, Measurement, Option, Target
 
 from . import rpc as rpc_mod
 from . import tvm_common as tc
@@ -119,6 +119,16 @@ class CudaTarget(Target):
     static_shapes = True  # graphopt.timing: TVM compiles static shapes; value-dependent shapes are not applicable
     description = ("An NVIDIA GPU via Apache TVM Relax + CUDA (dlight default schedules; MetaSchedule with "
                    "trials=N), timed locally or over RPC.")
+    OPTIONS = (
+        Option("arch", str, None, "CUDA arch, e.g. sm_90 or 90 (default: the GPU's)"),
+        Option("number", int, None, "runs per timed repeat", minimum=1),
+        Option("repeat", int, 5, "timed repeats (median reported)", minimum=1),
+        Option("warmup", int, 3, "untimed runs first", minimum=0),
+        Option("trials", int, 0, "MetaSchedule trials (0: dlight default schedules)", minimum=0),
+        Option("max_new_tasks", int, None, "tune at most this many new tasks per candidate", minimum=1),
+        Option("tuning_db", str, None, "tuning database directory"),
+        Option("compiler", str, None, "CUDA compiler", choices=("nvrtc", "nvcc")),
+    ) + rpc_mod.rpc_options()
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from graphopt.errors import CompileError, UsageError
-from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
+from graphopt.plugin import Artifact, LatencyStats, Measurement, Option, Target
 
 from .host import cpu_model_name
 
@@ -115,6 +115,13 @@ cpu_name = cpu_model_name
 class OrtTarget(Target):
     name = "ort"
     description = "onnxruntime CPU (ORT_ENABLE_ALL), timed on this machine"
+    OPTIONS = (
+        Option("threads", int, None, "intra-op threads (default: the CPUs here)", minimum=1),
+        Option("warmup", int, 5, "untimed runs first", minimum=0),
+        Option("number", int, 10, "runs per timed repeat", minimum=1),
+        Option("repeat", int, 7, "timed repeats (median reported)", minimum=1),
+        Option("profile", bool, False, "per-layer latency of the best candidate"),
+    )
 
     def __init__(self, threads: int | None = None, warmup: int = 5, number: int = 10, repeat: int = 7,
                  profile: bool | int | str = False, **options: Any) -> None:

@@ -39,6 +39,18 @@ from typing import Any
 from graphopt.errors import TargetUnreachable, UsageError
 
 OPTION_NAMES = ("tracker", "key", "server", "session_timeout", "request_timeout", "priority")
+
+
+def rpc_options():
+    """The RPC options a TVM target accepts (declared in its OPTIONS table)."""
+    from graphopt.plugin import Option
+
+    return (Option("tracker", str, None, "HOST:PORT of a TVM RPC tracker (measure on its devices)"),
+            Option("key", str, None, "device key at the tracker"),
+            Option("server", str, None, "HOST:PORT of one TVM RPC server (instead of a tracker)"),
+            Option("session_timeout", float, 120.0, "seconds one RPC session may last", minimum=0),
+            Option("request_timeout", float, 60.0, "seconds to wait for a free device", minimum=0),
+            Option("priority", int, 1, "tracker request priority"))
 ENV = {"tracker": "GRAPHOPT_RPC_TRACKER", "key": "GRAPHOPT_RPC_KEY", "server": "GRAPHOPT_RPC_SERVER"}
 CONNECT_TIMEOUT_S = 10.0
 _DEADLINE_MARGIN_S = 30.0  # on top of session_timeout: upload, load and tensor copies

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.errors import CompileError, TargetUnreachable, UsageError
-from graphopt.plugin import Artifact, LatencyStats, Measurement
+from graphopt.plugin import Artifact, LatencyStats, Measurement, Option
 
 from . import device_check, rpc
 from . import tvm_common as tc
@@ -288,6 +288,12 @@ class Rpi4Target(X86Target):
     name = "rpi4"
     description = ("Raspberry Pi 4 (aarch64 Cortex-A72, 4 cores) via TVM, cross-compiled; measured over TVM RPC, "
                    "or estimated by a cost model with estimate=1.")
+    OPTIONS = X86Target.OPTIONS + (
+        Option("estimate", bool, False, "latency from a cost model instead of a device"),
+        Option("cc", str, "auto", "cross compiler for the aarch64 library (auto: zig or clang)"),
+        Option("check", bool, True, "check the device's outputs against onnxruntime"),
+        Option("check_tol", float, None, "tolerance of that check", minimum=0),
+    )
 
     def __init__(self, threads: int | None = None, estimate: Any = False, cc: str = "auto", check: Any = True,
                  check_tol: Any = None, **options: Any) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from graphopt.errors import UsageError
-from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
+from graphopt.plugin import Artifact, LatencyStats, Measurement, Option, Target
 
 from . import rpc
 from . import tvm_common as tc
@@ -34,6 +34,18 @@ class X86Target(Target):
                    "timed in-process or over RPC.")
     tunable = True
     static_shapes = True  # graphopt.timing: TVM compiles static shapes; value-dependent shapes are not applicable
+    OPTIONS = (
+        Option("threads", int, None, "TVM worker threads (default: the CPUs here)", minimum=1),
+        Option("mcpu", str, None, "LLVM -mcpu (default: this CPU)"),
+        Option("mattr", list, None, "LLVM -mattr features"),
+        Option("number", int, None, "runs per timed repeat (default: sized to the model)", minimum=1),
+        Option("repeat", int, 5, "timed repeats (median reported)", minimum=1),
+        Option("warmup", int, 1, "untimed runs first", minimum=0),
+        Option("trials", int, None, "MetaSchedule trials (0: no tuning; default GRAPHOPT_TUNE_TRIALS)", minimum=0),
+        Option("tuning_db", str, None, "tuning database directory (default ~/.cache/graphopt/tuning)"),
+        Option("max_new_tasks", int, None, "tune at most this many new tasks per candidate", minimum=0),
+        Option("int8_kernels", str, "auto", "int8 conv/matmul kernels", choices=("auto", "avx2", "generic")),
+    ) + rpc.rpc_options()
 
     def __init__(
         self,
