@@ -92,12 +92,16 @@ def _compile(model_path: str, workdir: str, knobs: dict[str, Any]) -> Any:
         import onnx
 
         model = onnx.load(model_path)
-        for name, value in knobs.items():
-            if name == "deadline_wall":
-                value = None if value is None else time.monotonic() + (value - time.time())
-                name = "deadline"
-            if hasattr(_TARGET, name):
-                setattr(_TARGET, name, value)
+        from dataclasses import replace
+
+        from .plugin import TargetContext, current_context, inform_target
+
+        knobs = dict(knobs)
+        if "deadline_wall" in knobs:
+            wall = knobs.pop("deadline_wall")
+            knobs["deadline"] = None if wall is None else time.monotonic() + (wall - time.time())
+        fields = TargetContext.__dataclass_fields__  # a knob it does not know is ignored; one not sent keeps its value
+        inform_target(_TARGET, replace(current_context(_TARGET), **{k: v for k, v in knobs.items() if k in fields}))
         artifact = _TARGET.compile(model, Path(workdir))
         compile_s = time.monotonic() - t0
         portable = _TARGET.portable(artifact, Path(workdir))

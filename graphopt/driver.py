@@ -298,19 +298,26 @@ class Search(PipelinedSearch, ConcludeSearch):
         return min(feasible, key=lambda r: (r.latency_ms, r.id)) if feasible else None
 
     def _inform_target(self) -> None:
-        """Tell a tuning target the run's deadline and the best latency so far (cheap-first policy)."""
-        for name, value in self._target_knobs().items():
-            setattr(self.target, name, value)
+        """Tell the target the run's TargetContext (plugin.py): deadline, best latency so far."""
+        from dataclasses import replace
+
+        from .plugin import current_context, inform_target
+
+        inform_target(self.target, replace(current_context(self.target), **self._target_knobs()))
 
     def _target_knobs(self) -> dict[str, Any]:
-        """The cheap-first inputs the target has attributes for: `deadline` (time.monotonic()) and
-        `incumbent_ms`; they travel with each job to a compile worker (graphopt.compile_pool)."""
+        """The TargetContext's fields for a target that reads them (plugin.wants_context):
+        `deadline` (time.monotonic()) and `incumbent_ms`; they travel with each job to a compile
+        worker (graphopt.compile_pool)."""
+        from .plugin import wants_context
+
         knobs: dict[str, Any] = {}
-        if hasattr(self.target, "deadline") and self.cfg.budget.seconds is not None:
+        if not wants_context(self.target):
+            return knobs
+        if self.cfg.budget.seconds is not None:
             knobs["deadline"] = self.t_start + self.cfg.budget.seconds
-        if hasattr(self.target, "incumbent_ms"):
-            best = self.best_record()
-            knobs["incumbent_ms"] = best.latency_ms if best is not None else None
+        best = self.best_record()
+        knobs["incumbent_ms"] = best.latency_ms if best is not None else None
         return knobs
 
     def _time_left(self) -> float:

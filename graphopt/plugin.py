@@ -15,7 +15,7 @@ records the message against the candidate.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
@@ -317,6 +317,44 @@ class Artifact:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TargetContext:
+    """What the driver tells a target before each compile (Target.inform), in the search's process
+    or a compile worker's.
+
+    `deadline`: time.monotonic() at which the run's time budget ends (None: no time budget); a
+    tuning target stops tuning by then. `incumbent_ms`: the best latency measured so far in this
+    run (None: none yet); a tuning target may stop tuning a candidate that cannot beat it.
+    """
+
+    deadline: float | None = None
+    incumbent_ms: float | None = None
+
+
+def inform_target(target: Any, context: TargetContext) -> None:
+    """Tell a target the run's context: Target.inform(), or for an object that does not derive from
+    Target, set its `deadline` / `incumbent_ms` attributes where it has them."""
+    if hasattr(target, "inform"):
+        target.inform(context)
+        return
+    for name, value in asdict(context).items():
+        if hasattr(target, name):
+            setattr(target, name, value)
+
+
+def current_context(target: Any) -> TargetContext:
+    """The context a target was last told (a field never told: as the target's attribute has it)."""
+    ctx = getattr(target, "context", None) or TargetContext()
+    return replace(ctx, **{f: getattr(target, f) for f in asdict(ctx) if hasattr(target, f)})
+
+
+def wants_context(target: Any) -> bool:
+    """Whether a target reads the TargetContext (it overrides inform, or has the attributes)."""
+    inform = getattr(type(target), "inform", None)
+    return (inform is not None and inform is not Target.inform) or any(
+        hasattr(target, n) for n in ("deadline", "incumbent_ms"))
+
+
 class Target:
     """A compiler plus a device. compile() and measure() are separate steps.
 
@@ -337,8 +375,20 @@ class Target:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    # the run's context, as last told by inform()
+    context: TargetContext = TargetContext()
+
     def check(self) -> None:
         """Raise TargetUnreachable / UsageError before the search if the target cannot work."""
+
+    def inform(self, context: TargetContext) -> None:
+        """Called before each compile with the run's TargetContext (deadline, best latency so far).
+        Default: keep it as `self.context`; a target with `deadline` / `incumbent_ms` attributes
+        (x86, rpi4: the older way) gets them set as well."""
+        self.context = context
+        for name, value in asdict(context).items():
+            if hasattr(self, name):
+                setattr(self, name, value)
 
     @property
     def concurrent_measure(self) -> bool:
