@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="latencies from the target's cost model instead of a device (alias of --target-opt "
                           "estimate=1; targets that can estimate: rpi4); reported as 'estimated'")
     run.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
-                     help="target-specific option (repeatable), e.g. --target-opt repeat=10")
+                     help="target-specific option (repeatable), e.g. --target-opt repeat=10 "
+                          "(each target's options: `graphopt list targets`)")
     run.add_argument("--pass-opt", action="append", default=[], metavar="KEY=VALUE",
                      help="pass option (repeatable), e.g. --pass-opt width_importance=l2 (`graphopt list passes`)")
     run.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
