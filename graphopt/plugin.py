@@ -28,8 +28,7 @@ if TYPE_CHECKING:  # heavy imports stay out of the CLI's import path
 
 
 # -------------------------------------------------------------------------------------- options
-_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-               "off": False, "": False}
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -61,16 +60,13 @@ class Option:
             return None if isinstance(value, bool) or str(value).strip().lower() in _BOOL_WORDS else "expected 1 or 0"
         if t in (int, float):
             try:
-                v = t(value) if not isinstance(value, bool) else None
-                if t is int and v is not None and float(value) != v:
-                    v = None
+                v = None if isinstance(value, bool) else t(value)
+                v = None if t is int and float(value) != v else v
             except (TypeError, ValueError):
                 v = None
             if v is None:
                 return "expected an integer" if t is int else "expected a number"
-            if self.minimum is not None and v < self.minimum:
-                return f"expected a number >= {self.minimum:g}"
-            return None
+            return f"expected a number >= {self.minimum:g}" if self.minimum is not None and v < self.minimum else None
         if t is list:
             return None if isinstance(value, (list, tuple, str)) else "expected a list"
         if isinstance(value, (dict, list)):
@@ -124,8 +120,6 @@ class Match:
     def node_names(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.nodes)
 
-    def __bool__(self) -> bool:
-        return True
 
 
 @dataclass
@@ -335,11 +329,9 @@ def inform_target(target: Any, context: TargetContext) -> None:
     """Tell a target the run's context: Target.inform(), or for an object that does not derive from
     Target, set its `deadline` / `incumbent_ms` attributes where it has them."""
     if hasattr(target, "inform"):
-        target.inform(context)
-        return
-    for name, value in asdict(context).items():
-        if hasattr(target, name):
-            setattr(target, name, value)
+        return target.inform(context)
+    for name in (n for n in asdict(context) if hasattr(target, n)):
+        setattr(target, name, getattr(context, name))
 
 
 def current_context(target: Any) -> TargetContext:
