@@ -328,6 +328,8 @@ class Int8Quantize(Pass):
     name = "int8"
     description = "static int8 quantization (QDQ, per-channel weights, calibrated activations) per layer or whole model"
     stage = 90  # after every float rewrite: quantization sees the final float graph
+    fidelity = ("approximate: weights int8 per channel; static activations uint8 on calibrated ranges "
+                "(fit split), dynamic activations quantized at run time; measured on select like any move")
     uses_calibration = True
 
     def sites(self, graph: gs.Graph) -> list[Site]:

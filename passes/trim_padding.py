@@ -381,6 +381,7 @@ class TrimPadding(Pass):
     description = ("run a padded transformer encoder on the tokens up to the last unmasked one (exact; output "
                    "must not keep the token axis)")
     stage = 85  # after the float rewrites that match fixed-length patterns (attention: 20), before int8 (90)
+    fidelity = "exact"  # for outputs without the token axis; every site is trial-checked against the original
     dynamic_shapes = True  # the rewritten graph's shapes depend on input values (graphopt.timing)
 
     def __init__(self, **options: Any) -> None:

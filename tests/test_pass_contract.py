@@ -29,10 +29,6 @@ CONTRACT_MODELS = {
     "encoder": encoder,  # depth and width over transformer layers
     "padded_encoder": tiny_encoder,  # trim_padding
 }
-NOT_YET_DECLARED = {  # passes changed on other branches at the time: declare `fidelity` there
-    "int8": "passes/int8.py is being changed on another branch; declare `fidelity` there",
-    "trim_padding": "passes/trim_padding.py is exact (trial-verified): declare fidelity = 'exact' there",
-}
 
 _loaded: dict = {}
 
@@ -126,8 +122,6 @@ def test_approximate_passes_declare_fidelity(pass_name, model):
     p = PASSES.create(pass_name)
     sites = p.sites(_model(model).graph())
     approximate = any(c != s.exact_choice for s in sites for c in s.choices[1:])
-    if pass_name in NOT_YET_DECLARED and not getattr(p, "fidelity", ""):
-        pytest.xfail(NOT_YET_DECLARED[pass_name])
     fidelity = getattr(p, "fidelity", "")
     if approximate:
         assert fidelity and fidelity != "exact", f"{pass_name} has approximate choices: set `fidelity` to say how"
