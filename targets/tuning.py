@@ -92,6 +92,7 @@ class TuningStats:
     build_s: float = 0.0
     stopped_because: str = ""
     untuned_tasks: list[str] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)  # tune_budget's log when a budget was spent
 
     @property
     def partly_untuned(self) -> bool:
@@ -239,6 +240,7 @@ def _tune_and_build(
     num_threads: int | None = None,
     seed: int = 0,
     skip_if_known_exceeds_s: float | None = None,
+    budget: Any = None,
 ):
     """Tune the workloads of `raw_mod` the database lacks, then build with the database.
 
@@ -290,7 +292,12 @@ def _tune_and_build(
     failed: list[str] = []
     i = 0
     t_tune = time.monotonic()
-    while i < len(todo) and trials_per_task > 0:
+    if budget is not None and todo:  # a per-model budget, spent where the latency is (tune_budget.py)
+        failed, done = _spend_budget(ms, todo, len(tasks), budget, target, db, Path(work_dir), runner, builder,
+                                     num_threads, seed, deadline, stats)
+        i = len(todo) if done else 0
+        todo = todo if done else []
+    while budget is None and i < len(todo) and trials_per_task > 0:
         if deadline is not None:
             left = deadline - time.monotonic()
             guess = per_task_s if per_task_s is not None else 0.0
@@ -334,6 +341,52 @@ def _tune_and_build(
         raise CompileError(f"TVM build with the tuning database failed: {type(e).__name__}: {tc._first_line(e)}") from e
     stats.build_s = time.monotonic() - tb
     return ex, stats
+
+
+def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, builder, num_threads, seed,
+                  deadline, stats: TuningStats, on_round=None) -> tuple[list[str], bool]:
+    """Spend this compile's share of a per-model budget (tune_budget.BudgetPlan) on the new
+    workloads `todo`, by rounds; returns (names of workloads with no successful trial, True)."""
+    import dataclasses
+
+    from . import tune_budget as tb
+
+    plan = dataclasses.replace(
+        budget,
+        budget_trials=tb.share_of_budget(budget.budget_trials, len(todo), n_all, budget.warm),
+        budget_s=tb.share_of_budget(None if budget.budget_s is None else float(budget.budget_s), len(todo), n_all,
+                                    budget.warm),
+    )
+    keyed = {f"{k}:{t.task_name}": t for k, t in enumerate(todo)}
+    states = [tb.TaskState(name=k, weight=float(t.weight)) for k, t in keyed.items()]
+    rnd = [0]
+
+    def tune(given: dict[str, int]) -> dict[str, float | None]:
+        groups: dict[int, list] = {}
+        for k, n in given.items():
+            groups.setdefault(int(n), []).append(keyed[k])
+        for n, chunk in groups.items():
+            _tune_tasks(ms, chunk, target, db, work_dir, n, runner, builder, num_threads, seed + 1000 * rnd[0])
+        rnd[0] += 1
+        return {k: task_best_seconds(db, keyed[k]) for k in given}
+
+    blog = tb.run_budget(states, tune, plan, deadline=deadline, on_round=on_round)
+    stats.trials += blog.trials
+    stats.budget = dict(blog.summary(), budget_trials=plan.budget_trials, budget_s=plan.budget_s,
+                        warm=plan.warm, step=plan.step)
+    failed: list[str] = []
+    for s in states:
+        t = keyed[s.name]
+        if s.failed:
+            failed.append(t.task_name)
+            record_failed_trials(ms, db, t, target, int(plan.warm))
+        elif s.best_s is not None:
+            stats.workloads_tuned += 1
+        else:
+            stats.untuned_tasks.append(t.task_name)
+    if blog.stopped_because == "time budget spent" and any(s.trials == 0 for s in states):
+        stats.stopped_because = "time budget spent before every new workload had its warm-up"
+    return failed, True
 
 
 def search_strategy(ms, trials: int):

@@ -59,16 +59,18 @@ class X86Target(Target):
         tuning_db: str | None = None,
         max_new_tasks: int | None = None,
         int8_kernels: str = "auto",
+        tune_trials: int | None = None,
+        tune_time: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
-                         int8_kernels=int8_kernels, **options)
+                         int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
-                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, {', '.join(rpc.OPTION_NAMES)}"
+                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, {', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
             trials = os.environ.get(TRIALS_ENV, DEFAULT_TRIALS)
@@ -81,6 +83,7 @@ class X86Target(Target):
         if self.trials < 0 or (self.max_new_tasks is not None and self.max_new_tasks < 0):
             raise UsageError(f"{self.name} target: trials and max_new_tasks must be >= 0 (trials=0: no tuning)")
         self.tuning_db_root = tuning_db
+        self.budget = _budget_plan(self.name, tune_trials, tune_time, self.trials)
         if int8_kernels not in ("auto", "avx2", "generic"):
             raise UsageError(f"{self.name} target: int8_kernels={int8_kernels!r}: choose auto (avx2 where the CPU has "
                              "AVX2), avx2 (targets/x86_int8.py: packed int16 weights, vpmaddwd) or generic "
@@ -162,9 +165,16 @@ class X86Target(Target):
             "threads": self.threads,
             "mcpu": self.mcpu,
             "tuned": self.trials > 0,
-            **({"tuning": {"trials_per_workload": self.trials, "db": str(self.tuning_db_dir)}} if self.trials else {}),
+            **({"tuning": {"trials_per_workload": self.trials, "db": str(self.tuning_db_dir),
+                           **self._budget_describe()}} if self.trials else {}),
             **self._rpc_describe(),
         }
+
+    def _budget_describe(self) -> dict[str, Any]:
+        b = self.budget
+        if b is None:
+            return {}
+        return {"budget": {"trials": b.budget_trials, "seconds": b.budget_s, "warm": b.warm, "step": b.step}}
 
     @property
     def tuning_db_dir(self) -> Path:
@@ -219,6 +229,7 @@ class X86Target(Target):
             mod, self.target, db_dir=self.tuning_db_dir, trials_per_task=self.trials, work_dir=workdir,
             max_new_tasks=self.max_new_tasks, deadline=self.deadline, runner=self.ms_runner(),
             builder=self.ms_builder(), num_threads=self.threads, skip_if_known_exceeds_s=lower_bound_s,
+            budget=self.budget,
         )
         info = {"tuned": stats.workloads_seen > 0 and not stats.partly_untuned, "tuning": stats.to_dict()}
         return ex, info
@@ -356,6 +367,37 @@ class X86Target(Target):
 
             shutil.rmtree(self._rpc_dir, ignore_errors=True)
             self._rpc_dir = None
+
+
+def _budget_plan(name: str, tune_trials: Any, tune_time: Any, warm: int):
+    """tune_trials=N (trials) and/or tune_time=S (seconds): a per-model tuning budget spent where the
+    latency is (targets/tune_budget.py); `trials` is then each new workload's warm-up. None: neither
+    given (the fixed `trials` per workload, as before)."""
+    if tune_trials is None and tune_time is None:
+        return None
+    try:
+        n = None if tune_trials is None else int(tune_trials)
+        secs = None if tune_time is None else _seconds(tune_time)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} target: tune_trials must be an integer and tune_time seconds (e.g. 600, 10m), got "
+                         f"tune_trials={tune_trials!r} tune_time={tune_time!r}") from None
+    if (n is not None and n < 0) or (secs is not None and secs < 0):
+        raise UsageError(f"{name} target: tune_trials and tune_time must be >= 0")
+    if warm <= 0:
+        raise UsageError(f"{name} target: tune_trials/tune_time need trials > 0 (each new workload's warm-up "
+                         "trials); drop trials=0 or the budget")
+    from .tune_budget import BudgetPlan
+
+    return BudgetPlan(budget_trials=n, budget_s=secs, warm=int(warm))
+
+
+def _seconds(v: Any) -> float:
+    """600, "600", "600s", "10m", "1h" -> seconds."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    text = str(v).strip().lower()
+    mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
+    return float(text[:-1]) * mult if mult is not None else float(text)
 
 
 def _copy_file(src: Path, dst: Path) -> Path:

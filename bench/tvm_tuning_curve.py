@@ -1,0 +1,192 @@
+"""Model latency vs tuning time on the x86 target, with a per-model budget spent where the latency is.
+
+For each model, in one process, from a fresh tuning database:
+  1. the budgeted tuner of targets/tune_budget.py (warm-up trials for every workload, then rounds of
+     `step` trials on the workloads with the largest expected gain) runs for --tune-time seconds;
+  2. at checkpoints (after the warm-up, then every --every seconds of tuning) the model is built
+     from the database and timed against onnxruntime (ORT_ENABLE_ALL, same threads), interleaved:
+     prints TVM ms, ORT ms and TVM/ORT, with the tuning seconds and trials so far (build and
+     measuring time are not counted as tuning time);
+  3. a mutated model (one conv's kernel grown by 2) is compiled with graphopt's x86 target and the
+     same budget options against the same database: how many workloads it reused, and its tuning s;
+  4. the profile: the workloads with the largest share of the tuned model's time (calls x best time).
+
+    nice -n 19 .venv/bin/python bench/tvm_tuning_curve.py [--models efficientnet] [--tune-time 1200]
+
+Tuning is minutes per model on a 2-core machine; run it on a quiet machine. See docs/compiler.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tvm_vs_ort import MODELS, THREADS, feed_for, mutated, ort_ms  # noqa: E402
+
+from graphopt.ir import load_model  # noqa: E402
+from graphopt.plugin import Artifact  # noqa: E402
+from graphopt.targets.ort import OrtTarget  # noqa: E402
+from graphopt.targets.x86 import X86Target  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[tuning_curve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+
+
+def curve(name: str, args, work: Path, db_dir: Path) -> dict:
+    from graphopt.targets import tune_budget as tb
+    from graphopt.targets import tuning
+    from graphopt.targets import tvm_common as tc
+
+    path, calib = MODELS[name]
+    loaded = load_model(path)
+    feed = feed_for(calib, loaded.inputs)
+    sess = ort.InferenceSession(str(path), OrtTarget(threads=THREADS)._options(), providers=["CPUExecutionProvider"])
+    shutil.rmtree(db_dir, ignore_errors=True)
+    tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_dir), tune_time=args.tune_time,
+                    tune_trials=args.tune_trials)
+    tgt.budget.step, tgt.budget.per_round = args.step, args.per_round
+    tc.load_tvm(THREADS)
+    import tvm.s_tir.meta_schedule as ms
+
+    tuning._quiet_meta_schedule()
+    target = tgt.target
+    log(f"{name}: target {tgt.target_json()}")
+    mod = tc.import_onnx(tc.fold_constants(loaded.proto), fold=False, int8_kernels=tgt.int8_kernels)
+    prepared, fused = tuning.prepare(mod, target)
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    db = tuning.open_db(db_dir)
+    specs = tc.input_specs(loaded.proto)
+    points: list[dict] = []
+    t_start = time.monotonic()
+    paused = [0.0]
+    last = [-1e9]
+    stats = tuning.TuningStats()
+
+    def checkpoint(rnd: int, states) -> None:
+        tp = time.monotonic()
+        tuned_s = tp - t_start - paused[0]
+        trials = sum(s.trials for s in states)
+        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+        art = Artifact(target="x86", files=[], handle=ex, info={"inputs": [(n, list(s), d) for n, s, d in specs],
+                                                                "tuned": True})
+        tv, orr = [], []
+        for _ in range(args.rounds):
+            tv.append(tgt.measure(art, feed).latency.median_ms)
+            orr.append(ort_ms(sess, feed))
+        est = sum(s.share_s for s in states) * 1000
+        row = {"round": rnd, "tuning_s": round(tuned_s, 1), "trials": trials, "tvm_ms": statistics.median(tv),
+               "ort_ms": statistics.median(orr), "db_estimate_ms": round(est, 3),
+               "untuned": sum(1 for s in states if s.best_s is None)}
+        row["tvm_over_ort"] = row["tvm_ms"] / row["ort_ms"]
+        points.append(row)
+        log(json.dumps(row))
+        paused[0] += time.monotonic() - tp
+
+    def on_round(rnd: int, states) -> None:
+        tuned_s = time.monotonic() - t_start - paused[0]
+        if rnd == 1 or tuned_s - last[0] >= args.every:
+            last[0] = tuned_s
+            checkpoint(rnd, states)
+
+    log(f"{name}: {len(tasks)} workloads; budget tune_time={args.tune_time} s tune_trials={args.tune_trials} "
+        f"warm={args.warm} step={args.step} per_round={args.per_round}")
+    captured: dict = {}
+
+    def on_round_keep(rnd, states):
+        captured["states"] = states
+        on_round(rnd, states)
+
+    tuning._spend_budget(ms, list(tasks), len(tasks), tgt.budget, target, db, work, None, None, THREADS, 0, None,
+                         stats, on_round=on_round_keep)
+    states = captured.get("states", [])
+    if points and points[-1]["trials"] != sum(s.trials for s in states):
+        checkpoint(len(stats.budget.get("per_round", [])), states)
+    total_s = time.monotonic() - t_start - paused[0]
+    log(f"{name}: budget done: {stats.budget.get('rounds')} rounds, {stats.trials} trials, {total_s:.0f} s tuning "
+        f"({stats.budget.get('stopped_because')})")
+    keyed = {f"{k}:{t.task_name}": t for k, t in enumerate(tasks)}
+    prof = sorted(states, key=lambda s: -s.share_s)
+    total = sum(s.share_s for s in prof) or 1.0
+    profile = [{"task": s.name.split(":", 1)[1], "calls": float(keyed[s.name].weight), "trials": s.trials,
+                "best_us": None if s.best_s is None else round(s.best_s * 1e6, 1),
+                "share": round(s.share_s / total, 3)} for s in prof[:args.top]]
+    out = {"model": name, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1),
+           "trials": stats.trials, "budget": {k: v for k, v in stats.budget.items() if k != "per_round"},
+           "profile": profile}
+    mut, mut_desc = mutated(loaded)
+    if mut is not None:  # the second compile: graphopt's x86 target, same budget options, same database
+        t0 = time.monotonic()
+        mst = tgt.compile(mut, work).info["tuning"]
+        out["mutated"] = {"mutation": mut_desc, "compile_s": round(time.monotonic() - t0, 1),
+                          **{k: mst[k] for k in ("workloads_seen", "workloads_reused", "workloads_tuned",
+                                                 "trials", "tuning_s")}}
+        log(f"{name} mutated: {json.dumps(out['mutated'])}")
+    tgt.close()
+    return out
+
+
+def table(res: dict, cpu: str) -> str:
+    out = [f"### {res['model']} ({res['workloads']} workloads; {cpu}, {THREADS} threads)", "",
+           "| tuning s | trials | untuned | ORT ms | TVM ms | TVM/ORT |", "|---|---|---|---|---|---|"]
+    for p in res["points"]:
+        out.append(f"| {p['tuning_s']:.0f} | {p['trials']} | {p['untuned']} | {p['ort_ms']:.2f} | {p['tvm_ms']:.2f} | "
+                   f"x{p['tvm_over_ort']:.2f} |")
+    m = res.get("mutated")
+    if m:
+        out += ["", f"Second compile ({m['mutation']}): reused {m['workloads_reused']}/{m['workloads_seen']}, tuned "
+                f"{m['workloads_tuned']} with {m['trials']} trials in {m['tuning_s']:.0f} s (compile {m['compile_s']:.0f} s) "
+                f"vs {res['tuning_s']:.0f} s for the first."]
+    out += ["", "| workload | calls | trials | best us | share of TVM time |", "|---|---|---|---|---|"]
+    for p in res["profile"]:
+        out.append(f"| {p['task']} | {p['calls']:.0f} | {p['trials']} | {p['best_us']} | {p['share']:.1%} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="efficientnet")
+    ap.add_argument("--tune-time", type=float, default=1200.0, help="tuning seconds per model (default 1200)")
+    ap.add_argument("--tune-trials", type=int, default=None, help="trial budget per model (default: none)")
+    ap.add_argument("--warm", type=int, default=8, help="warm-up trials per workload")
+    ap.add_argument("--step", type=int, default=16, help="trials per workload in a later round")
+    ap.add_argument("--per-round", type=int, default=4, help="workloads per later round")
+    ap.add_argument("--every", type=float, default=180.0, help="seconds of tuning between checkpoints")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved TVM/ORT timing rounds per checkpoint")
+    ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_model()
+    log(f"CPU: {cpu}")
+    work = Path(tempfile.mkdtemp(prefix="tuning-curve-", dir=args.out))
+    texts, results = [], []
+    try:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            res = curve(name, args, work, args.out / "tuning-db" / f"{name}-curve")
+            results.append(res)
+            texts.append(table(res, cpu))
+            print(texts[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (args.out / "tvm_tuning_curve.md").write_text("\n\n".join(texts) + "\n")
+    (args.out / "tvm_tuning_curve.json").write_text(json.dumps({"cpu": cpu, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The per-model tuning budget (targets/tune_budget.py): allocation on a fake tuner (fast), and one
+budgeted tune of a one-workload model on the real x86 target (tvm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import matmul_model
+
+from graphopt.errors import UsageError
+from graphopt.targets import tune_budget as tb
+
+
+class FakeTuner:
+    """Each workload's best time falls as it gets trials: t = floor + (start - floor) / (1 + trials / k).
+    A workload in `broken` never gets a successful trial. Counts calls and seconds on a fake clock."""
+
+    def __init__(self, specs, broken=(), s_per_trial=1.0):
+        self.specs = specs  # name -> (start_s, floor_s, k)
+        self.broken = set(broken)
+        self.given: dict[str, int] = {}
+        self.calls = 0
+        self.now = 0.0
+        self.s_per_trial = s_per_trial
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, given):
+        self.calls += 1
+        out = {}
+        for name, n in given.items():
+            self.given[name] = self.given.get(name, 0) + n
+            self.now += n * self.s_per_trial
+            if name in self.broken:
+                out[name] = None
+                continue
+            start, floor, k = self.specs[name]
+            out[name] = floor + (start - floor) / (1 + self.given[name] / k)
+        return out
+
+
+def states_for(weights):
+    return [tb.TaskState(name=n, weight=w) for n, w in weights.items()]
+
+
+def test_budget_goes_to_the_workloads_that_hold_the_latency():
+    # "big" is 100x the time of each small one; all improve alike with trials
+    specs = {"big": (1e-2, 1e-3, 8)} | {f"small{i}": (1e-4, 1e-5, 8) for i in range(6)}
+    tuner = FakeTuner(specs)
+    states = states_for({n: 1.0 for n in specs})
+    plan = tb.BudgetPlan(budget_trials=7 * 8 + 10 * 16, warm=8, step=16, per_round=2)
+    log = tb.run_budget(states, tuner, plan, clock=tuner.clock)
+    assert log.trials == plan.budget_trials and log.stopped_because == "trial budget spent"
+    assert all(tuner.given[n] >= 8 for n in specs)  # every workload had its warm-up
+    assert tuner.given["big"] >= 8 + 16 * 5  # and the big one most of the rest
+    assert tuner.given["big"] > 3 * max(v for k, v in tuner.given.items() if k != "big")
+    # a fixed count per workload with the same total would leave the model slower
+    fixed = FakeTuner(specs)
+    fixed({n: plan.budget_trials // len(specs) for n in specs})
+    model = sum(s.share_s for s in states)
+    model_fixed = sum(specs[n][1] + (specs[n][0] - specs[n][1]) / (1 + fixed.given[n] / 8) for n in specs)
+    assert model < 0.8 * model_fixed
+
+
+def test_calls_weigh_in_and_a_stalled_workload_gives_way():
+    # "a" runs once but is slow; "b" is fast but called 50 times: b holds more of the latency
+    specs = {"a": (1e-3, 9e-4, 1e9), "b": (1e-4, 1e-5, 8)}  # a barely improves
+    tuner = FakeTuner(specs)
+    states = states_for({"a": 1.0, "b": 50.0})
+    tb.run_budget(states, tuner, tb.BudgetPlan(budget_trials=16 + 6 * 16, warm=8, step=16, per_round=1),
+                  clock=tuner.clock)
+    assert tuner.given["b"] > tuner.given["a"]
+
+
+def test_warm_up_first_most_called_first_and_cut_by_the_budget():
+    states = states_for({"x": 1.0, "y": 5.0, "z": 2.0})
+    plan = tb.BudgetPlan(budget_trials=None, warm=8)
+    assert list(tb.plan_round(states, 20, plan).items()) == [("y", 8), ("z", 8), ("x", 4)]
+    assert tb.plan_round(states, 0, plan) == {}
+    assert list(tb.plan_round(states, None, tb.BudgetPlan(warm=8, warm_batch=2))) == ["y", "z"]
+
+
+def test_time_budget_stops_rounds_that_would_not_fit():
+    specs = {f"w{i}": (1e-3, 1e-4, 8) for i in range(4)}
+    tuner = FakeTuner(specs, s_per_trial=1.0)
+    log = tb.run_budget(states_for({n: 1.0 for n in specs}), tuner,
+                        tb.BudgetPlan(budget_s=100.0, warm=8, step=16, per_round=2), clock=tuner.clock)
+    assert log.stopped_because == "time budget spent"
+    assert tuner.now <= 100.0 and log.trials >= 32  # warm-up (32 s) + whole rounds that fit
+    assert tuner.now > 100.0 - 32  # and it did not stop much early
+
+
+def test_a_workload_that_never_succeeds_gets_no_more_trials():
+    specs = {"ok": (1e-3, 1e-4, 8), "bad": (1e-3, 1e-4, 8)}
+    tuner = FakeTuner(specs, broken={"bad"})
+    states = states_for({"ok": 1.0, "bad": 10.0})
+    tb.run_budget(states, tuner, tb.BudgetPlan(budget_trials=200, warm=8, step=16), clock=tuner.clock)
+    assert tuner.given["bad"] == 8 and states[1].failed
+    assert tuner.given["ok"] == 192
+
+
+def test_a_later_candidate_gets_the_share_of_its_new_workloads():
+    assert tb.share_of_budget(1000, 47, 47, 8) == 1000
+    assert tb.share_of_budget(1000, 1, 47, 8) == 22  # ceil(1000/47)
+    assert tb.share_of_budget(100, 1, 47, 8) == 8  # never below the new workload's warm-up
+    assert tb.share_of_budget(1200.0, 1, 48, 8) == 25.0
+    assert tb.share_of_budget(None, 1, 47, 8) is None and tb.share_of_budget(1000, 0, 47, 8) == 0
+
+
+def test_budget_options_are_parsed_and_checked():
+    pytest.importorskip("tvm")
+    from graphopt.targets.x86 import X86Target
+
+    t = X86Target(threads=1, trials=4, tune_trials=300, tune_time="10m")
+    assert (t.budget.budget_trials, t.budget.budget_s, t.budget.warm) == (300, 600.0, 4)
+    assert X86Target(threads=1).budget is None
+    with pytest.raises(UsageError, match="tune_trials must be an integer"):
+        X86Target(threads=1, tune_trials="lots")
+    with pytest.raises(UsageError, match="need trials > 0"):
+        X86Target(threads=1, trials=0, tune_trials=10)
+
+
+@pytest.mark.tvm
+def test_budgeted_tune_of_a_real_model_then_reuse(tmp_path):
+    pytest.importorskip("tvm")
+    from graphopt.targets.x86 import X86Target
+
+    model = matmul_model()
+    target = X86Target(threads=2, trials=2, tune_trials=6, tuning_db=str(tmp_path / "db"))
+    target.budget.step = 2
+    try:
+        art = target.compile(model, tmp_path)
+        st = art.info["tuning"]
+        assert st["workloads_tuned"] == st["workloads_seen"] >= 1 and not st["partly_untuned"]
+        assert st["trials"] == 6 and st["budget"]["rounds"] >= 2, st  # warm-up 2, then more rounds
+        x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(target.run_once(art, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+        again = target.compile(model, tmp_path).info["tuning"]  # nothing new: no trials
+        assert again["trials"] == 0 and again["workloads_reused"] == again["workloads_seen"]
+    finally:
+        target.close()
