@@ -48,7 +48,7 @@ def cpu_model() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
-def curve(name: str, args, work: Path, db_dir: Path) -> dict:
+def curve(name: str, args, work: Path, db_root: Path) -> dict:
     from graphopt.targets import tune_budget as tb
     from graphopt.targets import tuning
     from graphopt.targets import tvm_common as tc
@@ -57,9 +57,10 @@ def curve(name: str, args, work: Path, db_dir: Path) -> dict:
     loaded = load_model(path)
     feed = feed_for(calib, loaded.inputs)
     sess = ort.InferenceSession(str(path), OrtTarget(threads=THREADS)._options(), providers=["CPUExecutionProvider"])
-    shutil.rmtree(db_dir, ignore_errors=True)
-    tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_dir), tune_time=args.tune_time,
+    shutil.rmtree(db_root, ignore_errors=True)
+    tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials)
+    db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round = args.step, args.per_round
     tc.load_tvm(THREADS)
     import tvm.s_tir.meta_schedule as ms
@@ -178,7 +179,7 @@ def main() -> None:
     texts, results = [], []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            res = curve(name, args, work, args.out / "tuning-db" / f"{name}-curve")
+            res = curve(name, args, work, args.out / "tuning-db" / f"{name}-curve")  # a root: the db is a folder in it
             results.append(res)
             texts.append(table(res, cpu))
             print(texts[-1], flush=True)

@@ -1,0 +1,195 @@
+"""Is the search compiler-aware? The best graph found for each target, measured on the other targets.
+
+For one bundled model, in order:
+  1. `graphopt run` once per target (ort, x86 tuned with a per-model budget, rpi4 --estimate), same
+     passes, data, gate, seed and candidate budget; each run's best.onnx is its pick (a run whose
+     out folder already holds best.onnx is not repeated: --rerun to force);
+  2. the original and every pick, measured on every target in one process:
+       ort   onnxruntime CPU (ORT_ENABLE_ALL, --threads), rounds interleaved across the graphs;
+       x86   graphopt's x86 target, tuned through the x86 run's tuning database with the same budget
+             options (a pick's new workloads get their share of it), rounds interleaved;
+       rpi4  the Cortex-A72 cost model (targets/rpi4.py estimate_ms): estimated, no device;
+  3. a table: rows are graphs (whose pick), columns are targets, cells ms and x speedup over the
+     original on that column's target; the fastest cell of each column is marked, and the diagonal
+     (a target's own pick on that target) is checked against it.
+
+    nice -n 19 .venv/bin/python bench/cross_target.py --out /tmp/xt [--budget 8] [--x86-trials 200]
+
+Latencies on a shared machine are noisy: only ratios within one column of one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"efficientnet": ("models/efficientnet_lite0.onnx", "models/loaders.py:effnet_photos", "imagenet_top1")}
+TARGETS = ("ort", "x86", "rpi4")
+
+
+def log(msg: str) -> None:
+    print(f"[cross_target {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+
+
+def x86_opts(args) -> list[str]:
+    return ["--target-opt", f"trials={args.x86_warm}", "--target-opt", f"tune_trials={args.x86_trials}",
+            "--tuning-db", str(args.tuning_db)]
+
+
+def search(target: str, args, model: str, data: str, metric: str) -> Path:
+    out = args.out / target
+    best = out / "best.onnx"
+    if best.exists() and not args.rerun:
+        log(f"{target}: reusing {best}")
+        return best
+    cmd = [str(ROOT / ".venv" / "bin" / "graphopt"), "run", model, "--target", target, "--threads", str(args.threads),
+           "--passes", args.passes, "--data", data, "--metric", metric, "--max-drop", str(args.max_drop),
+           "--select-samples", str(args.select_samples), "--budget", str(args.budget), "--seed", str(args.seed),
+           "--out", str(out)]
+    if target == "rpi4":
+        cmd += ["--estimate", "--target-opt", "check=0"]
+    if target == "x86":
+        cmd += x86_opts(args)
+    log(" ".join(cmd))
+    t0 = time.monotonic()
+    with open(args.out / f"{target}.log", "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    log(f"{target}: rc={rc} in {time.monotonic() - t0:.0f} s")
+    if not best.exists():
+        raise SystemExit(f"{target} search wrote no {best} (rc={rc}); see {args.out / f'{target}.log'}")
+    return best
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def measure_all(graphs: dict[str, Path], args, feed) -> dict[str, dict[str, float]]:
+    import onnx
+
+    from graphopt.targets.ort import OrtTarget
+    from graphopt.targets.rpi4 import estimate_ms
+    from graphopt.targets.x86 import X86Target
+
+    res: dict[str, dict[str, float]] = {g: {} for g in graphs}
+    protos = {g: onnx.load(str(p)) for g, p in graphs.items()}
+    for g, m in protos.items():
+        res[g]["rpi4"] = estimate_ms(m, 4)[0]
+    work = args.out / "work"
+    work.mkdir(exist_ok=True)
+    ort_t = OrtTarget(threads=args.threads)
+    ort_arts = {g: ort_t.compile(m, work) for g, m in protos.items()}
+    x86 = X86Target(threads=args.threads, trials=args.x86_warm, tune_trials=args.x86_trials,
+                    tuning_db=str(args.tuning_db))
+    x86_arts, tuning = {}, {}
+    for g, m in protos.items():
+        t0 = time.monotonic()
+        art = x86.compile(m, work)
+        x86_arts[g] = art
+        st = art.info.get("tuning", {})
+        tuning[g] = {k: st.get(k) for k in ("workloads_seen", "workloads_reused", "workloads_tuned", "trials",
+                                            "workloads_untuned")}
+        log(f"x86 compile {g}: {time.monotonic() - t0:.0f} s {json.dumps(tuning[g])}")
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for g in graphs:
+            samples.setdefault((g, "ort"), []).append(ort_t.measure(ort_arts[g], feed).latency.median_ms)
+            samples.setdefault((g, "x86"), []).append(x86.measure(x86_arts[g], feed).latency.median_ms)
+    for (g, t), v in samples.items():
+        res[g][t] = statistics.median(v)
+    x86.close()
+    res["_tuning"] = tuning  # type: ignore[assignment]
+    return res
+
+
+def table(res, graphs, cpu: str, args) -> str:
+    rows = [g for g in graphs]
+    best = {t: min(rows, key=lambda g: res[g][t]) for t in TARGETS}
+    head = (f"EfficientNet-Lite0, passes {args.passes}, {args.budget} candidates per search, seed {args.seed}; "
+            f"{cpu}, {args.threads} threads; ort/x86 measured (median of {args.rounds} interleaved rounds), "
+            f"rpi4 estimated (Cortex-A72 cost model).")
+    out = [head, "", "| graph | ort ms | x86 (tuned TVM) ms | rpi4 estimate ms |", "|---|---|---|---|"]
+    for g in rows:
+        cells = []
+        for t in TARGETS:
+            v, base = res[g][t], res["original"][t]
+            mark = " **best**" if best[t] == g else ""
+            own = " (own pick)" if g == f"{t} pick" else ""
+            cells.append(f"{v:.2f} (x{base / v:.2f}){mark}{own}")
+        out.append(f"| {g} | " + " | ".join(cells) + " |")
+    out.append("")
+    for t in TARGETS:
+        own = f"{t} pick"
+        if own not in res:
+            continue
+        if best[t] == own or res[own][t] <= res[best[t]][t]:
+            out.append(f"- {t}: its own pick is the fastest on {t}.")
+        else:
+            out.append(f"- {t}: its own pick ({res[own][t]:.2f} ms) is NOT the fastest on {t}: {best[t]} is "
+                       f"({res[best[t]][t]:.2f} ms, x{res[own][t] / res[best[t]][t]:.2f}).")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet", choices=sorted(MODELS))
+    ap.add_argument("--passes", default="conv_bn,depthwise,kernel,width")
+    ap.add_argument("--budget", default="8", help="candidates (or time) per search")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-drop", type=float, default=2.0, help="gate: top-1 agreement points below the original")
+    ap.add_argument("--select-samples", type=int, default=64)
+    ap.add_argument("--x86-warm", type=int, default=4, help="x86: warm-up trials per new workload")
+    ap.add_argument("--x86-trials", type=int, default=400, help="x86: per-model trial budget (tune_trials)")
+    ap.add_argument("--tuning-db", type=Path, default=None, help="x86 tuning database root (default OUT/tuning-db)")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="which searches to run/reuse")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rerun", action="store_true", help="repeat searches whose best.onnx exists")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.tuning_db = args.tuning_db or args.out / "tuning-db"
+    model, data, metric = MODELS[args.model]
+    cpu = cpu_model()
+    log(f"CPU: {cpu}")
+    picks = {f"{t} pick": search(t, args, model, data, metric) for t in args.targets.split(",") if t}
+    graphs: dict[str, Path] = {"original": ROOT / model}
+    seen = {digest(ROOT / model): "original"}
+    same: dict[str, str] = {}
+    for name, p in picks.items():
+        d = digest(p)
+        if d in seen:
+            same[name] = seen[d]
+        seen.setdefault(d, name)
+        graphs[name] = p
+    for a, b in same.items():
+        log(f"{a} is the same graph as {b}")
+    import numpy as np
+
+    x = np.load(ROOT / "models" / "efficientnet_lite0_calib.npz")
+    feed = {"input": x["input"][0]}
+    res = measure_all(graphs, args, feed)
+    text = table(res, graphs, cpu, args)
+    if same:
+        text += "\n" + "\n".join(f"- {a} is the same graph as {b}." for a, b in same.items())
+    print(text)
+    (args.out / "cross_target.md").write_text(text + "\n")
+    (args.out / "cross_target.json").write_text(json.dumps({"cpu": cpu, "results": res,
+                                                             "graphs": {k: str(v) for k, v in graphs.items()}},
+                                                            indent=1))
+
+
+if __name__ == "__main__":
+    main()
