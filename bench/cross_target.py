@@ -56,7 +56,7 @@ def search(target: str, args, model: str, data: str, metric: str) -> Path:
         return best
     cmd = [str(ROOT / ".venv" / "bin" / "graphopt"), "run", model, "--target", target, "--threads", str(args.threads),
            "--passes", args.passes, "--data", data, "--metric", metric, "--max-drop", str(args.max_drop),
-           "--select-samples", str(args.select_samples), "--budget", str(args.budget), "--seed", str(args.seed),
+           "--select-samples", str(args.select_samples), "--strategy", args.strategy, "--budget", str(args.budget), "--seed", str(args.seed),
            "--out", str(out)]
     if target == "rpi4":
         cmd += ["--estimate", "--target-opt", "check=0"]
@@ -91,10 +91,11 @@ def measure_all(graphs: dict[str, Path], args, feed) -> dict[str, dict[str, floa
     work.mkdir(exist_ok=True)
     ort_t = OrtTarget(threads=args.threads)
     ort_arts = {g: ort_t.compile(m, work) for g, m in protos.items()}
+    on = set(args.measure_on.split(","))
     x86 = X86Target(threads=args.threads, trials=args.x86_warm, tune_trials=args.x86_trials,
                     tuning_db=str(args.tuning_db))
     x86_arts, tuning = {}, {}
-    for g, m in protos.items():
+    for g, m in (protos.items() if "x86" in on else ()):
         t0 = time.monotonic()
         art = x86.compile(m, work)
         x86_arts[g] = art
@@ -106,7 +107,8 @@ def measure_all(graphs: dict[str, Path], args, feed) -> dict[str, dict[str, floa
     for _ in range(args.rounds):
         for g in graphs:
             samples.setdefault((g, "ort"), []).append(ort_t.measure(ort_arts[g], feed).latency.median_ms)
-            samples.setdefault((g, "x86"), []).append(x86.measure(x86_arts[g], feed).latency.median_ms)
+            if g in x86_arts:
+                samples.setdefault((g, "x86"), []).append(x86.measure(x86_arts[g], feed).latency.median_ms)
     for (g, t), v in samples.items():
         res[g][t] = statistics.median(v)
     x86.close()
@@ -116,7 +118,8 @@ def measure_all(graphs: dict[str, Path], args, feed) -> dict[str, dict[str, floa
 
 def table(res, graphs, cpu: str, args) -> str:
     rows = [g for g in graphs]
-    best = {t: min(rows, key=lambda g: res[g][t]) for t in TARGETS}
+    cols = [t for t in TARGETS if all(t in res[g] for g in rows)]
+    best = {t: min(rows, key=lambda g: res[g][t]) for t in cols}
     head = (f"EfficientNet-Lite0, passes {args.passes}, {args.budget} candidates per search, seed {args.seed}; "
             f"{cpu}, {args.threads} threads; ort/x86 measured (median of {args.rounds} interleaved rounds), "
             f"rpi4 estimated (Cortex-A72 cost model).")
@@ -124,13 +127,16 @@ def table(res, graphs, cpu: str, args) -> str:
     for g in rows:
         cells = []
         for t in TARGETS:
+            if t not in cols:
+                cells.append("not measured")
+                continue
             v, base = res[g][t], res["original"][t]
             mark = " **best**" if best[t] == g else ""
             own = " (own pick)" if g == f"{t} pick" else ""
             cells.append(f"{v:.2f} (x{base / v:.2f}){mark}{own}")
         out.append(f"| {g} | " + " | ".join(cells) + " |")
     out.append("")
-    for t in TARGETS:
+    for t in cols:
         own = f"{t} pick"
         if own not in res:
             continue
@@ -142,12 +148,51 @@ def table(res, graphs, cpu: str, args) -> str:
     return "\n".join(out)
 
 
+def candidate_table(out: Path) -> str:
+    """The candidates the searches share (same strategy and seed: the same single moves), each
+    one's latency as each search measured it (from its run store), ranked per target."""
+    import sqlite3
+
+    lat: dict[str, dict[str, float]] = {}
+    fid: dict[str, float] = {}
+    for t in TARGETS:
+        db = out / t / "runs.sqlite"
+        if not db.exists():
+            continue
+        con = sqlite3.connect(str(db))
+        for geno, status, fidelity, ms in con.execute(
+                "select genotype, status, fidelity, latency_ms from candidates"):
+            fid[geno] = fidelity
+            if status == "ok" and ms is not None:
+                lat.setdefault(geno, {})[t] = float(ms)
+        con.close()
+    cols = [t for t in TARGETS if any(t in v for v in lat.values())]
+    shared = [g for g, v in lat.items() if all(t in v for t in cols)]
+    if len(cols) < 2 or not shared:
+        return ""
+    rank = {t: {g: i + 1 for i, g in enumerate(sorted(shared, key=lambda g: lat[g][t]))} for t in cols}
+    lines = ["| candidate (genotype) | fidelity | " + " | ".join(f"{t} ms (rank)" for t in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for g in sorted(shared, key=lambda g: lat[g][cols[0]]):
+        lines.append(f"| `{g if g != '{}' else 'original'}` | {fid[g]:.1f} | "
+                     + " | ".join(f"{lat[g][t]:.2f} ({rank[t][g]})" for t in cols) + " |")
+    n = len(shared)
+    if n >= 3:
+        for i, a in enumerate(cols):
+            for b in cols[i + 1:]:
+                d2 = sum((rank[a][g] - rank[b][g]) ** 2 for g in shared)
+                lines.append(f"\nSpearman rank correlation {a} vs {b} over these {n} graphs: "
+                             f"{1 - 6 * d2 / (n * (n * n - 1)):.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="efficientnet", choices=sorted(MODELS))
     ap.add_argument("--passes", default="conv_bn,depthwise,kernel,width")
     ap.add_argument("--budget", default="8", help="candidates (or time) per search")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategy", default="sensitivity", help="search strategy (sensitivity: single moves first, the same candidates on every target)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-drop", type=float, default=2.0, help="gate: top-1 agreement points below the original")
     ap.add_argument("--select-samples", type=int, default=64)
@@ -156,7 +201,10 @@ def main() -> None:
     ap.add_argument("--tuning-db", type=Path, default=None, help="x86 tuning database root (default OUT/tuning-db)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="which searches to run/reuse")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--measure-on", default=",".join(TARGETS),
+                    help="targets to measure every graph on (x86 tunes each graph's new workloads: minutes each)")
     ap.add_argument("--rerun", action="store_true", help="repeat searches whose best.onnx exists")
+    ap.add_argument("--search-only", action="store_true", help="run the searches, measure nothing")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +213,12 @@ def main() -> None:
     cpu = cpu_model()
     log(f"CPU: {cpu}")
     picks = {f"{t} pick": search(t, args, model, data, metric) for t in args.targets.split(",") if t}
+    cand = candidate_table(args.out)
+    if cand:
+        print("Feasible candidates of the searches, latency as each search measured it (one measurement each):\n")
+        print(cand + "\n", flush=True)
+    if args.search_only:
+        return
     graphs: dict[str, Path] = {"original": ROOT / model}
     seen = {digest(ROOT / model): "original"}
     same: dict[str, str] = {}
@@ -182,6 +236,8 @@ def main() -> None:
     feed = {"input": x["input"][0]}
     res = measure_all(graphs, args, feed)
     text = table(res, graphs, cpu, args)
+    if cand:
+        text += "\n\nFeasible candidates of the searches, latency as each search measured it:\n\n" + cand
     if same:
         text += "\n" + "\n".join(f"- {a} is the same graph as {b}." for a, b in same.items())
     print(text)

@@ -57,11 +57,12 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     loaded = load_model(path)
     feed = feed_for(calib, loaded.inputs)
     sess = ort.InferenceSession(str(path), OrtTarget(threads=THREADS)._options(), providers=["CPUExecutionProvider"])
-    shutil.rmtree(db_root, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(db_root, ignore_errors=True)
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
-    tgt.budget.step, tgt.budget.per_round = args.step, args.per_round
+    tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
     import tvm.s_tir.meta_schedule as ms
 
@@ -78,11 +79,12 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     paused = [0.0]
     last = [-1e9]
     stats = tuning.TuningStats()
+    base_trials = [0]  # trials the resumed database's workloads count as (warm each): not this run's
 
     def checkpoint(rnd: int, states) -> None:
         tp = time.monotonic()
-        tuned_s = tp - t_start - paused[0]
-        trials = sum(s.trials for s in states)
+        tuned_s = tp - t_start - paused[0] + args.offset_s
+        trials = sum(s.trials for s in states) - base_trials[0] + args.offset_trials
         ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
         art = Artifact(target="x86", files=[], handle=ex, info={"inputs": [(n, list(s), d) for n, s, d in specs],
                                                                 "tuned": True})
@@ -113,6 +115,9 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         captured["states"] = states
         on_round(rnd, states)
 
+    # resumed: the workloads the database knows count as warmed up (tuning._spend_budget); their
+    # trials belong to the earlier run (--offset-trials), not to this one
+    base_trials[0] = args.warm * sum(1 for t in tasks if tuning.task_best_seconds(db, t) is not None)
     tuning._spend_budget(ms, list(tasks), len(tasks), tgt.budget, target, db, work, None, None, THREADS, 0, None,
                          stats, on_round=on_round_keep)
     states = captured.get("states", [])
@@ -167,8 +172,13 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=8, help="warm-up trials per workload")
     ap.add_argument("--step", type=int, default=16, help="trials per workload in a later round")
     ap.add_argument("--per-round", type=int, default=4, help="workloads per later round")
+    ap.add_argument("--warm-batch", type=int, default=16, help="new workloads per warm-up round")
     ap.add_argument("--every", type=float, default=180.0, help="seconds of tuning between checkpoints")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved TVM/ORT timing rounds per checkpoint")
+    ap.add_argument("--resume", action="store_true", help="keep the database of an earlier run (its workloads "
+                    "count as warmed up) and go on tuning")
+    ap.add_argument("--offset-s", type=float, default=0.0, help="resumed: tuning seconds the earlier run spent")
+    ap.add_argument("--offset-trials", type=int, default=0, help="resumed: trials the earlier run spent")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()

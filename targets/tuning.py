@@ -359,6 +359,9 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
     )
     keyed = {f"{k}:{t.task_name}": t for k, t in enumerate(todo)}
     states = [tb.TaskState(name=k, weight=float(t.weight)) for k, t in keyed.items()]
+    for st in states:  # a workload the database knows (a resumed budget) counts as warmed up
+        st.best_s = task_best_seconds(db, keyed[st.name])
+        st.trials = int(plan.warm) if st.best_s is not None else 0
     rnd = [0]
 
     def tune(given: dict[str, int]) -> dict[str, float | None]:
