@@ -55,17 +55,24 @@ def ort_kinds(model_path: Path, feed, threads: int, runs: int) -> dict[str, floa
     from graphopt.targets.ort import OrtTarget
 
     m = onnx.load(str(model_path))
-    kinds = {}
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_tensor: dict[str, str] = {}  # ORT names a fused node after its output: Conv(+BN)(+Clip) -> the conv's kind
     for n in m.graph.node:
         if n.op_type == "Conv":
             g = next((a.i for a in n.attribute if a.name == "group"), 1)
             k = next((list(a.ints) for a in n.attribute if a.name == "kernel_shape"), [1, 1])
-            kinds[n.name] = (f"conv depthwise {k[0]}x{k[1]}" if g > 1 else
-                             "conv 1x1" if k == [1, 1] else f"conv {k[0]}x{k[1]}")
-        elif n.op_type in ("MatMul", "Gemm"):
-            kinds[n.name] = "matmul"
-        else:
-            kinds[n.name] = "other"
+            kind = (f"conv depthwise {k[0]}x{k[1]}" if g > 1 else
+                    "conv 1x1" if k == [1, 1] else f"conv {k[0]}x{k[1]}")
+            t = n.output[0]
+            while True:
+                by_tensor[t] = kind
+                nxt = consumers.get(t, [])
+                if len(nxt) != 1 or nxt[0].op_type not in ("BatchNormalization", "Clip", "Relu", "Sigmoid", "Add"):
+                    break
+                t = nxt[0].output[0]
     so = OrtTarget(threads=threads)._options()
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
@@ -79,9 +86,12 @@ def ort_kinds(model_path: Path, feed, threads: int, runs: int) -> dict[str, floa
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         node = e["name"][: -len("_kernel_time")]
-        k = kinds.get(node)
-        if k is None:  # a fused node: ORT names it after its first op, or gives it a new name
-            k = next((v for n, v in kinds.items() if node.startswith(n)), "other")
+        op = e.get("args", {}).get("op_name", "")
+        tensor = node[: -len("_nchwc")] if node.endswith("_nchwc") else node
+        k = by_tensor.get(tensor) if op in ("Conv", "FusedConv") else None
+        if k is None:
+            k = "matmul" if op in ("MatMul", "Gemm", "FusedMatMul") else (
+                "conv ?" if op in ("Conv", "FusedConv") else "other")
         out[k] = out.get(k, 0.0) + float(e["dur"]) / 1000.0
     return {k: v / runs for k, v in out.items()}
 
