@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = re.compile(r"T\.Buffer\(\(([^)]*)\)")
+SHAPE = re.compile(r"T\.Buffer\(\((.*?)\),\s*\"")
 
 
 def cpu_model() -> str:
@@ -34,8 +34,9 @@ def cpu_model() -> str:
 
 def tvm_kind(task) -> str:
     (fn,) = task.dispatched[0].functions.values()
-    head = next((ln for ln in fn.script().splitlines() if ln.startswith("def main(")), "")
-    shapes = [[int(x) for x in re.findall(r"\d+(?=\))", s)] for s in SHAPE.findall(head)]
+    head = next((ln for ln in fn.script().splitlines() if ln.lstrip().startswith("def main(")), "")
+    shapes = [[int(x) for x in re.findall(r"T\.int64\((\d+)\)|(?<![\w.(])(\d+)(?=[,)])", s) for x in x if x]
+              for s in SHAPE.findall(head)]
     name = task.task_name
     if "conv2d" in name and len(shapes) >= 2:
         data, w = shapes[0], shapes[1]
