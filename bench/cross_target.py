@@ -56,8 +56,8 @@ def search(target: str, args, model: str, data: str, metric: str) -> Path:
         return best
     cmd = [str(ROOT / ".venv" / "bin" / "graphopt"), "run", model, "--target", target, "--threads", str(args.threads),
            "--passes", args.passes, "--data", data, "--metric", metric, "--max-drop", str(args.max_drop),
-           "--select-samples", str(args.select_samples), "--strategy", args.strategy, "--budget", str(args.budget), "--seed", str(args.seed),
-           "--out", str(out)]
+           "--select-samples", str(args.select_samples), "--strategy", args.strategy, "--budget", str(args.budget),
+           "--seed", str(args.seed), "--out", str(out)]
     if target == "rpi4":
         cmd += ["--estimate", "--target-opt", "check=0"]
     if target == "x86":
@@ -194,7 +194,8 @@ def main() -> None:
     ap.add_argument("--passes", default="conv_bn,depthwise,kernel,width")
     ap.add_argument("--budget", default="8", help="candidates (or time) per search")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--strategy", default="sensitivity", help="search strategy (sensitivity: single moves first, the same candidates on every target)")
+    ap.add_argument("--strategy", default="sensitivity",
+                    help="search strategy (sensitivity: single moves first, the same candidates on every target)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-drop", type=float, default=2.0, help="gate: top-1 agreement points below the original")
     ap.add_argument("--select-samples", type=int, default=64)

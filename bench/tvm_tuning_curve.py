@@ -49,7 +49,6 @@ def cpu_model() -> str:
 
 
 def curve(name: str, args, work: Path, db_root: Path) -> dict:
-    from graphopt.targets import tune_budget as tb
     from graphopt.targets import tuning
     from graphopt.targets import tvm_common as tc
 
@@ -156,7 +155,8 @@ def table(res: dict, cpu: str) -> str:
     m = res.get("mutated")
     if m:
         out += ["", f"Second compile ({m['mutation']}): reused {m['workloads_reused']}/{m['workloads_seen']}, tuned "
-                f"{m['workloads_tuned']} with {m['trials']} trials in {m['tuning_s']:.0f} s (compile {m['compile_s']:.0f} s) "
+                f"{m['workloads_tuned']} with {m['trials']} trials in {m['tuning_s']:.0f} s "
+                f"(compile {m['compile_s']:.0f} s) "
                 f"vs {res['tuning_s']:.0f} s for the first."]
     out += ["", "| workload | calls | trials | best us | share of TVM time |", "|---|---|---|---|---|"]
     for p in res["profile"]:

@@ -70,7 +70,8 @@ class X86Target(Target):
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
-                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, {', '.join(rpc.OPTION_NAMES)}"
+                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
+                f"{', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
             trials = os.environ.get(TRIALS_ENV, DEFAULT_TRIALS)

@@ -123,6 +123,7 @@ def test_budget_options_are_parsed_and_checked():
 
 
 @pytest.mark.tvm
+@pytest.mark.slow  # ~30-60 s of tuning on a quiet 2-core machine, minutes on a loaded one
 def test_budgeted_tune_of_a_real_model_then_reuse(tmp_path):
     pytest.importorskip("tvm")
     from graphopt.targets.x86 import X86Target
