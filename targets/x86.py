@@ -45,6 +45,9 @@ class X86Target(Target):
         Option("tuning_db", str, None, "tuning database directory (default ~/.cache/graphopt/tuning)"),
         Option("max_new_tasks", int, None, "tune at most this many new tasks per candidate", minimum=0),
         Option("int8_kernels", str, "auto", "int8 conv/matmul kernels", choices=("auto", "avx2", "generic")),
+        Option("tune_trials", int, None, "per-model tuning budget in trials, spent where the latency is "
+               "(`trials` becomes each new workload's warm-up)", minimum=1),
+        Option("tune_time", str, None, "per-model tuning budget in time (seconds, or 90s / 20m / 1h)"),
     ) + rpc.rpc_options()
 
     def __init__(
