@@ -123,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recover-time", metavar="TIME",
                      help="time for --recover-top, inside --budget (90s, 5m; default: half of a time budget, "
                           "else 2 min per candidate)")
-    run.add_argument("--recover-train", default="changed", choices=["changed", "all"],
-                     help="what --recover-top trains: the weights the moves changed (default) or every weight")
+    run.add_argument("--recover-train", default="changed", choices=["changed", "all", "tail"],
+                     help="what --recover-top trains: the weights the moves changed (default), every weight, or the "
+                          "last third of the weights on cached activations (tail: graphopt.recover_tail)")
+    run.add_argument("--recover-loss", default="mse", choices=["mse", "kl"],
+                     help="--recover-top's output loss: normalised MSE (default) or KL of the softmax (classifiers; "
+                          "what the `resolution` pass needs, docs/effnet_moves.md)")
     run.add_argument("--threads", type=int, metavar="N", help="threads the target's runtime uses (default: all cores)")
     run.add_argument("--tune-trials", type=int, metavar="N",
                      help="TVM targets: MetaSchedule trials per workload the tuning database lacks "
@@ -261,7 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     min_fidelity=args.min_fidelity, shapes=_shapes(args.shape), seed=args.seed, out=args.out,
                     target_options=target_options, max_size_mb=args.max_size_mb,
                     max_latency_ms=args.max_latency_ms, progress=not (args.json or args.quiet),
-                    pass_options={"repair": not args.no_repair, **_parse_kv(args.pass_opt, "--pass-opt")},
+                    pass_options={"repair": not args.no_repair,
+                                  **({"recover_loss": args.recover_loss} if args.recover_loss != "mse" else {}),
+                                  **_parse_kv(args.pass_opt, "--pass-opt")},
                     finetune_steps=args.finetune,
                     jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
                     strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,

@@ -347,6 +347,36 @@ def _flatten(tg, a, at):
     return x.reshape(int(np.prod(x.shape[:ax])) if ax else 1, -1)
 
 
+def _slice(tg, a, at):
+    """Slice with constant starts / ends / axes / steps (a crop)."""
+    x = a[0]
+    starts, ends = _ints(a[1]), _ints(a[2])
+    axes = _ints(a[3]) if len(a) > 3 and a[3] is not None else list(range(len(starts)))
+    steps = _ints(a[4]) if len(a) > 4 and a[4] is not None else [1] * len(starts)
+    idx = [slice(None)] * x.dim()
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        if st != 1:
+            raise FinetuneError("finetune: Slice with steps other than 1 is not supported")
+        idx[ax % x.dim()] = slice(max(-x.shape[ax], min(s, x.shape[ax])), min(e, x.shape[ax]) if e >= 0 else e)
+    return x[tuple(idx)]
+
+
+def _resize(tg, a, at):
+    """Resize of H, W (bilinear, half_pixel; antialias as onnxruntime) from constant sizes or scales."""
+    x = a[0]
+    mode = at.get("mode", "nearest")
+    ctm = at.get("coordinate_transformation_mode", "half_pixel")
+    if mode != "linear" or ctm not in ("half_pixel", "pytorch_half_pixel") or x.dim() != 4:
+        raise FinetuneError(f"finetune: Resize mode {mode!r} / {ctm!r} is not supported (linear, half_pixel)")
+    if len(a) > 3 and a[3] is not None:
+        size = [int(v) for v in _ints(a[3])[2:]]
+    else:
+        sc = [float(v) for v in a[2].reshape(-1).tolist()][2:]
+        size = [int(math.floor(d * s)) for d, s in zip(x.shape[2:], sc)]
+    return tg.torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                                              antialias=bool(at.get("antialias", 0)))
+
+
 def _hard_sigmoid(tg, a, at):
     return tg.torch.clamp(float(at.get("alpha", 0.2)) * a[0] + float(at.get("beta", 0.5)), 0.0, 1.0)
 
@@ -389,6 +419,8 @@ SUPPORTED_OPS: dict[str, Any] = {
     "Transpose": lambda tg, a, at: a[0].permute(*(at.get("perm") or reversed(range(a[0].dim())))),
     "Concat": lambda tg, a, at: tg.torch.cat([t for t in a if t is not None], dim=int(at["axis"])),
     "Pad": _pad,
+    "Slice": _slice,
+    "Resize": _resize,
     "Identity": lambda tg, a, at: a[0],
     "Dropout": lambda tg, a, at: a[0],
     "Softmax": lambda tg, a, at: tg.torch.softmax(a[0], dim=int(at.get("axis", -1))),

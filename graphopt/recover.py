@@ -55,7 +55,7 @@ log = logging.getLogger("graphopt")
 # a recovered record's gene and weights files (graphopt.recover_files), re-exported
 from .recover_files import (RECOVER_DIR, RECOVER_KEY, apply_recovered, save_weights,  # noqa: E402,F401
                             split_genotype, weights_path, with_weights)
-TRAIN_MODES = ("changed", "all")
+TRAIN_MODES = ("changed", "all", "tail")  # tail: graphopt.recover_tail (cached activations)
 DEFAULT_SECONDS_PER_CANDIDATE = 120.0  # --recover-top without --recover-time or a time budget
 DEFAULT_SHARE = 0.5  # of a time --budget, when --recover-time is not given
 
@@ -81,10 +81,17 @@ class RecoverOptions:
     eval_every_s: float | None = None  # select-split evaluation period (None: a tenth of the time, >= 2 s)
     seed: int = 0
     threads: int | None = None  # torch + teacher threads; None: 1 or torch's default, the faster here (probed)
+    output_loss: str = "mse"  # "mse": normalised MSE of the outputs; "kl": KL(teacher || student) of the
+    # softmax over the outputs' last axis at `temperature` (classifier logits: Hinton et al. 2015), x T^2
+    temperature: float = 1.0
+    tail_fraction: float = 1 / 3  # train="tail": the last third of the weight tensors (graphopt.recover_tail)
+    cache_share: float = 0.4  # train="tail": at most this share of the time caches activations
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
             raise UsageError(f"--recover-train {self.train!r}: choose one of {', '.join(TRAIN_MODES)}")
+        if self.output_loss not in ("mse", "kl"):
+            raise UsageError(f"recover output loss {self.output_loss!r}: choose mse or kl")
         if self.augment not in ("auto", "off"):
             raise UsageError(f"recover augment {self.augment!r}: choose auto or off")
 
@@ -242,6 +249,10 @@ def recover(candidate: onnx.ModelProto, original: onnx.ModelProto, fit: DataSour
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
     try:
+        if opts.train == "tail":
+            from .recover_tail import recover_tail
+
+            return recover_tail(candidate, original, fit, select, seconds, steps, opts, select_before, label)
         return _recover(candidate, original, fit, select, seconds, steps, opts, select_before, label)
     finally:
         torch.set_num_threads(before)
@@ -355,7 +366,11 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
                     if name not in chan:
                         chan[name] = _match_channels(o.detach(), r)
                     r = r[:, chan[name]]
-                if j < n_out:
+                if j < n_out and opts.output_loss == "kl" and o.dim() >= 2 and o.shape[-1] > 1:
+                    t = float(opts.temperature)
+                    lp = torch.log_softmax(r / t, dim=-1)
+                    out_loss = out_loss + (lp.exp() * (lp - torch.log_softmax(o.float() / t, dim=-1))).sum(-1).mean() * t * t
+                elif j < n_out:
                     out_loss = out_loss + ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
                 else:
                     term = ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
@@ -432,7 +447,7 @@ def parse_seconds(text: str | float | None) -> float | None:
 
 
 def pick_candidates(records: list[Record], k: int, baseline: Record | None,
-                    min_fidelity: float = 0.0) -> list[Record]:
+                    min_fidelity: float = 0.0, cost: Any = None) -> list[Record]:
     """The K most promising records of the cheap phase.
 
     Recovery changes weights, not speed: it changes the run's choice only by lifting a candidate
@@ -441,23 +456,36 @@ def pick_candidates(records: list[Record], k: int, baseline: Record | None,
     to the threshold first; then the feasible ones measured faster than the original, fastest
     first (recovery raises the quality of what the run would return); then the other infeasible
     ones, most faithful first. Left out: the original, recovered records, failed ones,
-    duplicates, and exact ones (select score >= 1 - 1e-6: nothing to recover).
+    duplicates, and exact ones (select score within 1e-6 of the original's: nothing to recover).
+    `cost(record)` (lower = cheaper; None: unknown) replaces the size in bytes on that front when
+    given: recover_phase passes the candidate's FLOPs, because moves such as `resolution` or
+    `depth` make a model faster without making it smaller.
     """
     base_ms = baseline.latency_ms if baseline is not None else None
+    # exact = scores what the original scores: 1.0 for a similarity, the original's accuracy for a task
+    # metric in points (was 1 - 1e-6 for both: every candidate of an `imagenet_top1` run, 0-100, was "exact")
+    top = baseline.fidelity if baseline is not None and baseline.fidelity is not None else 1.0
+    exact = top - 1e-6 * max(1.0, abs(top))
     below, fast = [], []
     for r in records:
         if not r.genotype or RECOVER_KEY in r.genotype or r.duplicate_of is not None:
             continue
-        if r.fidelity is None or r.fidelity >= 1 - 1e-6 or r.size_bytes is None:
+        if r.fidelity is None or r.fidelity >= exact or r.size_bytes is None:
             continue
         if r.status == "infeasible" and r.fidelity < min_fidelity:
             below.append(r)
         elif r.status == "ok" and r.latency_ms is not None and (base_ms is None or r.latency_ms < base_ms):
             fast.append(r)
 
+    sizes = {r.id: r.size_bytes for r in below}
+    if cost is not None:
+        for r in below:
+            c = cost(r)
+            sizes[r.id] = c if c is not None else r.size_bytes
+
     def dominated(r: Record) -> bool:
-        return any(o.size_bytes <= r.size_bytes and o.fidelity >= r.fidelity
-                   and (o.size_bytes < r.size_bytes or o.fidelity > r.fidelity) for o in below)
+        return any(sizes[o.id] <= sizes[r.id] and o.fidelity >= r.fidelity
+                   and (sizes[o.id] < sizes[r.id] or o.fidelity > r.fidelity) for o in below)
 
     front = sorted((r for r in below if not dominated(r)), key=lambda r: (-r.fidelity, r.id))
     rest = sorted((r for r in below if r not in front), key=lambda r: (-r.fidelity, r.id))

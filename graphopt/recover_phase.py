@@ -35,7 +35,8 @@ def recover_phase(search: Search) -> None:
     k = int(cfg.recover_top)
     search.recovery = []
     records = search.store.records()
-    chosen = pick_candidates(records, k, getattr(search, "baseline", None), search.min_required)
+    chosen = pick_candidates(records, k, getattr(search, "baseline", None), search.min_required,
+                             cost=flops_cost(search, records))
     if not chosen:
         log.info("recover: no candidate to recover (none below --min-fidelity or faster than the original and inexact)")
         return
@@ -57,7 +58,9 @@ def recover_phase(search: Search) -> None:
         end = t_phase + (phase_seconds(None, cfg.recover_seconds, len(chosen)) or 0.0)
     build = 0.0  # the last rebuild's time: the estimate for the next ones
     opts = RecoverOptions(train=cfg.recover_train, seed=cfg.seed, threads=cfg.pass_options.get("finetune_threads"),
-                          train_size=cfg.pass_options.get("recover_train_size"))
+                          train_size=cfg.pass_options.get("recover_train_size"),
+                          output_loss=cfg.pass_options.get("recover_loss", "mse"),
+                          temperature=float(cfg.pass_options.get("recover_temperature", 1.0)))
     log.info("recover: distilling %d candidate(s) %s on the fit split (%d samples) for up to %.0f s, "
              "judged on the select split (%d samples)", len(chosen), [r.id for r in chosen],
              search.fit_data.num_samples, max(0.0, end - t_phase), search.fidelity_data.num_samples)
@@ -120,6 +123,28 @@ def recover_phase(search: Search) -> None:
         if interrupted:
             raise KeyboardInterrupt
     search.timings["recover"] = time.monotonic() - t_phase
+
+
+def flops_cost(search: Search, records: list[Record], limit: int = 8) -> Any:
+    """cost(record) for pick_candidates: the FLOPs (graphopt.analysis) of the candidates below the
+    threshold, rebuilt (before int8 finalisation) for the `limit` most faithful of them; None for
+    the others and on any failure (then the size in bytes counts)."""
+    from .analysis import analyze
+
+    below = sorted((r for r in records if r.status == "infeasible" and r.fidelity is not None and r.genotype
+                    and RECOVER_KEY not in r.genotype and r.duplicate_of is None),
+                   key=lambda r: (-r.fidelity, r.id))[:limit]
+    flops: dict[int, float] = {}
+    t = time.monotonic()
+    for r in below:
+        try:
+            model, _ = materialize(search.base, search.space, r.genotype, search.passes, search.ctx, finalize=False)
+            flops[r.id] = float(analyze(model).total_flops)
+        except Exception:  # noqa: BLE001 - a cost estimate only
+            continue
+    if below:
+        log.info("recover: FLOPs of %d candidate(s) below the threshold: %.1f s", len(flops), time.monotonic() - t)
+    return lambda r: flops.get(r.id)
 
 
 def _has_finalize(search: Search, parent: Record) -> bool:

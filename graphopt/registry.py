@@ -108,6 +108,7 @@ PASSES = Registry("pass", "graphopt.passes", {
     "depthwise": "graphopt.passes.depthwise:DepthwiseSeparable",
     "int8": "graphopt.passes.int8:Int8Quantize",
     "kernel": "graphopt.passes.kernel:KernelResize",
+    "resolution": "graphopt.passes.resolution:InputResolution",
     "trim_padding": "graphopt.passes.trim_padding:TrimPadding",
     "width": "graphopt.passes.width:WidthPrune",
 }, discover="graphopt.passes")
