@@ -252,7 +252,8 @@ def recover(candidate: onnx.ModelProto, original: onnx.ModelProto, fit: DataSour
         if opts.train == "tail":
             from .recover_tail import recover_tail
 
-            return recover_tail(candidate, original, fit, select, seconds, steps, opts, select_before, label)
+            return RecoveryResult(**recover_tail(candidate, original, fit, lambda m: _score_value(select, m), seconds,
+                                                 steps, opts, select_before, label, _Adam))
         return _recover(candidate, original, fit, select, seconds, steps, opts, select_before, label)
     finally:
         torch.set_num_threads(before)
@@ -262,6 +263,7 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
     import torch
 
     from .finetune import CHECK_TOLERANCE, FinetuneError, TorchGraph, trainable_names
+    from .recover_tail import output_loss
 
     t0 = time.monotonic()
     deadline = t0 + seconds if seconds is not None else math.inf
@@ -366,12 +368,8 @@ def _recover(candidate, original, fit, select, seconds, steps, opts, select_befo
                     if name not in chan:
                         chan[name] = _match_channels(o.detach(), r)
                     r = r[:, chan[name]]
-                if j < n_out and opts.output_loss == "kl" and o.dim() >= 2 and o.shape[-1] > 1:
-                    t = float(opts.temperature)
-                    lp = torch.log_softmax(r / t, dim=-1)
-                    out_loss = out_loss + (lp.exp() * (lp - torch.log_softmax(o.float() / t, dim=-1))).sum(-1).mean() * t * t
-                elif j < n_out:
-                    out_loss = out_loss + ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
+                if j < n_out:
+                    out_loss = out_loss + output_loss(o, r, opts)
                 else:
                     term = ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
                     feat_loss = feat_loss + term / max(1, len(features))

@@ -38,12 +38,42 @@ def tail_names(candidate, fraction: float) -> list[str]:
     return names[len(names) - k:]
 
 
-def recover_tail(candidate, original, fit, select, seconds, steps, opts, select_before, label):
+def output_loss(o, r, opts):
+    """The loss of one output: KL(teacher || student) of the softmax over the last axis at
+    opts.temperature (x T^2) for opts.output_loss == "kl" and class scores; else the mean squared
+    error divided by the mean square of the teacher's output."""
+    import torch
+
+    if opts.output_loss == "kl" and o.dim() >= 2 and o.shape[-1] > 1:
+        t = float(opts.temperature)
+        lp = torch.log_softmax(r / t, dim=-1)
+        return (lp.exp() * (lp - torch.log_softmax(o.float() / t, dim=-1))).sum(-1).mean() * t * t
+    return ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
+
+
+def recover_tail(candidate, original, fit, score, seconds, steps, opts, select_before, label, adam) -> dict:
+    """graphopt.recover.recover's body for train="tail": `score(model)` -> the select score (float),
+    `adam` its Adam class; returns RecoveryResult's fields (recover() builds it: no import cycle)."""
     import onnxruntime as ort
     import torch
 
     from .finetune import CHECK_TOLERANCE, FinetuneError, TorchGraph
-    from .recover import RecoveryResult, _Adam, _score_value, image_like, with_weights
+    from .recover_files import with_weights
+    from .recover_inputs import image_like
+
+    _Adam = adam  # noqa: N806
+
+    def RecoveryResult(model, weights, trained, features, before, after, steps_done, seconds_taken, evals, stopped,
+                       augment=False, loss_first=math.nan, loss_last=math.nan, history=None, threads=0):  # noqa: N802
+        return dict(model=model, weights=weights, trained=trained, features=features, select_before=before,
+                    select_after=after, steps=steps_done, seconds=seconds_taken, evals=evals, stopped=stopped,
+                    augment=augment, loss_first=loss_first, loss_last=loss_last, history=history or [],
+                    threads=threads)
+
+    def _score_value(_select, model):
+        return score(model)
+
+    select = None
 
     t0 = time.monotonic()
     deadline = t0 + seconds if seconds is not None else math.inf
@@ -142,13 +172,7 @@ def recover_tail(candidate, original, fit, select, seconds, steps, opts, select_
             got = tg.run_live({k: v[idx] for k, v in cached.items()})
             loss = 0.0
             for o, r in zip(got[:n_out], targets):
-                r = r[idx]
-                if opts.output_loss == "kl" and o.dim() >= 2 and o.shape[-1] > 1:
-                    t = float(opts.temperature)
-                    lp = torch.log_softmax(r / t, dim=-1)
-                    loss = loss + (lp.exp() * (lp - torch.log_softmax(o.float() / t, dim=-1))).sum(-1).mean() * t * t
-                else:
-                    loss = loss + ((o.float() - r) ** 2).mean() / ((r ** 2).mean() + 1e-12)
+                loss = loss + output_loss(o, r[idx], opts)
             value = float(loss.detach())
             if not math.isfinite(value):
                 stopped = "diverged"
