@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from recover import HELD_OUT, MODEL, PHOTOS, Photos, top1  # noqa: E402
 
 from graphopt.driver import materialize  # noqa: E402
-from graphopt.evaluate import CalibrationData, FidelityChecker  # noqa: E402
+from graphopt.evaluate import CalibrationData  # noqa: E402
+from graphopt.fidelity import FidelityChecker  # noqa: E402
 from graphopt.genotype import Genotype, SearchSpace  # noqa: E402
 from graphopt.ir import load_model  # noqa: E402
 from graphopt.outputs import atomic_write_bytes, atomic_write_json  # noqa: E402
