@@ -18,13 +18,11 @@ A candidate is '+'-joined moves: cropS / resizeS (resolution), bN (remove MBConv
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -132,7 +130,7 @@ def main() -> int:
         atomic_write_json(out / f"effnet_resolution_{args.tag}.json",
                           {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "args": vars(args),
                            "original_top1": orig, "rows": results})
-    print(f"| candidate | held-out top-1 before | after | select agreement before -> after | time |\n|---|---|---|---|---|")
+    print("| candidate | held-out top-1 before | after | select agreement before -> after | time |\n|---|---|---|---|---|")
     print(f"| original | {orig:.1f} | | | |")
     for r in results:
         print(f"| {r['candidate']} | {r['top1_before']:.1f} | {r.get('top1_after', float('nan')):.1f} | "

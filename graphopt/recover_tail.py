@@ -61,30 +61,22 @@ def recover_tail(candidate, original, fit, score, seconds, steps, opts, select_b
     from .recover_files import with_weights
     from .recover_inputs import image_like
 
-    _Adam = adam  # noqa: N806
-
-    def RecoveryResult(model, weights, trained, features, before, after, steps_done, seconds_taken, evals, stopped,
-                       augment=False, loss_first=math.nan, loss_last=math.nan, history=None, threads=0):  # noqa: N802
-        return dict(model=model, weights=weights, trained=trained, features=features, select_before=before,
-                    select_after=after, steps=steps_done, seconds=seconds_taken, evals=evals, stopped=stopped,
+    def result(model, weights, trained, before, after, steps_done, evals, stopped, augment=False,
+               loss_first=math.nan, loss_last=math.nan, history=None, threads=0) -> dict:
+        return dict(model=model, weights=weights, trained=trained, features=[], select_before=before,
+                    select_after=after, steps=steps_done, seconds=time.monotonic() - t0, evals=evals, stopped=stopped,
                     augment=augment, loss_first=loss_first, loss_last=loss_last, history=history or [],
                     threads=threads)
-
-    def _score_value(_select, model):
-        return score(model)
-
-    select = None
 
     t0 = time.monotonic()
     deadline = t0 + seconds if seconds is not None else math.inf
     max_steps = steps if steps is not None else math.inf
     tag = f"recover{(' ' + label) if label else ''}"
     if select_before is None:
-        select_before = _score_value(select, candidate)
+        select_before = score(candidate)
     names = tail_names(candidate, opts.tail_fraction)
     if not names or fit.num_samples == 0:
-        return RecoveryResult(candidate, {}, [], [], select_before, select_before, 0, time.monotonic() - t0, 0,
-                              "nothing to train")
+        return result(candidate, {}, [], select_before, select_before, 0, 0, "nothing to train")
     threads = int(opts.threads) if opts.threads else 1
     torch.manual_seed(opts.seed)
     torch.set_num_threads(threads)
@@ -133,7 +125,7 @@ def recover_tail(candidate, original, fit, score, seconds, steps, opts, select_b
 
     tensors = [tg.params[nm] for nm in names]
     base_lrs = [opts.lr * (float(t.detach().pow(2).mean().sqrt()) or 1e-3) for t in tensors]
-    opt = _Adam(tensors)
+    opt = adam(tensors)
     best_score, best = select_before, [t.detach().clone() for t in tensors]
     bs = max(1, min(n, 4 * int(opts.batch_size)))
     history: list[dict[str, float]] = []
@@ -147,16 +139,15 @@ def recover_tail(candidate, original, fit, score, seconds, steps, opts, select_b
     def evaluate() -> None:
         nonlocal best_score, best, evals, eval_cost, last_eval_step
         te = time.monotonic()
-        score = _score_value(select, with_weights(candidate, {nm: t.detach().numpy().copy()
-                                                              for nm, t in zip(names, tensors)}))
+        value = score(with_weights(candidate, {nm: t.detach().numpy().copy() for nm, t in zip(names, tensors)}))
         evals += 1
         last_eval_step = step
-        if math.isfinite(score) and score > best_score:
-            best_score, best = score, [t.detach().clone() for t in tensors]
+        if math.isfinite(value) and value > best_score:
+            best_score, best = value, [t.detach().clone() for t in tensors]
         eval_cost = max(eval_cost, time.monotonic() - te)
-        history.append({"t": round(time.monotonic() - t0, 3), "step": step, "loss": loss_last, "select": score})
+        history.append({"t": round(time.monotonic() - t0, 3), "step": step, "loss": loss_last, "select": value})
         log.info("%s: %.0f s, step %d, loss %.4g, select %.6f (best %.6f, before %.6f)", tag,
-                 time.monotonic() - t0, step, loss_last, score, best_score, select_before)
+                 time.monotonic() - t0, step, loss_last, value, best_score, select_before)
 
     try:
         while step < max_steps:
@@ -202,5 +193,5 @@ def recover_tail(candidate, original, fit, score, seconds, steps, opts, select_b
                 pass
         log.warning("%s: interrupted at step %d: keeping the best weights seen on the select split", tag, step)
     weights = {nm: b.numpy().copy() for nm, b in zip(names, best)}
-    return RecoveryResult(with_weights(candidate, weights), weights, names, [], select_before, best_score, step,
-                          time.monotonic() - t0, evals, stopped, flips, loss_first, loss_last, history, threads)
+    return result(with_weights(candidate, weights), weights, names, select_before, best_score, step, evals, stopped,
+                  flips, loss_first, loss_last, history, threads)

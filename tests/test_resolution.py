@@ -215,7 +215,6 @@ def test_distilling_a_cropped_student_against_the_full_resolution_teacher(loss):
     fit, held = (rng.normal(0, 1, (n, 3, 64, 64)).astype(np.float32) for n in (64, 32))
 
     def kl(model, x):
-        (t,) = run_ort_unoptimized(original, {"x": x[:1]})
         out_o = np.concatenate([run_ort_unoptimized(original, {"x": x[i:i + 1]})[0] for i in range(len(x))])
         out_c = np.concatenate([run_ort_unoptimized(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
 
