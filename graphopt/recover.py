@@ -81,8 +81,7 @@ class RecoverOptions:
     eval_every_s: float | None = None  # select-split evaluation period (None: a tenth of the time, >= 2 s)
     seed: int = 0
     threads: int | None = None  # torch + teacher threads; None: 1 or torch's default, the faster here (probed)
-    output_loss: str = "mse"  # "mse": normalised MSE of the outputs; "kl": KL(teacher || student) of the
-    # softmax over the outputs' last axis at `temperature` (classifier logits: Hinton et al. 2015), x T^2
+    output_loss: str = "mse"  # or "kl" at `temperature` (classifiers): graphopt.recover_tail.output_loss
     temperature: float = 1.0
     tail_fraction: float = 1 / 3  # train="tail": the last third of the weight tensors (graphopt.recover_tail)
     cache_share: float = 0.4  # train="tail": at most this share of the time caches activations
@@ -251,7 +250,6 @@ def recover(candidate: onnx.ModelProto, original: onnx.ModelProto, fit: DataSour
     try:
         if opts.train == "tail":
             from .recover_tail import recover_tail
-
             return RecoveryResult(**recover_tail(candidate, original, fit, lambda m: _score_value(select, m), seconds,
                                                  steps, opts, select_before, label, _Adam))
         return _recover(candidate, original, fit, select, seconds, steps, opts, select_before, label)
@@ -455,9 +453,8 @@ def pick_candidates(records: list[Record], k: int, baseline: Record | None,
     first (recovery raises the quality of what the run would return); then the other infeasible
     ones, most faithful first. Left out: the original, recovered records, failed ones,
     duplicates, and exact ones (select score within 1e-6 of the original's: nothing to recover).
-    `cost(record)` (lower = cheaper; None: unknown) replaces the size in bytes on that front when
-    given: recover_phase passes the candidate's FLOPs, because moves such as `resolution` or
-    `depth` make a model faster without making it smaller.
+    `cost(record)` (lower = cheaper; None: unknown) replaces the size in bytes on that front: recover_phase
+    passes FLOPs (a `resolution` or `depth` move makes a model faster, not smaller).
     """
     base_ms = baseline.latency_ms if baseline is not None else None
     # exact = scores what the original scores: 1.0 for a similarity, the original's accuracy for a task
@@ -475,11 +472,8 @@ def pick_candidates(records: list[Record], k: int, baseline: Record | None,
         elif r.status == "ok" and r.latency_ms is not None and (base_ms is None or r.latency_ms < base_ms):
             fast.append(r)
 
-    sizes = {r.id: r.size_bytes for r in below}
-    if cost is not None:
-        for r in below:
-            c = cost(r)
-            sizes[r.id] = c if c is not None else r.size_bytes
+    costs = {r.id: cost(r) for r in below} if cost is not None else {}
+    sizes = {r.id: r.size_bytes if costs.get(r.id) is None else costs[r.id] for r in below}
 
     def dominated(r: Record) -> bool:
         return any(sizes[o.id] <= sizes[r.id] and o.fidelity >= r.fidelity
