@@ -92,8 +92,9 @@ def main() -> int:
         r["ms"] = statistics.median(r["rounds_ms"])
         r["ratio"] = base_ms / r["ms"]
         r["drop"] = rows[0]["top1"] - r["top1"]
-    for r in rows:  # frontier on FLOPs (the measured ms swing by +-40% on a loaded machine)
+    for r in rows:
         r["flops_ratio"] = rows[0]["gflops"] / r["gflops"]
+    for r in rows:  # frontier on FLOPs (the measured ms swing by +-40% on a loaded machine)
         r["frontier"] = not any(o is not r and o["flops_ratio"] >= r["flops_ratio"] and o["top1"] >= r["top1"]
                                 and (o["flops_ratio"] > r["flops_ratio"] or o["top1"] > r["top1"]) for o in rows)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
