@@ -140,7 +140,12 @@ METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/metrics.py: how c
 def run_pass_options() -> tuple:
     from .plugin import Option
 
-    return (Option("repair", bool, True, "least-squares repair of new weights on calibration data"),)
+    return (Option("repair", bool, True, "least-squares repair of new weights on calibration data"),
+            # read by recovery / --finetune (graphopt.recover_phase, graphopt.finetune), whatever the passes
+            Option("finetune_threads", int, None, "torch threads for --finetune / --recover-top", minimum=1),
+            Option("recover_train_size", int, None, "recovery trains on random crops of this side", minimum=16),
+            Option("recover_loss", str, "mse", "recovery's output loss (also --recover-loss)", choices=("mse", "kl")),
+            Option("recover_temperature", float, 1.0, "softmax temperature of recover_loss=kl", minimum=0.0))
 
 
 def option_table(cls: Any) -> dict[str, Any] | None:
