@@ -1,0 +1,132 @@
+"""MetaSchedule plumbing of graphopt.targets.tuning: its loggers, the search strategy sized to the
+trial budget, the per-trial timeout, and the per-process builder and runner.
+
+Importing this module does not import tvm."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("graphopt.tuning")
+
+
+def _quiet_meta_schedule() -> None:
+    # MetaSchedule logs every task's progress at INFO on the root handlers; keep it to warnings
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _ms_logger_handlers_fixup() -> None:
+    """Drop handlers MetaSchedule cannot re-configure from its global logger.
+
+    Each tuning call runs MetaSchedule's create_loggers, which lists the global logger's
+    handlers *by name* in a logging.dictConfig: a handler without a name crashes it
+    ("'NoneType' object has no attribute 'format'"), and a named one it did not define makes
+    dictConfig fail. Seen here in the test suite: after a first tuning call in the process,
+    pytest's unnamed LogCaptureHandler sat on that logger and the next tuning call crashed.
+    An application that attaches its own handler there would hit the same. MetaSchedule's own
+    handlers (".console", ".file") are kept.
+    """
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    own = ("tvm.s_tir.meta_schedule.console", "tvm.s_tir.meta_schedule.file")
+    for h in list(lg.handlers):
+        if h.get_name() not in own:
+            log.debug("removing handler %r from the MetaSchedule logger (MetaSchedule cannot re-configure it)", h)
+            lg.removeHandler(h)
+
+
+def search_strategy(ms, trials: int):
+    """MetaSchedule's evolutionary search, sized to the per-task trial budget.
+
+    Its defaults (population 512, 50 unmeasured initial samples, 4 genetic rounds) are sized for
+    hundreds of trials per task; with a handful of trials that sampling, not the measurements,
+    dominates: on this 2-core machine it took ~60 s per task at 2 trials. A population of a few
+    times the trial count keeps the search's shape at a fraction of the cost.
+    """
+    if os.environ.get("GRAPHOPT_MS_STRATEGY") == "replay-trace":
+        return "replay-trace"
+    if trials >= 64:
+        return "evolutionary"
+    pop = max(16, 4 * int(trials))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=pop, init_measured_ratio=0.2, init_min_unmeasured=max(8, pop // 2),
+        genetic_num_iters=2,
+    )
+
+
+def timeout_s() -> float:
+    """Per-trial build/run timeout. MetaSchedule's 30 s default counts the worker's start, and a
+    worker imports tvm (and, through tvm_ffi, torch): on a loaded 2-core machine that alone took
+    over 30 s, so every trial 'failed' with a timeout. $GRAPHOPT_MS_TIMEOUT overrides."""
+    try:
+        return float(os.environ.get("GRAPHOPT_MS_TIMEOUT", "180"))
+    except ValueError:
+        return 180.0
+
+
+_BUILDER = None
+_RUNNER = None
+
+
+def local_builder(ms):
+    """One MetaSchedule builder per process, whose worker processes outlive a build() call.
+
+    MetaSchedule's LocalBuilder starts a fresh pool of worker processes for every batch, and each
+    worker's first build imports tvm.s_tir.tensor_intrin, which took 45-80 s on this 2-core
+    machine: it dominated tuning (~60 s per workload at 2 trials, for a trivial build). The
+    pool here is kept and recycled every RECYCLE_BUILDS batches (TVM restarts it per batch
+    because of a memory leak in long-lived workers).
+    """
+    global _BUILDER
+    if _BUILDER is None:
+        _BUILDER = _persistent_builder_class(ms)(timeout_sec=timeout_s())
+    return _BUILDER
+
+
+def local_runner(ms):
+    """One LocalRunner per process (its single worker process is kept by TVM itself)."""
+    global _RUNNER
+    if _RUNNER is None:
+        _RUNNER = ms.runner.LocalRunner(timeout_sec=timeout_s())
+    return _RUNNER
+
+
+RECYCLE_BUILDS = 64
+
+
+def _persistent_builder_class(ms):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class PersistentLocalBuilder(ms.builder.PyBuilder):
+        def __init__(self, timeout_sec: float, max_workers: int | None = None) -> None:
+            super().__init__()
+            self.timeout_sec = timeout_sec
+            self.max_workers = max_workers or lb.cpu_count(logical=True)
+            self._pool = None
+            self._uses = 0
+
+        def build(self, build_inputs):
+            if self._pool is None or self._uses >= RECYCLE_BUILDS:
+                if self._pool is not None:
+                    self._pool.shutdown()
+                self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec)
+                self._uses = 0
+            self._uses += 1
+            results = []
+            args = [(None, None, b.mod, b.target, lb._serialize_params(b.params)) for b in build_inputs]
+            for r in self._pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(
+                        None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
+                else:
+                    results.append(ms.builder.BuilderResult(None, "LocalBuilder: An exception occurred\n"
+                                                            + str(r.value)))
+            return results
+
+    return PersistentLocalBuilder
