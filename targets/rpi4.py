@@ -47,7 +47,7 @@ from graphopt.plugin import Artifact, LatencyStats, Measurement, Option
 
 from . import device_check, rpc
 from . import tvm_common as tc
-from .x86 import X86Target
+from .llvm_cpu import LlvmCpuTarget
 
 TRIPLE = "aarch64-linux-gnu"
 MCPU = "cortex-a72"
@@ -284,11 +284,11 @@ def _tolerance(value: Any) -> float:
     return v
 
 
-class Rpi4Target(X86Target):
+class Rpi4Target(LlvmCpuTarget):
     name = "rpi4"
     description = ("Raspberry Pi 4 (aarch64 Cortex-A72, 4 cores) via TVM, cross-compiled; measured over TVM RPC, "
                    "or estimated by a cost model with estimate=1.")
-    OPTIONS = X86Target.OPTIONS + (
+    OPTIONS = LlvmCpuTarget.OPTIONS + (
         Option("estimate", bool, False, "latency from a cost model instead of a device"),
         Option("cc", str, "auto", "cross compiler for the aarch64 library (auto: zig or clang)"),
         Option("check", bool, True, "check the device's outputs against onnxruntime"),
@@ -478,7 +478,7 @@ class Rpi4Target(X86Target):
         name = "model.so" if cc else "model.tar"
         portable = artifact.info.get("library")
         if artifact.handle is None and portable and Path(portable).suffix == Path(name).suffix:  # compiled in a worker
-            from .x86 import _copy_file
+            from .llvm_cpu import _copy_file
 
             lib = _copy_file(Path(portable), out_dir / name)
         else:
