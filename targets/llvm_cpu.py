@@ -102,10 +102,10 @@ class LlvmCpuTarget(Target):
         self.incumbent_ms: float | None = None
         self.threads = int(threads) if threads is not None else (os.cpu_count() or 1)
         if self.threads < 1:
-            raise UsageError(f"x86 target: threads must be >= 1, got {threads}")
+            raise UsageError(f"{self.name} target: threads must be >= 1, got {threads}")
         for key, v in (("number", number), ("repeat", repeat), ("warmup", warmup)):
             if v is not None and int(v) < (0 if key == "warmup" else 1):
-                raise UsageError(f"x86 target: {key} must be >= {0 if key == 'warmup' else 1}, got {v}")
+                raise UsageError(f"{self.name} target: {key} must be >= {0 if key == 'warmup' else 1}, got {v}")
         self.number = None if number is None else int(number)
         self.repeat = int(repeat)
         self.warmup = int(warmup)

@@ -32,7 +32,8 @@ def _cfg(**kw) -> RunConfig:
     (dict(passes=["conv_bn", "width"], pass_options={"width_importance": "l3"}),
      "--pass-opt width_importance='l3'", "expected one of auto, l1, l2, ls"),
     (dict(passes=["conv_bn"], pass_options={"depth_repair": 1}), "--pass-opt depth_repair=1",
-     "unknown option of pass 'conv_bn'; valid: repair"),
+     "unknown option of pass 'conv_bn'; valid: finetune_threads, recover_loss, recover_temperature, "
+     "recover_train_size, repair"),  # the run-wide recovery options are valid for every pass
 ])
 def test_bad_options_stop_before_the_run(kw, flag, msg):
     with pytest.raises(UsageError) as e:
