@@ -356,5 +356,25 @@ def main() -> None:
     write_results(out, stem, md, rows, header=header, total_s=total, curves=curves)
 
 
+
+def build_recipes(base, space, passes, ctx, recipes, out: Path, say) -> list[dict]:
+    """Materialize each (name, genes, note) recipe into OUT/go_<name>.onnx: rows for the benches'
+    tables (bench/minilm.py, bench/minilm_moves.py)."""
+    from graphopt.genotype import Genotype
+    from graphopt.materialize import materialize
+
+    rows = []
+    for name, genes, note in recipes:
+        t0 = time.perf_counter()
+        model, applied = materialize(base, space, Genotype(genes), passes, ctx)
+        bad = sorted(k for k, v in applied.items() if v != "applied")
+        path = out / (name.replace("graphopt ", "go_").replace(" + ", "_").replace(" ", "_") + ".onnx")
+        onnx.save(model, str(path))
+        rows.append({"name": name, "path": path, "produce_s": time.perf_counter() - t0,
+                     "note": note + (f"; did not apply: {', '.join(bad)}" if bad else "")})
+        say(f"{name}: made in {rows[-1]['produce_s']:.1f} s")
+    return rows
+
+
 if __name__ == "__main__":
     main()

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare import cosine, write_results  # noqa: E402 - bench/ is on the path only from here
+from compare import build_recipes, cosine, write_results  # noqa: E402 - bench/ is on the path only from here
 
 MODEL = ROOT / "models" / "minilm.onnx"
 CALIB = ROOT / "models" / "minilm_calib.npz"
@@ -62,8 +62,8 @@ def log(msg: str) -> None:
 
 
 def graphopt_models(out: Path) -> list[dict]:
-    from graphopt.driver import materialize, move_context
-    from graphopt.genotype import Genotype, SearchSpace
+    from graphopt.driver import move_context
+    from graphopt.genotype import SearchSpace
     from graphopt.evaluate import CalibrationData
     from graphopt.ir import load_model
     from graphopt.registry import PASSES
@@ -84,17 +84,7 @@ def graphopt_models(out: Path) -> list[dict]:
         ("graphopt int8 dynamic", {"int8:*": "dynamic"}, "per-channel"),
         ("graphopt fused + int8 dynamic", {**{k: "fused" for k in attn}, "int8:*": "dynamic"}, "QAttention"),
     ]
-    rows = []
-    for name, genes, note in recipes:
-        t0 = time.perf_counter()
-        model, applied = materialize(base, space, Genotype(genes), passes, ctx)
-        bad = sorted(k for k, v in applied.items() if v != "applied")
-        path = out / (name.replace("graphopt ", "go_").replace(" + ", "_").replace(" ", "_") + ".onnx")
-        onnx.save(model, str(path))
-        rows.append({"name": name, "path": path, "produce_s": time.perf_counter() - t0,
-                     "note": note + (f"; {len(bad)} moves did not apply" if bad else "")})
-        log(f"{name}: {rows[-1]['produce_s']:.1f} s")
-    return rows
+    return build_recipes(base, space, passes, ctx, recipes, out, log)
 
 
 def stock_dynamic(out: Path) -> dict:

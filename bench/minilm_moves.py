@@ -43,13 +43,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 
-from compare import session, write_results  # noqa: E402
+from compare import build_recipes, session, write_results  # noqa: E402
 
 MODEL = ROOT / "models" / "minilm.onnx"
 LOADERS = "models/loaders.py"
@@ -75,8 +74,8 @@ def calibration(n: int = 32) -> dict[str, np.ndarray]:
 
 
 def graphopt_models(out: Path) -> list[dict]:
-    from graphopt.driver import materialize, move_context
-    from graphopt.genotype import Genotype, SearchSpace
+    from graphopt.driver import move_context
+    from graphopt.genotype import SearchSpace
     from graphopt.evaluate import CalibrationData
     from graphopt.ir import load_model
     from graphopt.registry import PASSES
@@ -95,17 +94,7 @@ def graphopt_models(out: Path) -> list[dict]:
         ("graphopt trim", trim, "exact"),
         ("graphopt trim + fused + int8", {**trim, **attn, "int8:*": "dynamic"}, "trim_padding, QAttention"),
     ]
-    rows = []
-    for name, genes, note in recipes:
-        t0 = time.perf_counter()
-        model, applied = materialize(base, space, Genotype(genes), passes, ctx)
-        bad = sorted(k for k, v in applied.items() if v != "applied")
-        path = out / (name.replace("graphopt ", "go_").replace(" + ", "_").replace(" ", "_") + ".onnx")
-        onnx.save(model, str(path))
-        rows.append({"name": name, "path": path, "produce_s": time.perf_counter() - t0,
-                     "note": note + (f"; did not apply: {', '.join(bad)}" if bad else "")})
-        log(f"{name}: made in {rows[-1]['produce_s']:.1f} s")
-    return rows
+    return build_recipes(base, space, passes, ctx, recipes, out, log)
 
 
 def ort_dynamic(src: Path, out: Path, name: str, note: str, pre_process: bool = True) -> dict:
