@@ -52,6 +52,8 @@ class LlvmCpuTarget(Target):
         Option("tune_trials", int, None, "per-model tuning budget in trials, spent where the latency is "
                "(`trials` becomes each new workload's warm-up)", minimum=1),
         Option("tune_time", str, None, "per-model tuning budget in time (seconds, or 90s / 20m / 1h)"),
+        Option("canonicalize", bool, True, "fold BatchNormalization and zero Pads into the convs before import, "
+               "as onnxruntime does (exact; targets/tvm_prep.py)"),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -68,16 +70,19 @@ class LlvmCpuTarget(Target):
         int8_kernels: str = "auto",
         tune_trials: int | None = None,
         tune_time: float | None = None,
+        canonicalize: Any = True,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
-                         int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time, **options)
+                         int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
+                         canonicalize=canonicalize, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
                 f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
+                f"canonicalize, "
                 f"{', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
@@ -97,6 +102,7 @@ class LlvmCpuTarget(Target):
                              "AVX2), avx2 (targets/x86_int8.py: packed int16 weights, vpmaddwd) or generic "
                              "(Relax's integer conv2d/matmul)")
         self._int8_kernels = int8_kernels
+        self.canonicalize = str(canonicalize).strip().lower() not in ("0", "false", "no", "off")
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -204,6 +210,11 @@ class LlvmCpuTarget(Target):
         tc.load_tvm(self.threads)
         specs = tc.input_specs(model)
         t0 = time.perf_counter()
+        prep: dict[str, Any] = {}
+        if self.canonicalize:
+            from .tvm_prep import canonicalize
+
+            model, prep = canonicalize(model)
         folded = tc.fold_constants(model)
         tf = time.perf_counter()
         mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
@@ -217,6 +228,7 @@ class LlvmCpuTarget(Target):
             "inputs": [(n, list(s), d) for n, s, d in specs],
             "target": self.target_json(),
             "tuned": False,
+            "canonicalized": prep,
         }
         info.update(lower_info)
         return Artifact(target=self.name, files=[], handle=ex, info=info)

@@ -1,0 +1,76 @@
+"""targets/tvm_prep.py: the TVM CPU targets fold BatchNormalization and zero Pads into the convs
+before import (as onnxruntime does), exactly; `canonicalize=0` imports the graph as it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphopt.errors import UsageError
+from tests.test_int8_prep import conv_bn_net
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def test_canonicalize_folds_bn_and_pad_and_keeps_the_input():
+    from graphopt.targets.tvm_prep import canonicalize
+
+    model = conv_bn_net()
+    before = model.SerializeToString()
+    out, info = canonicalize(model)
+    assert info == {"bn_folded": 2, "pads_folded": 1}
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Clip", "Conv", "Clip"]
+    assert model.SerializeToString() == before  # the input model is not modified
+    onnx.checker.check_model(out)
+    x = np.random.default_rng(3).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(_ort(out, x), _ort(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_nonzero_pad_is_not_folded():
+    from graphopt.targets.tvm_prep import canonicalize
+
+    out, info = canonicalize(conv_bn_net(pad_value=1.0))
+    assert info == {"bn_folded": 2, "pads_folded": 0}
+    assert [n.op_type for n in out.graph.node].count("Pad") == 1
+
+
+@pytest.mark.parametrize("canon", [True, False])
+def test_x86_compile_matches_onnxruntime_with_and_without(canon, tmp_path):
+    from graphopt.targets import tuning
+    from graphopt.targets.x86 import X86Target
+
+    model = conv_bn_net()
+    t = X86Target(threads=1, trials=0, canonicalize=canon)
+    art = t.compile(model, tmp_path)
+    assert art.info["canonicalized"] == ({"bn_folded": 2, "pads_folded": 1} if canon else {})
+    x = np.random.default_rng(4).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(t.run_once(art, {"x": x})[0], _ort(model, x), rtol=1e-4, atol=1e-4)
+    # what MetaSchedule would tune: with the folds, two conv workloads and no pad or BN arithmetic
+    from graphopt.targets import tvm_common as tc
+
+    m = canonicalize_or_not(model, canon)
+    tc.load_tvm(1)
+    import tvm.s_tir.meta_schedule as ms
+
+    _, fused = tuning.prepare(tc.import_onnx(m), t.target)
+    names = sorted(task.task_name for task in ms.relax_integration.extract_tasks(fused, t.target))
+    assert any("pad" in n for n in names) != canon
+    assert any("subtract" in n or "divide" in n for n in names) != canon
+
+
+def canonicalize_or_not(model, canon: bool):
+    from graphopt.targets.tvm_prep import canonicalize
+
+    return canonicalize(model)[0] if canon else model
+
+
+def test_bad_option_value_is_refused_before_the_run():
+    from graphopt.config import RunConfig
+
+    with pytest.raises(UsageError, match=r"--target-opt canonicalize='maybe': expected 1 or 0 \(target 'x86'\)"):
+        RunConfig(model="m.onnx", target="x86", target_options={"canonicalize": "maybe"}).validate()
