@@ -32,23 +32,6 @@ def cpu_model() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
-def tvm_kind(task) -> str:
-    (fn,) = task.dispatched[0].functions.values()
-    head = next((ln for ln in fn.script().splitlines() if ln.lstrip().startswith("def main(")), "")
-    shapes = [[int(x) for x in re.findall(r"T\.int64\((\d+)\)|(?<![\w.(])(\d+)(?=[,)])", s) for x in x if x]
-              for s in SHAPE.findall(head)]
-    name = task.task_name
-    if "conv2d" in name and len(shapes) >= 2:
-        data, w = shapes[0], shapes[1]
-        if len(w) == 4:
-            if w[1] == 1 and len(data) == 4 and data[1] == w[0] and w[0] > 1:
-                return f"conv depthwise {w[2]}x{w[3]}"
-            return "conv 1x1" if w[2] == 1 and w[3] == 1 else f"conv {w[2]}x{w[3]}"
-    if "matmul" in name or "dense" in name:
-        return "matmul"
-    return "other"
-
-
 def ort_kinds(model_path: Path, feed, threads: int, runs: int) -> dict[str, float]:
     import onnx
     import onnxruntime as ort
@@ -97,6 +80,68 @@ def ort_kinds(model_path: Path, feed, threads: int, runs: int) -> dict[str, floa
     return {k: v / runs for k, v in out.items()}
 
 
+def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[float, float]], int, int]:
+    """Each PrimFunc of the model as compiled with the database, built alone and timed now with
+    random inputs of its shapes: kind -> (hot ms, cache-flushed ms) x calls; (.., workloads, unscheduled)."""
+    import collections
+
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets import tuning
+
+    _, fused = tuning.prepare(mod, tgt.target)
+    with tgt.target, db:
+        sched = relax.transform.MetaScheduleApplyDatabase()(fused)
+    calls = collections.Counter(re.findall(r"call_tir\(\w+\.(\w+)", sched["main"].script()))
+    dev = tvm.cpu()
+    out: dict[str, tuple[float, float]] = {}
+    n = unscheduled = 0
+    for gv, f in sched.functions.items():
+        if not isinstance(f, tvm.tirx.PrimFunc):
+            continue
+        n += 1
+        unscheduled += not (f.attrs is not None and "tir.is_scheduled" in f.attrs.keys())
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tgt.target).jit()
+        head = next(ln for ln in f.script().splitlines() if "def main(" in ln)
+        args = [tvm.runtime.tensor(np.asarray(np.random.rand(*[int(d) for d in re.findall(r"\d+", shp.replace("T.int64(", ""))]),
+                                              dtype=dt), dev)
+                for shp, dt in re.findall(r'T\.Buffer\(\((.*?)\),\s*"(\w+)"', head)]
+        hot = min(lib.time_evaluator("main", dev, number=20, repeat=5)(*args).results) * 1000
+        cold = float(np.median(lib.time_evaluator("main", dev, number=1, repeat=runs,
+                                                  f_preproc="cache_flush_cpu_non_first_arg")(*args).results)) * 1000
+        k = kind_of(gv.name_hint, head, layout)
+        c = calls.get(gv.name_hint, 1)
+        a, b = out.get(k, (0.0, 0.0))
+        out[k] = (a + hot * c, b + cold * c)
+    return out, n, unscheduled
+
+
+def kind_of(name: str, head: str, layout: str) -> str:
+    shapes = [[int(d) for d in re.findall(r"\d+", s.replace("T.int64(", ""))] for s in SHAPE.findall(head)]
+    if "conv2d" in name and len(shapes) >= 2 and len(shapes[1]) == 4:
+        o, kh, kw, i = shapes[1] if layout == "nhwc" else (shapes[1][0], shapes[1][2], shapes[1][3], shapes[1][1])
+        if i == 1 and o > 1:
+            return f"conv depthwise {kh}x{kw}"
+        return "conv 1x1" if (kh, kw) == (1, 1) else f"conv {kh}x{kw}"
+    if "matmul" in name or "dense" in name:
+        return "matmul"
+    return "other"
+
+
+def e2e_ms(fn, rounds: int = 30) -> float:
+    import time
+
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(ts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "efficientnet_lite0.onnx")
@@ -104,42 +149,46 @@ def main() -> None:
     ap.add_argument("--tuning-db", type=Path, required=True, help="tuning database root (as --tuning-db)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--canonicalize", type=int, default=1, help="as the x86 target option (1: BN and Pads folded)")
+    ap.add_argument("--layout", default="nchw", help="as the x86 target option")
     args = ap.parse_args()
+    import onnxruntime as ort
+
     from graphopt.ir import load_model
     from graphopt.targets import tuning
     from graphopt.targets import tvm_common as tc
+    from graphopt.targets.ort import OrtTarget
     from graphopt.targets.x86 import X86Target
 
     loaded = load_model(args.model)
     x = np.load(args.calib)
     feed = {loaded.inputs[0].name: x[x.files[0]][0]}
     ort_ms = ort_kinds(args.model, feed, args.threads, args.runs)
-    tgt = X86Target(threads=args.threads, tuning_db=str(args.tuning_db))
+    tgt = X86Target(threads=args.threads, tuning_db=str(args.tuning_db), canonicalize=args.canonicalize,
+                    layout=args.layout)
     tc.load_tvm(args.threads)
-    import tvm.s_tir.meta_schedule as ms
-
-    mod = tc.import_onnx(tc.fold_constants(loaded.proto), fold=False, int8_kernels=tgt.int8_kernels)
-    _, fused = tuning.prepare(mod, tgt.target)
-    tasks = ms.relax_integration.extract_tasks(fused, tgt.target)
+    art = tgt.compile(loaded.proto, Path(tempfile.mkdtemp()))  # the model as the target builds it (trials: env)
+    mod = tgt.relax_module(loaded.proto)
     db = tuning.open_db(tgt.tuning_db_dir)
-    tvm_ms: dict[str, float] = {}
-    unknown = 0
-    for t in tasks:
-        s = tuning.task_best_seconds(db, t)
-        if s is None:
-            unknown += 1
-            continue
-        k = tvm_kind(t)
-        tvm_ms[k] = tvm_ms.get(k, 0.0) + s * float(t.weight) * 1000
-    kinds = sorted(set(tvm_ms) | set(ort_ms), key=lambda k: -tvm_ms.get(k, 0.0))
-    print(f"{args.model.name}: {cpu_model()}, {args.threads} threads; TVM: tuning database best x calls "
-          f"({len(tasks)} workloads, {unknown} without a record); ORT: profiler, mean of {args.runs} runs")
-    print("\n| kind | TVM ms | ORT ms | TVM/ORT |\n|---|---|---|---|")
+    tvm_ms, n, unscheduled = tvm_kernels(tgt, mod, db, args.runs, args.layout)
+    sess = ort.InferenceSession(str(args.model), OrtTarget(threads=args.threads)._options(),
+                                providers=["CPUExecutionProvider"])
+    ort_model = e2e_ms(lambda: sess.run(None, feed))
+    tvm_model = float(np.median(tgt.measure(art, feed).latency.samples_ms))
+    print(f"{args.model.name}: {cpu_model()}, {args.threads} threads; TVM: each of the model's {n} kernels "
+          f"({unscheduled} without a database schedule) built alone and timed now, hot caches and with the CPU "
+          f"cache flushed before each call; ORT: its profiler, mean of {args.runs} runs")
+    print("\n| kind | TVM ms (hot) | TVM ms (flushed) | ORT ms | TVM/ORT (flushed) |\n|---|---|---|---|---|")
+    kinds = sorted(set(tvm_ms) | set(ort_ms), key=lambda k: -tvm_ms.get(k, (0.0, 0.0))[1])
     for k in kinds:
-        a, b = tvm_ms.get(k, 0.0), ort_ms.get(k, 0.0)
-        print(f"| {k} | {a:.2f} | {b:.2f} | {'x%.2f' % (a / b) if b else '-'} |")
-    ta, tb_ = sum(tvm_ms.values()), sum(ort_ms.values())
-    print(f"| **total** | {ta:.2f} | {tb_:.2f} | x{ta / tb_:.2f} |")
+        (a, c), b = tvm_ms.get(k, (0.0, 0.0)), ort_ms.get(k, 0.0)
+        print(f"| {k} | {a:.2f} | {c:.2f} | {b:.2f} | {'x%.2f' % (c / b) if b else '-'} |")
+    ta, tc_ = sum(v[0] for v in tvm_ms.values()), sum(v[1] for v in tvm_ms.values())
+    tb_ = sum(ort_ms.values())
+    print(f"| **kernels** | {ta:.2f} | {tc_:.2f} | {tb_:.2f} | x{tc_ / tb_:.2f} |")
+    print(f"| **whole model** | {tvm_model:.2f} | | {ort_model:.2f} | x{tvm_model / ort_model:.2f} |")
+    print(f"\nOutside the kernels: TVM {tvm_model - tc_:.2f} ms (model - flushed kernels), "
+          f"ORT {ort_model - tb_:.2f} ms (model - profiled kernels)")
     sys.stdout.flush()
 
 

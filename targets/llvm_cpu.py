@@ -54,6 +54,8 @@ class LlvmCpuTarget(Target):
         Option("tune_time", str, None, "per-model tuning budget in time (seconds, or 90s / 20m / 1h)"),
         Option("canonicalize", bool, True, "fold BatchNormalization and zero Pads into the convs before import, "
                "as onnxruntime does (exact; targets/tvm_prep.py)"),
+        Option("layout", str, "nchw", "convolution data layout TVM compiles (nhwc: Relax ConvertLayout to "
+               "NHWC/OHWI; docs/compiler.md)", choices=("nchw", "nhwc")),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -71,18 +73,19 @@ class LlvmCpuTarget(Target):
         tune_trials: int | None = None,
         tune_time: float | None = None,
         canonicalize: Any = True,
+        layout: str = "nchw",
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
                          int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
-                         canonicalize=canonicalize, **options)
+                         canonicalize=canonicalize, layout=layout, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
                 f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
-                f"canonicalize, "
+                f"canonicalize, layout, "
                 f"{', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
@@ -103,6 +106,9 @@ class LlvmCpuTarget(Target):
                              "(Relax's integer conv2d/matmul)")
         self._int8_kernels = int8_kernels
         self.canonicalize = str(canonicalize).strip().lower() not in ("0", "false", "no", "off")
+        if str(layout).lower() not in ("nchw", "nhwc"):
+            raise UsageError(f"{self.name} target: layout={layout!r}: choose nchw or nhwc")
+        self.layout = str(layout).lower()
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -210,28 +216,43 @@ class LlvmCpuTarget(Target):
         tc.load_tvm(self.threads)
         specs = tc.input_specs(model)
         t0 = time.perf_counter()
+        mod, prep, t_fold = self._relax_module(model)
+        t1 = time.perf_counter()
+        ex, lower_info = self._lower(mod, Path(workdir))
+        t2 = time.perf_counter()
+        info = {
+            "fold_s": t_fold - t0,
+            "import_s": t1 - t_fold,
+            "build_s": t2 - t1,
+            "inputs": [(n, list(s), d) for n, s, d in specs],
+            "target": self.target_json(),
+            "tuned": False,
+            "canonicalized": prep,
+            "layout": self.layout,
+        }
+        info.update(lower_info)
+        return Artifact(target=self.name, files=[], handle=ex, info=info)
+
+    def relax_module(self, model):
+        """The Relax IRModule this target tunes and builds for `model` (what compile() lowers)."""
+        return self._relax_module(model)[0]
+
+    def _relax_module(self, model):
+        """(Relax module, canonicalize info, perf_counter after folding): canonicalize (BN and zero
+        Pads folded, targets/tvm_prep.py), fold constants, import (QDQ lowered), convert layout."""
         prep: dict[str, Any] = {}
         if self.canonicalize:
             from .tvm_prep import canonicalize
 
             model, prep = canonicalize(model)
         folded = tc.fold_constants(model)
-        tf = time.perf_counter()
+        t_fold = time.perf_counter()
         mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
-        t1 = time.perf_counter()
-        ex, lower_info = self._lower(mod, Path(workdir))
-        t2 = time.perf_counter()
-        info = {
-            "fold_s": tf - t0,
-            "import_s": t1 - tf,
-            "build_s": t2 - t1,
-            "inputs": [(n, list(s), d) for n, s, d in specs],
-            "target": self.target_json(),
-            "tuned": False,
-            "canonicalized": prep,
-        }
-        info.update(lower_info)
-        return Artifact(target=self.name, files=[], handle=ex, info=info)
+        if self.layout != "nchw":
+            from .tvm_prep import convert_layout
+
+            mod = convert_layout(mod, self.layout, self.target)
+        return mod, prep, t_fold
 
     def _lower(self, mod, workdir: Path) -> tuple[Any, dict[str, Any]]:
         """Relax IRModule -> Executable: tuned through the persistent database when trials > 0.

@@ -31,3 +31,17 @@ def canonicalize(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict[str,
     out = prepare(model)
     return out, {"bn_folded": count(model, "BatchNormalization") - count(out, "BatchNormalization"),
                  "pads_folded": count(model, "Pad") - count(out, "Pad")}
+
+
+def convert_layout(mod, layout: str, target):
+    """`mod` with its 2-D convolutions in `layout` ("nhwc": data NHWC, weights OHWI), by Relax's
+    ConvertLayout (which inserts the transposes it needs at the model's edges, and between ops it
+    cannot convert). Exact."""
+    from graphopt.targets import tvm_common as tc
+
+    tc.load_tvm()
+    from tvm import relax
+
+    desired = {"nhwc": ["NHWC", "OHWI"]}[layout]
+    with target:
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": desired})(mod)

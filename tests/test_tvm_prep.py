@@ -74,3 +74,23 @@ def test_bad_option_value_is_refused_before_the_run():
 
     with pytest.raises(UsageError, match=r"--target-opt canonicalize='maybe': expected 1 or 0 \(target 'x86'\)"):
         RunConfig(model="m.onnx", target="x86", target_options={"canonicalize": "maybe"}).validate()
+
+
+def test_nhwc_layout_matches_onnxruntime(tmp_path):
+    from graphopt.targets.x86 import X86Target
+
+    model = conv_bn_net()
+    t = X86Target(threads=1, trials=0, layout="nhwc")
+    assert 'data_layout="NHWC"' in t.relax_module(model).script()
+    assert 'data_layout="NHWC"' not in X86Target(threads=1, trials=0).relax_module(model).script()
+    art = t.compile(model, tmp_path)
+    assert art.info["layout"] == "nhwc"
+    x = np.random.default_rng(5).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(t.run_once(art, {"x": x})[0], _ort(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_layout_is_refused_before_the_run():
+    from graphopt.config import RunConfig
+
+    with pytest.raises(UsageError, match=r"--target-opt layout='nchwc': expected one of nchw, nhwc"):
+        RunConfig(model="m.onnx", target="x86", target_options={"layout": "nchwc"}).validate()
