@@ -142,10 +142,13 @@ class Pass:
     and define
         match(graph, node) -> Match | Fail | None   read-only: the pattern and the conditions
                                                     (None: not this pass's pattern, say nothing)
-        rewrite(graph, match, choice)              edit the graph (graphopt/rewrite.py helpers)
+        rewrite(graph, match, choice, ctx)         edit the graph (graphopt/rewrite.py helpers);
+                                                    ctx: the MoveContext (calibration, options)
     The base class derives sites() (key "<name>:<anchor node name>"), rejections() (each Fail)
-    and apply() (re-matches the anchor on the graph being edited and returns False when the site
-    went stale: the anchor is gone or the match now covers other nodes).
+    and apply() (checks the choice with check_choice(), re-matches the anchor on the graph being
+    edited and returns False when the site went stale: the anchor is gone or the match now covers
+    other nodes). A pass whose sites are not one per node (a graph input, a channel group, a whole
+    model) writes sites / rejections / apply itself (width, depth, resolution, trim_padding).
 
     `sites(graph)` is read-only and returns the places the pass can act on the *base* graph.
     `apply(graph, site, choice, ctx)` edits `graph` (a private clone) in place for one non-keep
@@ -173,9 +176,15 @@ class Pass:
 
     match: ClassVar[Any] = None  # def match(self, graph, node) -> Match | Fail | None
 
-    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice) -> bool | None:
+    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice, ctx: MoveContext) -> bool | None:
         """Edit `graph` for one non-keep choice at a match; return False to say it did not apply."""
         raise NotImplementedError
+
+    def check_choice(self, site: Site, choice: Choice) -> None:
+        """Raise ValueError for a choice apply() never takes at `site`. Default: one of the site's
+        non-keep choices; a pass whose rewrite takes more (any rank, any odd size) overrides it."""
+        if choice not in site.choices[1:]:
+            raise ValueError(f"{self.name}: unknown choice {choice!r} for site {site.key}")
 
     def _matches(self, graph: "gs.Graph"):
         if self.match is None:
@@ -201,8 +210,7 @@ class Pass:
     def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
         if self.match is None:
             raise NotImplementedError(f"pass {self.name!r} defines neither match() nor apply()")
-        if choice not in site.choices[1:]:
-            raise ValueError(f"{self.name}: unknown choice {choice!r} for site {site.key}")
+        self.check_choice(site, choice)
         from .rewrite import node_by_name
 
         node = node_by_name(graph, site.key.split(":", 1)[1])
@@ -210,7 +218,7 @@ class Pass:
             not self.anchor_ops or node.op in self.anchor_ops) else None
         if not isinstance(m, Match) or m.node_names != tuple(site.nodes):
             return False  # stale: an earlier move removed or changed the site's nodes
-        return self.rewrite(graph, m, choice) is not False
+        return self.rewrite(graph, m, choice, ctx) is not False
 
     def finalize(self, model: "onnx.ModelProto", moves: list[tuple[Site, Choice]],
                  ctx: MoveContext) -> "onnx.ModelProto":

@@ -285,5 +285,5 @@ class ConvBnFusion(Pass):
             return Fail(m, bn)
         return Match(*m.nodes, cost=_cost(m), note=m.note(), fusion=m)
 
-    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice) -> None:
+    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice, ctx) -> None:
         _rewrite(graph, match.fusion)

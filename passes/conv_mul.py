@@ -39,7 +39,7 @@ class ConvMulFold(Pass):
             return Fail(why, conv)
         return Match(conv, mul, scale=s.reshape(-1).astype(np.float64), note=f"Conv {conv.name} -> Mul {mul.name}")
 
-    def rewrite(self, graph, m, choice):
+    def rewrite(self, graph, m, choice, ctx):
         conv, mul = m.nodes
         w = value(conv.inputs[1])
         b_t = input_of(conv, 2)
