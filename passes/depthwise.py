@@ -17,7 +17,8 @@ Choices per site: ("keep", r...) for r in (1, 2, 4) with r <= full rank and FLOP
 original's: the pair costs Cin*r*(kh*kw + Cout) MACs per output pixel against Cout*Cin*kh*kw.
 A conv for which no r saves FLOPs is not a site. Approximate: the driver measures fidelity.
 
-Not sites (rejections() says why): grouped or depthwise convs, 1x1 kernels, non-constant
+The pass is match() + rewrite() (graphopt/plugin.py derives sites, rejections and the stale
+check). Not sites (rejections() says why): grouped or depthwise convs, 1x1 kernels, non-constant
 weights, convs that are not 2-D. Arithmetic is float64 and cast back to the weight dtype; new
 gs.Constant tensors hold the new weights (the base graph's arrays may be shared with the clone).
 """
@@ -30,8 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphopt.genotype import Choice, Site
-from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Option, Pass
+from graphopt.plugin import Fail, Match, MoveContext, Option, Pass
 from ._graph import _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
@@ -72,12 +72,9 @@ class _Match:
         return f"Conv {kh}x{kw} {self.cin}->{self.cout}"
 
 
-# ----------------------------------------------------------------------------- small helpers
 # -------------------------------------------------------------------------------- matching
 def _pattern(conv: "gs.Node") -> _Match | str:
     """A Conv with a constant 4-D weight; else why not."""
-    if conv.op != "Conv":
-        return f"{conv.op} is not a Conv"
     w = _const(_input(conv, 1))
     if w is None:
         return "weight is not a constant"
@@ -215,27 +212,24 @@ class DepthwiseSeparable(Pass):
         Option("repair", bool, True, "least-squares repair of new weights on calibration data (--no-repair: 0)"),
     )
     stage = 30
+    anchor_ops = ("Conv",)
 
-    def sites(self, graph: "gs.Graph") -> list[Site]:
-        out = []
-        for conv in graph.nodes:
-            if conv.op != "Conv":
-                continue
-            m = _match(conv)
-            if isinstance(m, str) or not m.ranks():
-                continue
-            out.append(Site(key=f"depthwise:{conv.name}", pass_name=self.name, nodes=(conv.name,),
-                            choices=("keep", *m.ranks()), cost=_cost(m), note=m.note()))
-        return out
+    def match(self, graph: "gs.Graph", conv: "gs.Node") -> Match | Fail:
+        m = _match(conv)
+        if isinstance(m, str):
+            return Fail(m)
+        if not m.ranks():
+            return Fail(f"no rank in {RANKS} saves FLOPs: r*({m.taps}+{m.cout}) >= {m.cout}*{m.taps} ({m.note()})")
+        return Match(conv, choices=("keep", *m.ranks()), cost=_cost(m), note=m.note(), conv=m)
 
-    def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
+    def check_choice(self, site: Site, choice: Choice) -> None:
+        """Any rank r >= 1 (a rank above the conv's full rank does not apply)."""
         if isinstance(choice, bool) or not isinstance(choice, (int, np.integer)) or choice < 1:
             raise ValueError(f"depthwise: choice {choice!r} for site {site.key} is not a positive rank")
-        conv = node_by_name(graph, site.nodes[0])
-        if conv is None or conv.op != "Conv":
-            return False
-        m = _match(conv)
-        if isinstance(m, str) or int(choice) > m.full_rank:
+
+    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice, ctx: MoveContext) -> bool:
+        m = match.conv
+        if int(choice) > m.full_rank:
             return False
         x_name, y_name = m.conv.inputs[0].name, m.conv.outputs[0].name
         bias = _const(_input(m.conv, 2))
@@ -243,16 +237,3 @@ class DepthwiseSeparable(Pass):
         if ctx.options.get("repair", True):
             _repair(ctx, x_name, y_name, bias, dw_w, dw_attrs, pw)
         return True
-
-    def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
-        out = []
-        for conv in graph.nodes:
-            if conv.op != "Conv":
-                continue
-            m = _match(conv)
-            if isinstance(m, str):
-                out.append((conv.name, m))
-            elif not m.ranks():
-                out.append((conv.name, f"no rank in {RANKS} saves FLOPs: r*({m.taps}+{m.cout}) >= "
-                                       f"{m.cout}*{m.taps} ({m.note()})"))
-        return out
