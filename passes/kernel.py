@@ -24,6 +24,7 @@ auto_pad=SAME_UPPER/SAME_LOWER is resolved to the explicit pads it means (from t
 size) and the node becomes auto_pad=NOTSET: for the new kernel SAME would pick different pads
 where its total pad clamps at zero.
 
+A match() + rewrite() pass (graphopt/plugin.py derives sites, rejections and the stale check).
 Like conv_bn, matching is `_pattern` (a constant-weight 2-D Conv and its geometry), `_check`
 (the conditions for a site, each failure saying why) and `_rewrite`. A NEW gs.Constant holds the
 resized weight (the base graph's arrays may be shared with the clone).
@@ -38,8 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphopt.genotype import Choice, Site
-from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Option, Pass
+from graphopt.plugin import Fail, Match, MoveContext, Option, Pass
 from ._graph import _const, _input, _static_size, _fresh_name
 
 if TYPE_CHECKING:
@@ -169,13 +169,11 @@ def _check(m: _Match, k_new: int | None = None) -> str | None:
     return None
 
 
-def _match(conv: "gs.Node", k_new: int | None = None) -> _Match | str:
-    if conv.op != "Conv":
-        return f"{conv.op} is not a Conv"
+def _match(conv: "gs.Node") -> _Match | str:
     m = _pattern(conv)
     if isinstance(m, str):
         return m
-    why = _check(m, k_new)
+    why = _check(m)
     return why if why else m
 
 
@@ -259,37 +257,24 @@ class KernelResize(Pass):
     )
     stage = 30
 
-    def sites(self, graph: "gs.Graph") -> list[Site]:
-        out = []
-        for conv in graph.nodes:
-            if conv.op != "Conv":
-                continue
-            m = _match(conv)
-            if isinstance(m, str):
-                continue
-            out.append(Site(key=f"kernel:{conv.name}", pass_name=self.name, nodes=(conv.name,),
-                            choices=("keep", m.k - 2, m.k + 2), cost=_cost(m), note=m.note()))
-        return out
+    anchor_ops = ("Conv",)
 
-    def apply(self, graph: "gs.Graph", site: Site, choice: Choice, ctx: MoveContext) -> bool:
+    def match(self, graph: "gs.Graph", conv: "gs.Node") -> Match | Fail:
+        m = _match(conv)
+        if isinstance(m, str):
+            return Fail(m)
+        return Match(conv, choices=("keep", m.k - 2, m.k + 2), cost=_cost(m), note=m.note(), conv=m)
+
+    def check_choice(self, site: Site, choice: Choice) -> None:
+        """Any odd kernel size >= 1 (one the conv's pads cannot take does not apply)."""
         if isinstance(choice, bool) or not isinstance(choice, (int, np.integer)) or choice < 1 or choice % 2 == 0:
             raise ValueError(f"kernel: choice {choice!r} for site {site.key} is not an odd kernel size")
-        conv = node_by_name(graph, site.nodes[0])
-        if conv is None or conv.op != "Conv":
+
+    def rewrite(self, graph: "gs.Graph", match: Match, choice: Choice, ctx: MoveContext) -> bool:
+        m, k_new = match.conv, int(choice)
+        if m.k == k_new or _check(m, k_new) is not None:
             return False
-        m = _match(conv, int(choice))
-        if isinstance(m, str) or m.k == int(choice):
-            return False
-        _rewrite(graph, m, int(choice))
-        if int(choice) < m.k and ctx.options.get("repair", True):
+        _rewrite(graph, m, k_new)
+        if k_new < m.k and ctx.options.get("repair", True):
             _repair(ctx, m.conv)
         return True
-
-    def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
-        out = []
-        for conv in graph.nodes:
-            if conv.op == "Conv":
-                m = _match(conv)
-                if isinstance(m, str):
-                    out.append((conv.name, m))
-        return out
