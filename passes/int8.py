@@ -58,8 +58,7 @@ import numpy as np
 
 from graphopt.errors import UsageError, first_line
 from graphopt.genotype import Choice, Site
-from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Pass
+from graphopt.plugin import Fail, Match, MoveContext, Pass
 
 from ._graph import _const, _input, _static_size
 from ._int8_prep import prepare, with_activations
@@ -332,14 +331,19 @@ class Int8Quantize(Pass):
                 "(fit split), dynamic activations quantized at run time; measured on select like any move")
     uses_calibration = True
 
+    anchor_ops = QUANT_OPS
+
+    def match(self, graph: gs.Graph, node: gs.Node) -> Match | Fail:
+        why = _why_not(node)
+        if why:
+            return Fail(why)
+        dyn = node.op in DYNAMIC_OPS
+        return Match(node, choices=("keep", "int8") + (("dynamic",) if dyn else ()), cost=_cost(node),
+                     note=f"{node.op} -> int8 (QDQ" + (", or dynamic)" if dyn else ")"))
+
     def sites(self, graph: gs.Graph) -> list[Site]:
-        out = []
-        for node in graph.nodes:
-            if _why_not(node) is None:
-                dyn = node.op in DYNAMIC_OPS
-                out.append(Site(key=f"int8:{node.name}", pass_name=self.name, nodes=(node.name,),
-                                choices=("keep", "int8") + (("dynamic",) if dyn else ()), cost=_cost(node),
-                                note=f"{node.op} -> int8 (QDQ" + (", or dynamic)" if dyn else ")")))
+        """One site per quantizable node (from match()), plus the whole-model site int8:*."""
+        out = super().sites(graph)
         if out:
             dyn = any("dynamic" in s.choices for s in out)
             out.append(Site(key=GLOBAL_KEY, pass_name=self.name, nodes=tuple(s.nodes[0] for s in out),
@@ -348,17 +352,22 @@ class Int8Quantize(Pass):
                                  "dynamic: every MatMul and fused Attention, dynamic int8)"))
         return out
 
-    def apply(self, graph: gs.Graph, site: Site, choice: Choice, ctx: MoveContext) -> bool:
-        """Checks only; finalize() quantizes once, on the exported candidate."""
-        if site.key == GLOBAL_KEY:
-            if choice not in ("all", "dynamic"):
-                raise ValueError(f"int8: choice {choice!r} for site {site.key} is not 'all' or 'dynamic'")
-            return True
-        if choice not in ("int8", "dynamic"):
+    def check_choice(self, site: Site, choice: Choice) -> None:
+        if site.key == GLOBAL_KEY and choice not in ("all", "dynamic"):
+            raise ValueError(f"int8: choice {choice!r} for site {site.key} is not 'all' or 'dynamic'")
+        if site.key != GLOBAL_KEY and choice not in ("int8", "dynamic"):
             raise ValueError(f"int8: choice {choice!r} for site {site.key} is not 'int8' or 'dynamic'")
-        node = node_by_name(graph, site.nodes[0])
-        return (node is not None and _why_not(node) is None
-                and (choice == "int8" or node.op in DYNAMIC_OPS))
+
+    def apply(self, graph: gs.Graph, site: Site, choice: Choice, ctx: MoveContext) -> bool:
+        """Checks only (the node is still there and takes the choice); finalize() quantizes once,
+        on the exported candidate."""
+        if site.key == GLOBAL_KEY:
+            self.check_choice(site, choice)
+            return True
+        return super().apply(graph, site, choice, ctx)
+
+    def rewrite(self, graph: gs.Graph, match: Match, choice: Choice, ctx: MoveContext) -> bool:
+        return choice == "int8" or match.nodes[0].op in DYNAMIC_OPS
 
     def finalize(self, model: onnx.ModelProto, moves: list[tuple[Site, Choice]],
                  ctx: MoveContext) -> onnx.ModelProto:
@@ -397,12 +406,3 @@ class Int8Quantize(Pass):
     def data_moves(self, sites: list[Site], options) -> str | None:
         static = any(c in ("int8", "all") for s in sites for c in s.choices)
         return "static int8 calibration (activation ranges)" if static else None
-
-    def rejections(self, graph: gs.Graph) -> list[tuple[str, str]]:
-        out = []
-        for node in graph.nodes:
-            if node.op in QUANT_OPS:
-                why = _why_not(node)
-                if why:
-                    out.append((node.name, why))
-        return out
