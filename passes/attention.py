@@ -62,8 +62,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphopt.genotype import Choice, Site
-from graphopt.ir import node_by_name
-from graphopt.plugin import MoveContext, Pass
+from graphopt.plugin import Fail, Match, MoveContext, Pass
 
 from ._graph import _const
 # the pattern matching and the rewrites live in two modules (split for size)
@@ -78,11 +77,11 @@ _MAX_IMPORTANCE_SAMPLES = 16
 
 
 # -------------------------------------------------------------------------------- importance
-def _importance(ctx: MoveContext, site: Site) -> np.ndarray:
+def _importance(ctx: MoveContext, key: str) -> np.ndarray:
     """Per-head importance of every site, from one onnxruntime run of the base model."""
     cache = ctx.cache.setdefault("attention_importance", {})
-    if site.key in cache:
-        return cache[site.key]
+    if key in cache:
+        return cache[key]
     import onnx
     import onnxruntime as ort
 
@@ -120,9 +119,9 @@ def _importance(ctx: MoveContext, site: Site) -> np.ndarray:
                 sums[key][hh] += float(np.linalg.norm(contrib, axis=-1).mean())
     for key, total in sums.items():
         cache[key] = total / max(n, 1)
-    if site.key not in cache:
-        raise ValueError(f"attention: no head importance for site {site.key}")
-    return cache[site.key]
+    if key not in cache:
+        raise ValueError(f"attention: no head importance for site {key}")
+    return cache[key]
 
 
 def _ancestor_inputs(graph: gs.Graph, t) -> set[str]:
@@ -240,36 +239,35 @@ class AttentionFusion(Pass):
     stage = 20
     uses_calibration = True  # prune_k ranks heads on calibration data
 
-    def sites(self, graph: gs.Graph) -> list[Site]:
-        out = []
-        for n in _candidates(graph):
-            m = _match(n)
-            if isinstance(m, str):
-                continue
-            choices: tuple = ("keep", "fused")
-            if _can_prune(m):
-                choices += tuple(f"prune_{k}" for k in _prune_counts(m.heads))
-            choices += tuple(f"window_{w}" for w in _window_sizes(m))
-            if _local_ok(m):
-                choices += ("linear",)
-            s, hid = _shape(m.q.x)[1], m.heads * m.head_dim
-            cost = 2.0 * _shape(m.q.x)[0] * (2 * s * s * hid + 3 * s * _shape(m.q.x)[2] * hid)
-            out.append(Site(key=f"attention:{n.name}", pass_name=self.name, nodes=(n.name,) + tuple(
-                x for x in m.node_names if x != n.name), choices=choices, exact_choice="fused", cost=cost,
-                note=f"{m.form} attention, {m.heads} heads x {m.head_dim}, seq {s}"
-                     + (", masked" if m.mask is not None else "")))
-        return out
+    anchor_ops = ("Softmax", "Attention")
 
-    def apply(self, graph: gs.Graph, site: Site, choice: Choice, ctx: MoveContext) -> bool:
+    def match(self, graph: gs.Graph, n: gs.Node) -> Match | Fail | None:
+        if n.op == "Attention" and (n.domain or "") not in ("", "ai.onnx"):
+            return None  # com.microsoft.Attention: already fused
+        m = _match(n)
+        if isinstance(m, str):
+            return Fail(m)
+        choices: tuple = ("keep", "fused")
+        if _can_prune(m):
+            choices += tuple(f"prune_{k}" for k in _prune_counts(m.heads))
+        choices += tuple(f"window_{w}" for w in _window_sizes(m))
+        if _local_ok(m):
+            choices += ("linear",)
+        s, hid = _shape(m.q.x)[1], m.heads * m.head_dim
+        cost = 2.0 * _shape(m.q.x)[0] * (2 * s * s * hid + 3 * s * _shape(m.q.x)[2] * hid)
+        nodes = {x.name: x for x in [n] + m.core + m.q.nodes + m.k.nodes + m.v.nodes}  # the anchor first
+        return Match(*nodes.values(), choices=choices, exact_choice="fused", cost=cost, block=m,
+                     note=f"{m.form} attention, {m.heads} heads x {m.head_dim}, seq {s}"
+                          + (", masked" if m.mask is not None else ""))
+
+    def check_choice(self, site: Site, choice: Choice) -> None:
+        """fused, linear, prune_k, window_W (a k or W the block cannot take does not apply)."""
         if choice not in ("fused", "linear") and not (
                 isinstance(choice, str) and choice.startswith(("prune_", "window_"))):
             raise ValueError(f"attention: unknown choice {choice!r} for site {site.key}")
-        anchor = node_by_name(graph, site.nodes[0])
-        if anchor is None:
-            return False
-        m = _match(anchor)
-        if isinstance(m, str):
-            return False
+
+    def rewrite(self, graph: gs.Graph, match: Match, choice: Choice, ctx: MoveContext) -> bool:
+        m = match.block
         src = padding_masks(ctx).get(m.mask.name) if m.mask is not None else None
         if choice == "linear" or str(choice).startswith("window_"):
             w = int(str(choice).split("_", 1)[1]) if choice != "linear" else 0
@@ -285,7 +283,7 @@ class AttentionFusion(Pass):
         k = int(str(choice).split("_", 1)[1])
         if not 0 < k < m.heads or not _can_prune(m):
             return False
-        imp = _importance(ctx, site)
+        imp = _importance(ctx, self.site_key(match.nodes[0]))
         keep = sorted(np.argsort(-imp, kind="stable")[: m.heads - k].tolist())
         _rewrite(graph, m, keep_heads=keep, mask_source=src)
         return True
@@ -293,11 +291,3 @@ class AttentionFusion(Pass):
     def data_moves(self, sites: list[Site], options) -> str | None:
         prune = any(str(c).startswith("prune_") for s in sites for c in s.choices)
         return "head importance ranked on calibration data (prune_k)" if prune else None
-
-    def rejections(self, graph: gs.Graph) -> list[tuple[str, str]]:
-        out = []
-        for n in _candidates(graph):
-            m = _match(n)
-            if isinstance(m, str):
-                out.append((n.name, m))
-        return out
