@@ -262,6 +262,9 @@ def _blocks(graph) -> tuple[list[_Block], list[tuple[str, str]]]:
 
 # ------------------------------------------------------------------------------------- the pass
 class DepthRemoval(Pass):
+    """Keeps its own sites / rejections / apply, not match(): a site is a block of many nodes, and
+    whether a residual Add is a site depends on the encoder layers found over the whole graph."""
+
     name = "depth"
     description = "remove a residual block (x + f(x) -> x) or a whole post-LN transformer encoder layer"
     fidelity = "approximate: the removed block's contribution is lost (optionally repaired on calibration data)"

@@ -58,7 +58,7 @@ import numpy as np
 
 from graphopt.errors import UsageError, first_line
 from graphopt.genotype import Choice, Site
-from graphopt.plugin import Fail, Match, MoveContext, Pass
+from graphopt.plugin import Fail, Match, MoveContext, Option, Pass
 
 from ._graph import _const, _input, _static_size
 from ._int8_prep import prepare, with_activations
@@ -74,6 +74,19 @@ log = logging.getLogger("graphopt")
 ACTIVATION_TYPES = ("uint8", "int8")
 
 
+def _reduce_range(value: Any) -> bool | str | None:
+    """The pass option int8_reduce_range as True, False or "auto"; None when it is none of them."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    word = str(value).strip().lower()
+    return True if word in ("1", "true", "yes", "on") else False if word in ("0", "false", "no", "off") else None
+
+
+class _AutoOrBool(Option):
+    def problem(self, value: Any) -> str | None:
+        return None if value is None or _reduce_range(value) is not None else "expected auto, true or false"
+
+
 def host_has_vnni() -> bool:
     """True when /proc/cpuinfo lists AVX-512 VNNI or AVX-VNNI (int8 dot products without int16
     saturation); False when it lists neither or cannot be read."""
@@ -86,6 +99,14 @@ def host_has_vnni() -> bool:
     except OSError:
         pass
     return False
+
+
+def _auto_reduce_range(value: Any) -> bool:
+    """int8_reduce_range as a bool ("auto": True on an x86 CPU without VNNI)."""
+    rr = _reduce_range(value)
+    if rr is None:
+        raise UsageError(f"int8: int8_reduce_range={value!r}; use true, false or 'auto'")
+    return (_is_x86() and not host_has_vnni()) if rr == "auto" else rr
 
 
 def _is_x86() -> bool:
@@ -168,10 +189,7 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], nodes: 
 
     if activations not in ACTIVATION_TYPES:
         raise UsageError(f"int8: int8_activations={activations!r}; choose one of {', '.join(ACTIVATION_TYPES)}")
-    if reduce_range == "auto":
-        reduce_range = _is_x86() and not host_has_vnni()
-    if not isinstance(reduce_range, bool):
-        raise UsageError(f"int8: int8_reduce_range={reduce_range!r}; use true, false or 'auto'")
+    reduce_range = _auto_reduce_range(reduce_range)
     if not calibration:
         raise UsageError("int8: static quantization needs calibration data; pass --data samples.npz "
                          "(or let graphopt synthesize samples)")
@@ -284,10 +302,7 @@ def quantize_dynamic_nodes(model: onnx.ModelProto, nodes: Sequence[str], *, per_
 
     if not nodes:
         return model
-    if reduce_range == "auto":
-        reduce_range = _is_x86() and not host_has_vnni()
-    if not isinstance(reduce_range, bool):
-        raise UsageError(f"int8: int8_reduce_range={reduce_range!r}; use true, false or 'auto'")
+    reduce_range = _auto_reduce_range(reduce_range)
     with tempfile.TemporaryDirectory(prefix="graphopt-int8d-") as tmp:
         src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "dyn.onnx"
         onnx.save_model(model, str(src), save_as_external_data=model.ByteSize() > 1_800_000_000)
@@ -330,7 +345,12 @@ class Int8Quantize(Pass):
     fidelity = ("approximate: weights int8 per channel; static activations uint8 on calibrated ranges "
                 "(fit split), dynamic activations quantized at run time; measured on select like any move")
     uses_calibration = True
-
+    OPTIONS = (
+        Option("int8_activations", str, "uint8", "static activations' type (int8: S8S8; prefer uint8 on x86)",
+               choices=ACTIVATION_TYPES),
+        _AutoOrBool("int8_reduce_range", str, "auto", "7-bit weights (auto: on an x86 CPU without VNNI)",
+                    choices=("auto", "true", "false")),
+    )
     anchor_ops = QUANT_OPS
 
     def match(self, graph: gs.Graph, node: gs.Node) -> Match | Fail:

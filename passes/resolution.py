@@ -285,10 +285,14 @@ def _repad(graph, nodes, start, old_hw, new_hw) -> int:
 
 # ------------------------------------------------------------------------------------ the pass
 class InputResolution(Pass):
+    """Keeps its own sites / rejections / apply, not match(): a site is a graph input (an image)
+    and the region of nodes that see its size, not a node."""
+
     name = "resolution"
     description = ("run the network on a smaller image (centre crop or resize right after the input; "
                    "approximate) where a global pool makes the head size-agnostic")
     stage = 80  # after every float rewrite (its pad recomputation sees the final kernels), before int8
+    OPTIONS = ()  # reads no pass options
 
     def sites(self, graph: "gs.Graph") -> list[Site]:
         found, _ = _sites(graph)

@@ -377,12 +377,16 @@ def check(graph: "gs.Graph") -> tuple[_Match | str, "onnx.ModelProto | None"]:
 
 # ------------------------------------------------------------------------------------- the pass
 class TrimPadding(Pass):
+    """Keeps its own sites / rejections / apply, not match(): its one site is the whole encoder
+    (keyed by the attention-mask input), not a node, and apply() trial-checks the rewrite."""
+
     name = "trim_padding"
     description = ("run a padded transformer encoder on the tokens up to the last unmasked one (exact; output "
                    "must not keep the token axis)")
     stage = 85  # after the float rewrites that match fixed-length patterns (attention: 20), before int8 (90)
     fidelity = "exact"  # for outputs without the token axis; every site is trial-checked against the original
     dynamic_shapes = True  # the rewritten graph's shapes depend on input values (graphopt.timing)
+    OPTIONS = ()  # reads no pass options
 
     def __init__(self, **options: Any) -> None:
         self._last: tuple[Any, Any] | None = None  # (graph, check result): sites() and rejections() share it

@@ -60,7 +60,10 @@ class WidthPrune(Pass):
     """Remove a coupled group of channels (keep ratio 0.75 or 0.5; least-squares or filter-norm selection).
 
     With calibration data and repair on (the default), the layers reading the pruned channels
-    are then refit by least squares to the original model's outputs (graphopt.repair)."""
+    are then refit by least squares to the original model's outputs (graphopt.repair).
+
+    Keeps its own sites / rejections / apply, not match(): a site is a coupled channel group
+    found by one analysis of the whole graph (_Analysis), not a node."""
 
     name = "width"
     description = "prune coupled channel groups of convs / Gemm / MatMul (keep 75% or 50%), LS-repaired"

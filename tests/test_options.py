@@ -34,6 +34,19 @@ def _cfg(**kw) -> RunConfig:
     (dict(passes=["conv_bn"], pass_options={"depth_repair": 1}), "--pass-opt depth_repair=1",
      "unknown option of pass 'conv_bn'; valid: finetune_threads, recover_loss, recover_temperature, "
      "recover_train_size, repair"),  # the run-wide recovery options are valid for every pass
+    (dict(passes=["int8"], pass_options={"int8_activations": "int4"}), "--pass-opt int8_activations='int4'",
+     "expected one of uint8, int8 (pass 'int8')"),
+    (dict(passes=["int8"], pass_options={"int8_reduce_range": "maybe"}), "--pass-opt int8_reduce_range='maybe'",
+     "expected auto, true or false (pass 'int8')"),
+    (dict(passes=["int8"], pass_options={"int8_reduce_range": 2}), "--pass-opt int8_reduce_range=2",
+     "expected auto, true or false (pass 'int8')"),
+    (dict(passes=["int8"], pass_options={"int8_activation": "int8"}), "--pass-opt int8_activation='int8'",
+     "unknown option of pass 'int8'; valid: finetune_threads, int8_activations, int8_reduce_range, recover_loss"),
+    (dict(passes=["trim_padding"], pass_options={"max_tokens": 32}), "--pass-opt max_tokens=32",
+     "unknown option of pass 'trim_padding'; valid: finetune_threads, recover_loss, recover_temperature, "
+     "recover_train_size, repair"),
+    (dict(passes=["resolution"], pass_options={"size": 200}), "--pass-opt size=200",
+     "unknown option of pass 'resolution'; valid: finetune_threads, recover_loss"),
 ])
 def test_bad_options_stop_before_the_run(kw, flag, msg):
     with pytest.raises(UsageError) as e:
@@ -49,10 +62,26 @@ def test_bad_options_stop_before_the_run(kw, flag, msg):
     dict(strategy="evolutionary", strategy_options={"population": 8, "crossover": 0.5}),
     dict(strategy="sensitivity", strategy_options={"mode": "int8", "evolutionary_population": 4}),
     dict(passes=["width", "depth"], pass_options={"repair": False, "width_importance": "l2", "depth_repair": True}),
-    dict(passes=["int8"], pass_options={"int8_reduce_range": "auto"}),  # int8 declares no table: not checked
+    dict(passes=["int8"], pass_options={"int8_reduce_range": "auto", "int8_activations": "int8"}),
+    dict(passes=["int8", "trim_padding"], pass_options={"int8_reduce_range": True}),
+    dict(passes=["int8"], pass_options={"int8_reduce_range": 0}),  # --pass-opt int8_reduce_range=0 (JSON 0)
 ])
 def test_good_options_pass(kw):
     _cfg(**kw).validate()
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), (True, True), (False, False), (1, True), (0, False),
+                                            ("true", True), ("off", False), ("maybe", None), (2, None)])
+def test_int8_reads_reduce_range_as_its_table_checks_it(value, expected):
+    from graphopt.passes.int8 import Int8Quantize, _auto_reduce_range, _reduce_range
+
+    (opt,) = [o for o in Int8Quantize.OPTIONS if o.name == "int8_reduce_range"]
+    assert _reduce_range(value) == expected and (opt.problem(value) is None) == (expected is not None)
+    if expected is None:
+        with pytest.raises(UsageError, match="int8_reduce_range"):
+            _auto_reduce_range(value)
+    elif expected != "auto":
+        assert _auto_reduce_range(value) is expected
 
 
 def test_a_constructor_keyword_missing_from_the_table_is_still_accepted():
@@ -76,7 +105,7 @@ def test_every_builtin_declares_its_options():
     for reg in (TARGETS, STRATEGIES):
         for name in ("x86", "cuda", "ort", "rpi4") if reg is TARGETS else ("random", "grid", "evolutionary", "sensitivity"):
             assert option_table(reg.get(name)) is not None, name
-    for name in ("attention", "conv_bn", "conv_mul", "depth", "depthwise", "kernel", "width"):
+    for name in PASSES.names():
         assert option_table(PASSES.get(name)) is not None, name
 
 
@@ -95,3 +124,10 @@ def test_list_shows_the_options():
     assert r.returncode == 0
     assert "population (int, default 16): genotypes alive at once" in r.stdout
     assert "knobs (passes|sites, default passes)" in r.stdout
+
+
+def test_list_shows_the_int8_options():
+    r = run_cli("list", "passes", timeout=120)
+    assert r.returncode == 0
+    assert "int8_activations (uint8|int8, default uint8): static activations' type" in r.stdout
+    assert "int8_reduce_range (auto|true|false, default auto): 7-bit weights" in r.stdout
