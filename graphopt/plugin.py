@@ -327,10 +327,14 @@ class TargetContext:
     `deadline`: time.monotonic() at which the run's time budget ends (None: no time budget); a
     tuning target stops tuning by then. `incumbent_ms`: the best latency measured so far in this
     run (None: none yet); a tuning target may stop tuning a candidate that cannot beat it.
+    `profile_layers`: whether the driver wants per-layer latency with the measurements that follow
+    (Measurement.extra["layers"], "layers_how", ...), where the target can give it; the driver sets
+    it while it measures the best candidate once more at the end of a run (graphopt.conclude).
     """
 
     deadline: float | None = None
     incumbent_ms: float | None = None
+    profile_layers: bool = False
 
 
 def inform_target(target: Any, context: TargetContext) -> None:
@@ -382,7 +386,8 @@ class Target:
         """Raise TargetUnreachable / UsageError before the search if the target cannot work."""
 
     def inform(self, context: TargetContext) -> None:
-        """Called before each compile with the run's TargetContext (deadline, best latency so far).
+        """Called before each compile with the run's TargetContext (deadline, best latency so far),
+        and before the per-layer measurement of the best (profile_layers=True).
         Default: keep it as `self.context`; a target with `deadline` / `incumbent_ms` attributes
         (x86, rpi4: the older way) gets them set as well."""
         self.context = context

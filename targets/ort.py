@@ -4,10 +4,11 @@ Sessions use ORT_ENABLE_ALL graph optimizations and an explicit intra-op thread 
 in the report). Latency = median over `repeat` timed repeats of `number` runs each, after
 `warmup` untimed runs.
 
-Per-layer latency: `--target-opt profile=1` adds Measurement.extra["layers"] (see
-profile_layers: onnxruntime's own per-node kernel times, from a separate profiling session, so
-the timed runs carry no profiling overhead). `OrtTarget.profile(model, inputs)` gives the same
-table for one model, e.g. the best candidate at the end of a run.
+Per-layer latency: a measurement told TargetContext(profile_layers=True) (the driver's per-layer
+measurement of the best at the end of a run), or every measurement with `--target-opt profile=1`,
+adds Measurement.extra["layers"] (see profile_layers: onnxruntime's own per-node kernel times,
+from a separate profiling session, so the timed runs carry no profiling overhead).
+`OrtTarget.profile(model, inputs)` gives the same table for one model.
 """
 
 from __future__ import annotations
@@ -153,8 +154,7 @@ class OrtTarget(Target):
         except Exception as e:
             raise CompileError(f"onnxruntime could not create a session: {str(e).strip().splitlines()[0]}") from None
         info: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
-        if self.per_layer:
-            info["model"] = model  # profiled in a session of its own after the timed runs
+        info["model"] = model  # for a per-layer profile (profile=1 or TargetContext.profile_layers), in a session of its own
         return Artifact(target=self.name, handle=sess, info=info)
 
     def profile(self, model, inputs: Mapping[str, np.ndarray], runs: int | None = None) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class OrtTarget(Target):
                 sess.run(None, feeds[i % len(feeds)])
             samples.append((time.perf_counter() - t0) * 1000.0 / runs)
         extra: dict[str, Any] = {"runtime": "onnxruntime", "graph_optimization": "ORT_ENABLE_ALL"}
-        if self.per_layer and artifact.info.get("model") is not None:
+        if (self.per_layer or self.context.profile_layers) and artifact.info.get("model") is not None:
             extra.update(self.profile(artifact.info["model"], inputs))
         return Measurement(latency=LatencyStats.from_samples(samples, runs), method="measured",
                            tuned=None, threads=self.threads, device=cpu_name(), extra=extra)

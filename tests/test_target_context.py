@@ -52,3 +52,31 @@ def test_the_older_attributes_still_work():
     inform_target(new, TargetContext(deadline=7.0, incumbent_ms=2.5))
     assert (old.deadline, old.incumbent_ms) == (5.0, 1.5)
     assert new.deadline == 7.0 and new.context.incumbent_ms == 2.5 and not hasattr(new, "incumbent_ms")
+
+
+def test_the_driver_asks_for_per_layer_latency_of_the_best_only(convbn_path, tmp_path):
+    """TargetContext.profile_layers: off while the search measures, on for the one per-layer
+    measurement of the best at the end (graphopt.conclude), whose layers reach report.json."""
+    import json
+
+    from graphopt.html_report import best_layers
+
+    told: list[bool] = []
+
+    class Profiled(OrtTarget):
+        name = "profiled"
+
+        def measure_feeds(self, artifact, feeds):
+            told.append(self.context.profile_layers)
+            return super().measure_feeds(artifact, feeds)
+
+    TARGETS.register("profiled", Profiled)
+    try:
+        res = optimize(convbn_path, "profiled", passes="conv_bn", budget="60s", out=tmp_path / "o", search_exact=True,
+                       target_options={"repeat": 2, "number": 2})
+    finally:
+        TARGETS.unregister("profiled")
+    assert res.exit_code == 0 and len(told) >= 3
+    assert told[-1] is True and not any(told[:-1]), told
+    layers, facts = best_layers(json.loads((tmp_path / "o" / "report.json").read_text())["best"])
+    assert layers and facts["layers_count"] >= len(layers) and "onnxruntime" in facts["layers_how"]
