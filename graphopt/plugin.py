@@ -121,7 +121,6 @@ class Match:
         return tuple(n.name for n in self.nodes)
 
 
-
 @dataclass
 class Fail:
     """Why a node is not a site (onnxscript's MatchResult.fail): `reason` in a few words, and the
@@ -138,24 +137,19 @@ class Pass:
     """A rewrite that acts at sites of the base graph.
 
     The short way (a pattern + check + rewrite pass; passes/conv_mul.py is a whole example):
-    set `anchor_ops` (the op types a site starts from), `choices` (keep first) and `exact_choice`,
-    and define
+    set `anchor_ops` (the op types a site starts from), `choices` (keep first), `exact_choice`; define
         match(graph, node) -> Match | Fail | None   read-only: the pattern and the conditions
                                                     (None: not this pass's pattern, say nothing)
-        rewrite(graph, match, choice, ctx)         edit the graph (graphopt/rewrite.py helpers);
-                                                    ctx: the MoveContext (calibration, options)
-    The base class derives sites() (key "<name>:<anchor node name>"), rejections() (each Fail)
-    and apply() (checks the choice with check_choice(), re-matches the anchor on the graph being
-    edited and returns False when the site went stale: the anchor is gone or the match now covers
-    other nodes). A pass whose sites are not one per node (a graph input, a channel group, a whole
-    model) writes sites / rejections / apply itself (width, depth, resolution, trim_padding).
+        rewrite(graph, match, choice, ctx)         edit the graph (graphopt/rewrite.py helpers)
+    The base class derives sites() (key "<name>:<anchor node name>"), rejections() (each Fail) and
+    apply() (check_choice(), then a re-match of the anchor on the graph being edited: False when the
+    site went stale). Passes whose sites are not one per node (width, depth, ...) take the long way:
 
     `sites(graph)` is read-only and returns the places the pass can act on the *base* graph.
     `apply(graph, site, choice, ctx)` edits `graph` (a private clone) in place for one non-keep
     choice and returns True, or returns False when the move no longer applies (an earlier move
     removed its nodes). Do not call cleanup()/toposort(): materialize finalizes once.
-    `stage` orders passes inside one candidate (lower first): exact fusions before
-    architecture moves before quantization.
+    `stage` orders passes inside one candidate (lower first): exact fusions, architecture moves, int8.
     """
 
     name: ClassVar[str] = ""
@@ -181,8 +175,7 @@ class Pass:
         raise NotImplementedError
 
     def check_choice(self, site: Site, choice: Choice) -> None:
-        """Raise ValueError for a choice apply() never takes at `site`. Default: one of the site's
-        non-keep choices; a pass whose rewrite takes more (any rank, any odd size) overrides it."""
+        """ValueError for a choice apply() never takes at `site` (default: not one of its choices)."""
         if choice not in site.choices[1:]:
             raise ValueError(f"{self.name}: unknown choice {choice!r} for site {site.key}")
 
@@ -231,9 +224,8 @@ class Pass:
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
         """(node name, why it is not a site) for near misses; shown by `graphopt inspect`.
         Default: each Fail that match() returns (none for a pass without match())."""
-        if self.match is None:
-            return []
-        return [((m.node or node).name, m.reason) for node, m in self._matches(graph) if isinstance(m, Fail)]
+        return [] if self.match is None else [
+            ((m.node or node).name, m.reason) for node, m in self._matches(graph) if isinstance(m, Fail)]
 
     def data_moves(self, sites: list[Site], options: Mapping[str, Any]) -> str | None:
         """What this pass's moves at `sites` fit to data with these options (calibration ranges,
@@ -321,16 +313,11 @@ class Artifact:
 
 @dataclass(frozen=True)
 class TargetContext:
-    """What the driver tells a target before each compile (Target.inform), in the search's process
-    or a compile worker's.
-
-    `deadline`: time.monotonic() at which the run's time budget ends (None: no time budget); a
-    tuning target stops tuning by then. `incumbent_ms`: the best latency measured so far in this
-    run (None: none yet); a tuning target may stop tuning a candidate that cannot beat it.
-    `profile_layers`: whether the driver wants per-layer latency with the measurements that follow
-    (Measurement.extra["layers"], "layers_how", ...), where the target can give it; the driver sets
-    it while it measures the best candidate once more at the end of a run (graphopt.conclude).
-    """
+    """What the driver tells a target (Target.inform) before each compile, in the search's process or a
+    compile worker's: `deadline` (time.monotonic() when the run's budget ends; None: no budget), by when
+    a tuning target stops tuning; `incumbent_ms` (the best latency so far; None: none yet), which a tuned
+    candidate must beat; `profile_layers`: whether it wants per-layer latency (Measurement.extra["layers"])
+    with the measurements that follow (on for one more measurement of the best at the end of a run)."""
 
     deadline: float | None = None
     incumbent_ms: float | None = None
@@ -386,8 +373,8 @@ class Target:
         """Raise TargetUnreachable / UsageError before the search if the target cannot work."""
 
     def inform(self, context: TargetContext) -> None:
-        """Called before each compile with the run's TargetContext (deadline, best latency so far),
-        and before the per-layer measurement of the best (profile_layers=True).
+        """Called before each compile with the run's TargetContext (deadline, best latency so far,
+        whether to profile per layer).
         Default: keep it as `self.context`; a target with `deadline` / `incumbent_ms` attributes
         (x86, rpi4: the older way) gets them set as well."""
         self.context = context
