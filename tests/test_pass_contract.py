@@ -95,6 +95,19 @@ def test_a_stale_site_returns_false(pass_name, model):
 
 
 @pytest.mark.parametrize("pass_name,model", CASES)
+def test_an_unknown_choice_raises(pass_name, model):
+    """apply() refuses a choice it never takes (Pass.check_choice) before it edits anything."""
+    loaded = _model(model)
+    p = PASSES.create(pass_name)
+    site = p.sites(loaded.graph())[0]
+    graph = loaded.graph()
+    before = _bytes(graph)
+    with pytest.raises(ValueError, match=f"{pass_name}: .*choice 'no_such_choice' for site"):
+        p.apply(graph, site, "no_such_choice", _ctx(loaded))
+    assert _bytes(graph) == before
+
+
+@pytest.mark.parametrize("pass_name,model", CASES)
 def test_exact_choices_match_onnxruntime(pass_name, model):
     loaded = _model(model)
     p = PASSES.create(pass_name)
