@@ -77,11 +77,11 @@ _MAX_IMPORTANCE_SAMPLES = 16
 
 
 # -------------------------------------------------------------------------------- importance
-def _importance(ctx: MoveContext, key: str) -> np.ndarray:
+def _importance(ctx: MoveContext, site_key: str) -> np.ndarray:
     """Per-head importance of every site, from one onnxruntime run of the base model."""
     cache = ctx.cache.setdefault("attention_importance", {})
-    if key in cache:
-        return cache[key]
+    if site_key in cache:
+        return cache[site_key]
     import onnx
     import onnxruntime as ort
 
@@ -119,9 +119,9 @@ def _importance(ctx: MoveContext, key: str) -> np.ndarray:
                 sums[key][hh] += float(np.linalg.norm(contrib, axis=-1).mean())
     for key, total in sums.items():
         cache[key] = total / max(n, 1)
-    if key not in cache:
-        raise ValueError(f"attention: no head importance for site {key}")
-    return cache[key]
+    if site_key not in cache:
+        raise ValueError(f"attention: no head importance for site {site_key}")
+    return cache[site_key]
 
 
 def _ancestor_inputs(graph: gs.Graph, t) -> set[str]:

@@ -453,6 +453,26 @@ def _minilm_fused_error(path: Path, form: str) -> float:
                             - _run(fused, {k: v[i] for k, v in data.items()})).max()) for i in range(2))
 
 
+def test_minilm_prune_ranks_each_site_by_its_own_heads(minilm):
+    """Head importance is computed for every site at once and cached: the first prune of a run
+    (any site) reads its own site's scores, not the last site's, so it keeps the same heads as a
+    prune that finds the scores already cached."""
+    from graphopt.ir import load_model
+    from graphopt.passes.attention import _importance
+
+    base = load_model(minilm, check_runtime=False)
+    sites = AttentionFusion().sites(base.graph())
+    with np.load(ROOT / "models" / "minilm_calib.npz") as z:
+        calib = {k: z[k][:1] for k in z.files}
+    fresh_ctx, warm = _ctx(base, calib), _ctx(base, calib)
+    fresh, _ = _apply(base, "prune_1", fresh_ctx, site_index=0)  # the run's first importance call
+    _importance(warm, sites[-1].key)  # computes and caches every site's
+    cached, _ = _apply(base, "prune_1", warm, site_index=0)
+    scores = warm.cache["attention_importance"]
+    assert len(scores) == 6 and not np.allclose(scores[sites[0].key], scores[sites[-1].key])
+    assert fresh.SerializeToString() == cached.SerializeToString()
+
+
 def test_minilm_fused_matches(minilm):
     # measured: max abs error 0.0 on 20 eval sentences (embedding [1, 384], onnxruntime 1.32)
     assert _minilm_fused_error(minilm, "classic") <= 1e-4
