@@ -174,7 +174,7 @@ def main() -> None:
     sess = ort.InferenceSession(str(args.model), OrtTarget(threads=args.threads)._options(),
                                 providers=["CPUExecutionProvider"])
     ort_model = e2e_ms(lambda: sess.run(None, feed))
-    tvm_model = float(np.median(tgt.measure(art, feed).latency.samples_ms))
+    tvm_model = float(tgt.measure(art, feed).latency.median_ms)
     print(f"{args.model.name}: {cpu_model()}, {args.threads} threads; TVM: each of the model's {n} kernels "
           f"({unscheduled} without a database schedule) built alone and timed now, hot caches and with the CPU "
           f"cache flushed before each call; ORT: its profiler, mean of {args.runs} runs")

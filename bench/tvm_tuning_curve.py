@@ -59,7 +59,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     if not args.resume:
         shutil.rmtree(db_root, ignore_errors=True)
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
-                    tune_trials=args.tune_trials)
+                    tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -68,7 +68,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     tuning._quiet_meta_schedule()
     target = tgt.target
     log(f"{name}: target {tgt.target_json()}")
-    mod = tc.import_onnx(tc.fold_constants(loaded.proto), fold=False, int8_kernels=tgt.int8_kernels)
+    mod = tgt.relax_module(loaded.proto)  # what the x86 target tunes and builds (canonicalized, its layout)
     prepared, fused = tuning.prepare(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db = tuning.open_db(db_dir)
@@ -179,6 +179,8 @@ def main() -> None:
                     "count as warmed up) and go on tuning")
     ap.add_argument("--offset-s", type=float, default=0.0, help="resumed: tuning seconds the earlier run spent")
     ap.add_argument("--offset-trials", type=int, default=0, help="resumed: trials the earlier run spent")
+    ap.add_argument("--canonicalize", type=int, default=1, help="x86 target option (1: BN and zero Pads folded first)")
+    ap.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="x86 target option")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()
