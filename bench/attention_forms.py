@@ -81,9 +81,9 @@ def export(seq: int, out: Path, probe: dict[str, np.ndarray]) -> Path:
 
 def make_rows(path: Path, calib: dict[str, np.ndarray], seq: int, out: Path) -> list[dict]:
     from graphopt.driver import materialize, move_context
-    from graphopt.evaluate import CalibrationData
+    from graphopt.evaluation.evaluate import CalibrationData
     from graphopt.genotype import Genotype, SearchSpace
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
     from graphopt.registry import PASSES
 
     base = load_model(path)

@@ -26,8 +26,8 @@ m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]); m.ir_vers
 onnx.save(m, d / "mm.onnx")
 with RayCluster(workers=2, log_dir=d) as c:
     import ray
-    from graphopt import cluster_pool
-    from graphopt.cluster_pool import TuningDbOwner, _remote_compile
+    from graphopt.parallel import cluster_pool
+    from graphopt.parallel.cluster_pool import TuningDbOwner, _remote_compile
     cluster_pool.connect(c.address)
     master = d / "master"
     owner = ray.remote(num_cpus=0, max_concurrency=8)(TuningDbOwner).remote(str(master), 30.0)

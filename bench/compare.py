@@ -198,9 +198,9 @@ def make_graphopt_fixed(out: Path, name: str, genes: dict, note: str) -> dict:
     """A row made by graphopt's own passes with a fixed genotype (no search), calibrated on the
     calibration set: shows one move's cost and fidelity on held-out data, feasible or not."""
     from graphopt.driver import materialize, move_context
-    from graphopt.evaluate import CalibrationData
+    from graphopt.evaluation.evaluate import CalibrationData
     from graphopt.genotype import Genotype, SearchSpace
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
     from graphopt.registry import PASSES as REGISTRY
 
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ folder that already holds cases in that layout is read as it is.
 Each case, in order:
 1. onnxruntime runs the original model. A case onnxruntime cannot run (`ort_fails`) or gets
    wrong itself (`ort_wrong`) is skipped and only counted: it says nothing about graphopt.
-2. `graphopt.ir.load_proto` (the load path of every command: checker, input shapes, constant
+2. `graphopt.modelio.ir.load_proto` (the load path of every command: checker, input shapes, constant
    folding, shape inference, onnxruntime check). A `ModelError`/`UsageError` is `refused`
    (its one-line reason is kept); any other exception is `load_crash` (a graphopt bug).
 3. `import_graph` -> `export_graph`: a materialize with an empty genotype. An exception is
@@ -300,7 +300,7 @@ def first_line(e: BaseException) -> str:
 def round_trip(case_dir: Path) -> tuple[str, str]:
     """(class, first line) of one case: see the module docstring."""
     from graphopt.errors import GraphoptError
-    from graphopt.ir import export_graph, import_graph, load_proto
+    from graphopt.modelio.ir import export_graph, import_graph, load_proto
 
     model, inputs, expected = load_case(case_dir)
     rtol, atol = tolerance(case_dir)

@@ -85,7 +85,7 @@ def measure_all(graphs: dict[str, Path], args, feed) -> dict[str, dict[str, floa
 
     res: dict[str, dict[str, float]] = {g: {} for g in graphs}
     protos = {g: onnx.load(str(p)) for g, p in graphs.items()}
-    from graphopt.ir import fold_constants
+    from graphopt.modelio.ir import fold_constants
 
     for g, m in protos.items():  # as the rpi4 target estimates a candidate: constants folded, its threads
         res[g]["rpi4"] = estimate_ms(fold_constants(m), args.threads)[0]

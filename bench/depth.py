@@ -8,7 +8,7 @@ alone, then the 2, 3 and 5 with the highest single-removal cosine. No distillati
 --repair the move alone, with it also the least-squares repair of the layers that read the
 removed block (passes/depth.py), fit on models/<name>_calib.npz (disjoint from the eval data).
 
-Per row: FLOPs (estimated by formula, graphopt.analysis), onnxruntime latency ratio vs the
+Per row: FLOPs (estimated by formula, graphopt.reporting.analysis), onnxruntime latency ratio vs the
 original (measured: ORT_ENABLE_ALL, --threads intra-op threads, each round times the original
 and the variant back to back, 20 runs each after 3 warm-up; the median of --rounds round ratios),
 and fidelity: MiniLM embedding cosine vs the original over the 188 sentences of
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphopt.analysis import analyze
+from graphopt.reporting.analysis import analyze
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_model
+from graphopt.modelio.ir import load_model
 from graphopt.passes.depth import DepthRemoval
 from graphopt.plugin import MoveContext
 

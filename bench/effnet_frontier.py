@@ -35,9 +35,9 @@ from compare import interleaved_rounds, session  # noqa: E402
 from effnet_resolution import build  # noqa: E402
 from recover import HELD_OUT, MODEL, Photos, top1  # noqa: E402
 
-from graphopt.analysis import analyze  # noqa: E402
-from graphopt.ir import load_model  # noqa: E402
-from graphopt.outputs import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from graphopt.reporting.analysis import analyze  # noqa: E402
+from graphopt.modelio.ir import load_model  # noqa: E402
+from graphopt.runstore.outputs import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -83,7 +83,7 @@ def main() -> int:
     if args.rounds <= 0:  # top-1 only (fills the cache)
         log("top-1 only (--rounds 0): " + ", ".join(f"{r['name']} {r['top1']:.1f}" for r in rows))
         return 0
-    for r in rows:  # FLOPs by formula (graphopt.analysis, on the loaded model: shapes folded), whatever the load
+    for r in rows:  # FLOPs by formula (graphopt.reporting.analysis, on the loaded model: shapes folded), whatever the load
         r["gflops"] = analyze(load_model(Path(r["path"]), {}).proto).total_flops / 1e9
     sessions = {r["name"]: session(r["path"]) for r in rows}
     interleaved_rounds(rows, sessions, held.sample(0), args.rounds, say=log)

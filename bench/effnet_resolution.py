@@ -2,10 +2,10 @@
 
 Each candidate is built with graphopt's passes (`resolution`: an in-graph centre crop / resize
 right after the 224x224 input; `depth`: residual blocks removed), then distilled with
-graphopt.recover on the FIT split (the first --fit photos of models/data/photos-unlabelled,
+graphopt.recovery.recover on the FIT split (the first --fit photos of models/data/photos-unlabelled,
 unlabelled): the teacher (the original) sees the 224 input, the student sees it through its
 in-graph crop; feature maps differ in size, so only the logits are matched (normalised MSE,
-graphopt.recover); random flips and shifts; --train all|changed. The best weights on the SELECT
+graphopt.recovery.recover); random flips and shifts; --train all|changed. The best weights on the SELECT
 split (the next --select photos; score: top-1 agreement with the original) are kept. Held-out:
 top-1 on models/data/imagenet-sample (labels; never used for a choice) before and after.
 Recovered models go to <out>/effnet_<name>.onnx (bench/effnet_frontier.py times them).
@@ -29,15 +29,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 from recover import HELD_OUT, MODEL, PHOTOS, Photos, top1  # noqa: E402
 
 from graphopt.driver import materialize  # noqa: E402
-from graphopt.evaluate import CalibrationData  # noqa: E402
-from graphopt.fidelity import FidelityChecker  # noqa: E402
+from graphopt.evaluation.evaluate import CalibrationData  # noqa: E402
+from graphopt.evaluation.fidelity import FidelityChecker  # noqa: E402
 from graphopt.genotype import Genotype, SearchSpace  # noqa: E402
-from graphopt.ir import load_model  # noqa: E402
-from graphopt.outputs import atomic_write_bytes, atomic_write_json  # noqa: E402
+from graphopt.modelio.ir import load_model  # noqa: E402
+from graphopt.runstore.outputs import atomic_write_bytes, atomic_write_json  # noqa: E402
 from graphopt.passes.depth import DepthRemoval  # noqa: E402
 from graphopt.passes.resolution import InputResolution  # noqa: E402
 from graphopt.plugin import MoveContext  # noqa: E402
-from graphopt.recover import RecoverOptions, recover  # noqa: E402
+from graphopt.recovery.recover import RecoverOptions, recover  # noqa: E402
 
 
 import logging
@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--eval-every", type=float, default=120.0)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--loss", default="kl", choices=["mse", "kl"], help="output loss (graphopt.recover)")
+    ap.add_argument("--loss", default="kl", choices=["mse", "kl"], help="output loss (graphopt.recovery.recover)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--tag", default="run", help="JSON file name: <out>/effnet_resolution_<tag>.json")

@@ -1,10 +1,10 @@
 """EfficientNet-Lite0: distil a reduced-resolution (/ block-removed) candidate's TAIL with cached activations.
 
-graphopt.recover trains by running the whole student (and teacher) every step: on this 2-core
+graphopt.recovery.recover trains by running the whole student (and teacher) every step: on this 2-core
 machine under load ~3 s per step of 8 images at 192 px (docs/effnet_moves.md), ~130 steps in
 7 minutes. Here only the weights from MBConv block --from-block on (plus conv_head, its BN and
 the classifier) train; everything before is frozen, so its output (the frontier tensors of
-graphopt.finetune's TorchGraph) and the teacher's (the original at 224 px) logits are computed
+graphopt.recovery.finetune's TorchGraph) and the teacher's (the original at 224 px) logits are computed
 ONCE per fit image and flip (augmentation: horizontal flips only), then each step runs only the
 tail forward and backward on a batch of cached activations. Loss: KL(teacher || student) of the
 softmax (T = --temperature), plus normalised MSE of the pooled features when their shapes match.
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from effnet_resolution import build  # noqa: E402
 from recover import HELD_OUT, MODEL, PHOTOS, Photos, top1  # noqa: E402
 
-from graphopt.finetune import TorchGraph, trainable_names  # noqa: E402
-from graphopt.ir import load_model  # noqa: E402
-from graphopt.outputs import atomic_write_bytes, atomic_write_json  # noqa: E402
-from graphopt.recover import _Adam, with_weights  # noqa: E402
+from graphopt.recovery.finetune import TorchGraph, trainable_names  # noqa: E402
+from graphopt.modelio.ir import load_model  # noqa: E402
+from graphopt.runstore.outputs import atomic_write_bytes, atomic_write_json  # noqa: E402
+from graphopt.recovery.recover import _Adam, with_weights  # noqa: E402
 
 
 def log(msg: str) -> None:

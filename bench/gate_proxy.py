@@ -5,7 +5,7 @@ candidates of graded quality.
     .venv/bin/python bench/gate_proxy.py [--work /tmp/gate_proxy] [--only NAME,...] [--samples N]
 
 Steps (each cached under --work; rerun to resume):
-  1. the run's splits (graphopt.data.split_data with a run's default caps: 256 select photos from
+  1. the run's splits (graphopt.evaluation.data.split_data with a run's default caps: 256 select photos from
      photos-unlabelled/, 64 calibration photos from the fit split; held-out = imagenet-sample/),
      preprocessed once into .npy;
   2. candidates: onnxruntime quantize_static variants (QDQ per-channel, per-tensor, reduce_range,
@@ -38,8 +38,8 @@ LOADERS = ROOT / "models" / "loaders.py"
 def cache_splits(work: Path, samples: int | None) -> None:
     if (work / "labels.npy").exists():
         return
-    from graphopt.data import open_data, split_data
-    from graphopt.ir import load_model
+    from graphopt.evaluation.data import open_data, split_data
+    from graphopt.modelio.ir import load_model
 
     base = load_model(MODEL)
     data = open_data(f"{LOADERS}:effnet_photos", base.inputs)
@@ -135,7 +135,7 @@ def graphopt_candidates(work: Path, only: set[str] | None = None) -> dict[str, P
 
     from graphopt.driver import materialize, move_context
     from graphopt.exact import build_space
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
     from graphopt.registry import PASSES
 
     base = load_model(MODEL)
@@ -201,7 +201,7 @@ def logits(work: Path, name: str, path: Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------ estimators
 def estimates(ref: np.ndarray, cand: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
     """Label-free drop estimates (points) of `cand` against `ref` (logits [samples, classes])."""
-    from graphopt.metrics import soft_labels
+    from graphopt.evaluation.metrics import soft_labels
 
     p, q = soft_labels(ref, temperature), soft_labels(cand, temperature)
     o, c = ref.argmax(1), cand.argmax(1)
@@ -215,7 +215,7 @@ def estimates(ref: np.ndarray, cand: np.ndarray, temperature: float = 1.0) -> di
 
 
 def analyse(work: Path, names: list[str]) -> dict:
-    from graphopt.metrics import soft_labels, spearman
+    from graphopt.evaluation.metrics import soft_labels, spearman
 
     lab = np.load(work / "labels.npy")
     ref = logits(work, "original", MODEL)

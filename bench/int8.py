@@ -95,7 +95,7 @@ def pointwise_net(size: int = 28, channels: int = 128, seed: int = 0) -> onnx.Mo
 
 def load(name: str) -> tuple[str, onnx.ModelProto, dict[str, np.ndarray]]:
     """(label, fp32 model after graphopt's load (folded, shapes inferred), calibration arrays)."""
-    from graphopt.ir import load_proto
+    from graphopt.modelio.ir import load_proto
 
     if name == "small":
         m = small_net()

@@ -77,11 +77,11 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from graphopt.data import open_data, split_data
+    from graphopt.evaluation.data import open_data, split_data
     from graphopt.driver import materialize, move_context
     from graphopt.exact import build_space
     from graphopt.genotype import Genotype
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
     from graphopt.registry import PASSES
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu_model()}; onnxruntime {ort.__version__}, "

@@ -64,8 +64,8 @@ def log(msg: str) -> None:
 def graphopt_models(out: Path) -> list[dict]:
     from graphopt.driver import move_context
     from graphopt.genotype import SearchSpace
-    from graphopt.evaluate import CalibrationData
-    from graphopt.ir import load_model
+    from graphopt.evaluation.evaluate import CalibrationData
+    from graphopt.modelio.ir import load_model
     from graphopt.registry import PASSES
 
     base = load_model(MODEL)

@@ -64,8 +64,8 @@ def cpu_model() -> str:
 
 
 def calibration(n: int = 32) -> dict[str, np.ndarray]:
-    from graphopt.data import open_data, split_data
-    from graphopt.ir import load_model
+    from graphopt.evaluation.data import open_data, split_data
+    from graphopt.modelio.ir import load_model
 
     base = load_model(MODEL)
     data = open_data(f"{ROOT / LOADERS}:minilm_sentences", base.inputs)
@@ -76,8 +76,8 @@ def calibration(n: int = 32) -> dict[str, np.ndarray]:
 def graphopt_models(out: Path) -> list[dict]:
     from graphopt.driver import move_context
     from graphopt.genotype import SearchSpace
-    from graphopt.evaluate import CalibrationData
-    from graphopt.ir import load_model
+    from graphopt.evaluation.evaluate import CalibrationData
+    from graphopt.modelio.ir import load_model
     from graphopt.registry import PASSES
 
     base = load_model(MODEL)
@@ -156,8 +156,8 @@ def interleaved(rows: list[dict], sessions: dict, feeds: list[dict], rounds: int
 def evaluate(rows: list[dict], eval_pairs: int | None) -> dict:
     import loaders
 
-    from graphopt.evaluate import stack_outputs
-    from graphopt.metrics import resolve_metric
+    from graphopt.evaluation.evaluate import stack_outputs
+    from graphopt.evaluation.metrics import resolve_metric
 
     ds = loaders.minilm_sts_test()
     n = len(ds) if not eval_pairs else min(len(ds), 2 * eval_pairs)

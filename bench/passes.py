@@ -2,7 +2,7 @@
 
 For each approximate pass (depthwise, kernel, width when passes/width.py imports) at each of its
 non-keep choices, applied (a) to every site offering that choice and (b) to the single most costly
-such site (by FLOPs): FLOPs and parameters before/after (estimated by formula, graphopt.analysis),
+such site (by FLOPs): FLOPs and parameters before/after (estimated by formula, graphopt.reporting.analysis),
 onnxruntime latency speedup vs the original (measured, interleaved rounds in this process), and
 fidelity on the held-out eval images (logit cosine, top-1 agreement with the original) without
 repair, with least-squares repair, and with least-squares repair + `--finetune` distillation.
@@ -26,12 +26,12 @@ import numpy as np
 import onnxruntime as ort
 from graphopt.targets.ort import OrtTarget
 
-from graphopt.analysis import analyze
+from graphopt.reporting.analysis import analyze
 from graphopt.driver import materialize
-from graphopt.evaluate import compare
-from graphopt.finetune import finetune
+from graphopt.evaluation.evaluate import compare
+from graphopt.recovery.finetune import finetune
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_model, model_hash
+from graphopt.modelio.ir import load_model, model_hash
 from graphopt.plugin import MoveContext
 
 ROOT = Path(__file__).resolve().parents[1]

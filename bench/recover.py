@@ -1,4 +1,4 @@
-"""Recovery (graphopt.recover) on EfficientNet-Lite0: top-1 before and after distillation.
+"""Recovery (graphopt.recovery.recover) on EfficientNet-Lite0: top-1 before and after distillation.
 
 One candidate: the `width` pass at one ratio on all its sites (or the N most costly, --sites N),
 least-squares repair fit on --repair-images photos, then distillation on the fit split of
@@ -31,16 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from compare import interleaved_rounds, session  # noqa: E402
 
-from graphopt.analysis import analyze  # noqa: E402
+from graphopt.reporting.analysis import analyze  # noqa: E402
 from graphopt.driver import materialize  # noqa: E402
-from graphopt.evaluate import CalibrationData  # noqa: E402
-from graphopt.fidelity import FidelityChecker  # noqa: E402
+from graphopt.evaluation.evaluate import CalibrationData  # noqa: E402
+from graphopt.evaluation.fidelity import FidelityChecker  # noqa: E402
 from graphopt.genotype import Genotype, SearchSpace  # noqa: E402
-from graphopt.ir import load_model  # noqa: E402
-from graphopt.outputs import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from graphopt.modelio.ir import load_model  # noqa: E402
+from graphopt.runstore.outputs import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from graphopt.passes.width import WidthPrune  # noqa: E402
 from graphopt.plugin import MoveContext  # noqa: E402
-from graphopt.recover import RecoverOptions, recover  # noqa: E402
+from graphopt.recovery.recover import RecoverOptions, recover  # noqa: E402
 
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
 PHOTOS = ROOT / "models" / "data" / "photos-unlabelled"
@@ -69,7 +69,7 @@ def to_input(crop: np.ndarray) -> np.ndarray:
 
 
 class Photos:
-    """A data source for graphopt.recover: num_samples, sample(i) -> {"input": [1, 3, 224, 224]}.
+    """A data source for graphopt.recovery.recover: num_samples, sample(i) -> {"input": [1, 3, 224, 224]}.
     Images decoded once and kept as uint8 (150 kB each)."""
 
     def __init__(self, files: list[Path], name: str = "input"):
@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds between select-split evaluations")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0,
-                    help="distillation threads (torch + teacher); 0: graphopt.recover probes 1 vs torch's default")
+                    help="distillation threads (torch + teacher); 0: graphopt.recovery.recover probes 1 vs torch's default")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     out = Path(args.out)

@@ -1,10 +1,10 @@
-"""Where one recovery step's time goes (graphopt.recover on EfficientNet-Lite0), against plain torch.
+"""Where one recovery step's time goes (graphopt.recovery.recover on EfficientNet-Lite0), against plain torch.
 
 One candidate (the `width` pass at --ratio on the --sites costliest sites, least-squares repair
 on 8 photos), then in ONE process, alternately (--rounds rounds, medians reported):
   reference  the same EfficientNet-Lite0 as a plain torch module (efficientnet_lite_pytorch),
              forward + backward at batch --batch x --size px (all weights train: an upper bound)
-  recover    graphopt.recover.recover(steps=--steps) on fit photos (no select evaluation inside):
+  recover    graphopt.recovery.recover.recover(steps=--steps) on fit photos (no select evaluation inside):
              seconds per step, and the sections of one step timed separately
 Prints ratios to the reference (the machine is shared: milliseconds alone mean little), the load
 average and the CPU model.
@@ -54,7 +54,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from graphopt.recover import RecoverOptions, recover
+    from graphopt.recovery.recover import RecoverOptions, recover
 
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     photos = sorted(PHOTOS.glob("*.jpg"))

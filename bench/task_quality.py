@@ -33,10 +33,10 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import interleaved_rounds, session, write_results  # noqa: E402
 
-from graphopt.data import open_data, split_data  # noqa: E402
-from graphopt.evaluate import similarity, stack_outputs  # noqa: E402
-from graphopt.ir import load_model  # noqa: E402
-from graphopt.metrics import resolve_metric  # noqa: E402
+from graphopt.evaluation.data import open_data, split_data  # noqa: E402
+from graphopt.evaluation.evaluate import similarity, stack_outputs  # noqa: E402
+from graphopt.modelio.ir import load_model  # noqa: E402
+from graphopt.evaluation.metrics import resolve_metric  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = "models/loaders.py"

@@ -154,7 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
     from graphopt.targets import tuning
     from graphopt.targets import tvm_common as tc
     from graphopt.targets.ort import OrtTarget

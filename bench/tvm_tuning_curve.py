@@ -33,7 +33,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tvm_vs_ort import MODELS, THREADS, feed_for, mutated, ort_ms  # noqa: E402
 
-from graphopt.ir import load_model  # noqa: E402
+from graphopt.modelio.ir import load_model  # noqa: E402
 from graphopt.plugin import Artifact  # noqa: E402
 from graphopt.targets.ort import OrtTarget  # noqa: E402
 from graphopt.targets.x86 import X86Target  # noqa: E402

@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_model
+from graphopt.modelio.ir import load_model
 from graphopt.passes.kernel import KernelResize
 from graphopt.plugin import MoveContext
 from graphopt.targets.ort import OrtTarget

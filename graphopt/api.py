@@ -32,17 +32,17 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     `compile_workers` > 1 compiles that many candidates at once in worker processes
     (`--compile-workers`; targets with concurrent_measure and portable_artifacts).
     `cluster` (a Ray address: auto, HOST:PORT, ray://HOST:PORT) compiles and tunes candidates as Ray
-    tasks on that cluster's workers (`--cluster`, graphopt.cluster_pool; needs graphopt[cluster]).
+    tasks on that cluster's workers (`--cluster`, graphopt.parallel.cluster_pool; needs graphopt[cluster]).
     `search_exact` searches each exact move per site (`--search-exact`); default one gene per pass.
     `strategy_options` are keyword options of the strategy's constructor (`--strategy-opt K=V`).
     `recover_top` > 0 distils that many promising candidates after the search (`--recover-top`,
-    graphopt.recover), for `recover_time` (90, "90s", "5m"; default: half a time budget).
-    Data and quality (graphopt.data, graphopt.metrics): `data` / `eval_data` take what --data takes
-    (or a graphopt.data.Dataset); `metric` / `task_metric` a name, module:function or a function;
+    graphopt.recovery.recover), for `recover_time` (90, "90s", "5m"; default: half a time budget).
+    Data and quality (graphopt.evaluation.data, graphopt.evaluation.metrics): `data` / `eval_data` take what --data takes
+    (or a graphopt.evaluation.data.Dataset); `metric` / `task_metric` a name, module:function or a function;
     `min_fidelity` (absolute; default 0.99 for a similarity metric) and/or `max_drop` (relative to
     the original's score); `allow_synthetic` lets data-dependent moves fit to random inputs.
     """
-    from .recover import parse_seconds
+    from .recovery.recover import parse_seconds
 
     if isinstance(passes, str):
         passes = [p for p in passes.split(",") if p]

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "else 2 min per candidate)")
     run.add_argument("--recover-train", default="changed", choices=["changed", "all", "tail"],
                      help="what --recover-top trains: the weights the moves changed (default), every weight, or the "
-                          "last third of the weights on cached activations (tail: graphopt.recover_tail)")
+                          "last third of the weights on cached activations (tail: graphopt.recovery.recover_tail)")
     run.add_argument("--recover-loss", default="mse", choices=["mse", "kl"],
                      help="--recover-top's output loss: normalised MSE (default) or KL of the softmax (classifiers; "
                           "what the `resolution` pass needs, docs/effnet_moves.md)")
@@ -223,7 +223,7 @@ def _parse_kv(items: Sequence[str], flag: str) -> dict[str, Any]:
 
 
 def _shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    from .ir import parse_shape
+    from .modelio.ir import parse_shape
 
     return dict(parse_shape(s) for s in items)
 
@@ -242,7 +242,7 @@ def _pass_names(text: str) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from .driver import Budget, RunConfig, run_search
     from .errors import EXIT_INTERRUPTED
-    from .rundir import EXIT_TERMINATED, TerminateAsInterrupt, cap_threads
+    from .runstore.rundir import EXIT_TERMINATED, TerminateAsInterrupt, cap_threads
 
     target_options = _parse_kv(args.target_opt, "--target-opt")
     if args.threads is not None:
@@ -295,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _recover_seconds(text: str | None) -> float | None:
-    from .recover import parse_seconds
+    from .recovery.recover import parse_seconds
 
     return parse_seconds(text)
 
@@ -337,7 +337,7 @@ def summary(rep: dict[str, Any]) -> str:
         lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, {speedup}, "
                      f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
-    from .quality import summary_lines
+    from .evaluation.quality import summary_lines
 
     lines.extend(summary_lines(rep))
     conf = rep.get("confirmed")
@@ -348,7 +348,7 @@ def summary(rep: dict[str, Any]) -> str:
 
     if summary_line(rep):
         lines.append(summary_line(rep))
-    for r in rep.get("recovery") or []:  # graphopt.recover: quality before and after distillation
+    for r in rep.get("recovery") or []:  # graphopt.recovery.recover: quality before and after distillation
         after = r.get("fidelity_after")
         lines.append(f"recover: candidate {r['parent_id']} {rep['fidelity']['metric']} {r['fidelity_before']:.6f} -> "
                      + (f"{after:.6f} (candidate {r['candidate_id']}, {r.get('status_after')})" if after is not None
@@ -377,7 +377,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import onnxruntime
 
-    from .inspection import format_inspection, inspect_model
+    from .reporting.inspection import format_inspection, inspect_model
 
     if not args.debug:
         onnxruntime.set_default_logger_severity(3)
@@ -392,9 +392,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .pareto import front_ids
-    from .report import FRONT_RESOLUTION
-    from .runs import format_runs, list_runs
+    from .reporting.pareto import front_ids
+    from .reporting.report import FRONT_RESOLUTION
+    from .runstore.runs import format_runs, list_runs
 
     recs = list_runs(args.out_dir, args.sort)
     front = front_ids(recs, resolution=FRONT_RESOLUTION)
@@ -407,7 +407,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .runs import export_candidate
+    from .runstore.runs import export_candidate
 
     path = export_candidate(args.out_dir, args.candidate, args.output)
     print(f"candidate {args.candidate} written to {path}")
@@ -415,7 +415,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .runs import rerender
+    from .runstore.runs import rerender
 
     print(rerender(args.out_dir))
     return 0
@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("graphopt: interrupted\n")
         return EXIT_INTERRUPTED
     except sqlite3.DatabaseError as e:  # a run store found broken after it was opened (truncated mid-file)
-        from .rundir import is_corrupt
+        from .runstore.rundir import is_corrupt
 
         if not is_corrupt(e):
             if debug:

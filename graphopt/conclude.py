@@ -1,5 +1,5 @@
 """The end of a run: confirm the best candidate against the original (alternating rounds),
-profile it per layer, and hand the report a plain summary (graphopt.report.RunSummary).
+profile it per layer, and hand the report a plain summary (graphopt.reporting.report.RunSummary).
 A mixin of graphopt.driver.Search."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 from .errors import TargetUnreachable, first_line
 from .materialize import materialize
 from .plugin import Artifact, Target
-from .report import RunSummary
-from .store import Record
+from .reporting.report import RunSummary
+from .runstore.store import Record
 
 log = logging.getLogger("graphopt")
 
@@ -96,7 +96,7 @@ class ConcludeSearch:
             inform_target(self.target, told)
 
     def summary(self) -> RunSummary:
-        """The plain values report.json is built from (graphopt.report.build_report)."""
+        """The plain values report.json is built from (graphopt.reporting.report.build_report)."""
         checker = self.checker
         return RunSummary(
             config=self.cfg, base=self.base, space=self.space, target=self.target.describe(),
@@ -112,9 +112,9 @@ class ConcludeSearch:
 
     def _conclude(self) -> SearchResult:
         """The end of a run: confirm the best against the original, build the report from a plain
-        summary (graphopt.report.RunSummary), profile the best, write the outputs. The best
+        summary (graphopt.reporting.report.RunSummary), profile the best, write the outputs. The best
         candidate is materialized at most once (model_for)."""
-        from .report import build_report, write_outputs
+        from .reporting.report import build_report, write_outputs
 
         records = self.store.records()
         best = self.best_record()
@@ -141,7 +141,7 @@ class ConcludeSearch:
         report["confirmed"] = confirmed
         if getattr(self, "recovery", None) is not None:
             report["recovery"] = self.recovery
-        from .quality import report_blocks
+        from .evaluation.quality import report_blocks
 
         report.update(report_blocks(self, best))  # data splits, held-out task metric, trust
         self._profile_best(report, best)

@@ -58,7 +58,7 @@ class RunConfig:
     strategy: str = "random"
     budget: Budget = field(default_factory=Budget)
     data: str | Path | None = None
-    metric: str = "channel"  # the gate's metric (graphopt.metrics): a name, module:function, or a Metric
+    metric: str = "channel"  # the gate's metric (graphopt.evaluation.metrics): a name, module:function, or a Metric
     min_fidelity: float | None = None  # absolute floor (None and no max_drop: 0.99 for a similarity metric)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
@@ -70,28 +70,28 @@ class RunConfig:
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
     progress: bool = True  # a progress bar on stderr when it is a terminal
-    finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.finetune; needs torch)
+    finetune_steps: int = 0  # > 0: distil each candidate toward the original (graphopt.recovery.finetune; needs torch)
     jobs: int = 1  # candidates measured at once (> 1: remote devices only; see Search._run_pipelined)
-    compile_workers: int = 1  # > 1: compiles in that many worker processes (graphopt.compile_pool)
+    compile_workers: int = 1  # > 1: compiles in that many worker processes (graphopt.parallel.compile_pool)
     search_exact: bool = False  # True: one gene per exact site (conv_bn, fused attention); else one per pass
     strategy_options: dict[str, Any] = field(default_factory=dict)  # --strategy-opt: the strategy's keyword options
-    recover_top: int = 0  # > 0: distil the K most promising candidates after the search (graphopt.recover)
+    recover_top: int = 0  # > 0: distil the K most promising candidates after the search (graphopt.recovery.recover)
     recover_seconds: float | None = None  # time for that phase (None: a share of a time budget)
     recover_train: str = "changed"  # what recovery trains: changed | all
-    cluster: str | None = None  # Ray address: compiles as Ray tasks on its workers (graphopt.cluster_pool)
-    # data and quality (graphopt.data, graphopt.metrics, graphopt.quality)
+    cluster: str | None = None  # Ray address: compiles as Ray tasks on its workers (graphopt.parallel.cluster_pool)
+    # data and quality (graphopt.evaluation.data, graphopt.evaluation.metrics, graphopt.evaluation.quality)
     eval_data: str | Path | None = None  # held-out source; default: a split of `data`
     allow_synthetic: bool = False  # let data-dependent moves fit to synthetic inputs (report: not trusted)
     max_drop: float | None = None  # gate: metric >= original's - max_drop (points of a task metric)
     task_metric: str | None = None  # the held-out number reported (default: the gate's metric)
-    select_samples: int | None = None  # caps (graphopt.data defaults: 256 select, 5000 held-out, 64 calib)
+    select_samples: int | None = None  # caps (graphopt.evaluation.data defaults: 256 select, 5000 held-out, 64 calib)
     eval_samples: int | None = None
     calib_samples: int | None = None
 
     def validate(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"--seed {self.seed}: must be a whole number >= 0")
-        from .metrics import resolve_metric
+        from .evaluation.metrics import resolve_metric
 
         gate = resolve_metric(self.metric)
         if self.task_metric is not None:
@@ -126,11 +126,11 @@ class RunConfig:
         if self.finetune_steps < 0:
             raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
         if self.finetune_steps > 0:
-            from .finetune import check_available
+            from .recovery.finetune import check_available
 
             check_available()
         if self.recover_top:
-            from .recover import check_config
+            from .recovery.recover import check_config
 
             check_config(self)
 

@@ -20,16 +20,16 @@ from typing import Any
 
 from .conclude import ConcludeSearch, SearchResult
 from .config import Budget, RunConfig
-from .data import CachedData
+from .evaluation.data import CachedData
 from .errors import GraphoptError, TargetUnreachable, UsageError, first_line
-from .fidelity import FidelityChecker
+from .evaluation.fidelity import FidelityChecker
 from .genotype import Genotype
-from .ir import model_hash
+from .modelio.ir import model_hash
 from .materialize import materialize, move_context
-from .pipeline import PipelinedSearch, _Pending
+from .parallel.pipeline import PipelinedSearch, _Pending
 from .plugin import Artifact, Measurement, Strategy, Target
 from .registry import STRATEGIES, TARGETS
-from .store import Record, RunStore
+from .runstore.store import Record, RunStore
 from .world import _spec_path, open_world, run_config_meta, run_identity, split_calibration
 
 log = logging.getLogger("graphopt")
@@ -38,7 +38,7 @@ log = logging.getLogger("graphopt")
 # ------------------------------------------------------------------------------------ search
 class Search(PipelinedSearch, ConcludeSearch):
     """One run (graphopt.config.RunConfig): setup (graphopt.world), the serial search loop here, the
-    pipelined one in graphopt.pipeline, confirm and report in graphopt.conclude."""
+    pipelined one in graphopt.parallel.pipeline, confirm and report in graphopt.conclude."""
 
     def __init__(self, config: RunConfig):
         config.validate()
@@ -52,7 +52,7 @@ class Search(PipelinedSearch, ConcludeSearch):
 
     # -------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from . import rundir
+        from .runstore import rundir
 
         cfg = self.cfg
         if not log.isEnabledFor(logging.DEBUG):  # onnxruntime's optimizer warnings are noise to a user
@@ -90,10 +90,10 @@ class Search(PipelinedSearch, ConcludeSearch):
         self.value_dependent = any(getattr(p, "dynamic_shapes", False) for n, p in self.passes.items()
                                    if n not in self.not_applicable)
         self.latency_over = how(self.target, len(self.timing_feeds), value_dependent=self.value_dependent)
-        self.fit_data = self.splits.fit  # distillation (graphopt.recover) streams it
+        self.fit_data = self.splits.fit  # distillation (graphopt.recovery.recover) streams it
         self.fit_samples = self.splits.fit.num_samples
         self.checker = FidelityChecker(self.base.proto, self.fidelity_data, cfg.metric)
-        from .metrics import gate_threshold
+        from .evaluation.metrics import gate_threshold
 
         self.min_required = gate_threshold(cfg.min_fidelity, cfg.max_drop, self.checker.reference_value,
                                            self.checker.metric_obj.similarity)
@@ -135,7 +135,7 @@ class Search(PipelinedSearch, ConcludeSearch):
             raise UsageError(
                 f"--compile-workers {cfg.compile_workers}: target {cfg.target} cannot move a compiled candidate from a "
                 "worker process to the search's process (Target.portable/load_portable); use --compile-workers 1")
-        from .compile_pool import class_path
+        from .parallel.compile_pool import class_path
 
         self._target_class = class_path(type(target))
 
@@ -171,7 +171,7 @@ class Search(PipelinedSearch, ConcludeSearch):
     # ---------------------------------------------------------------------- one candidate
     def evaluate(self, genotype: Genotype, model: Any = None) -> tuple[Record, bool]:
         """(record, cached). Never raises for a bad candidate; raises for an unreachable target.
-        model: the genotype's graph when the caller already built it (graphopt.recover)."""
+        model: the genotype's graph when the caller already built it (graphopt.recovery.recover)."""
         pending = self._prepare(genotype, model=model)
         if not isinstance(pending, _Pending):
             return pending
@@ -308,7 +308,7 @@ class Search(PipelinedSearch, ConcludeSearch):
     def _target_knobs(self) -> dict[str, Any]:
         """The TargetContext's fields for a target that reads them (plugin.wants_context):
         `deadline` (time.monotonic()) and `incumbent_ms`; they travel with each job to a compile
-        worker (graphopt.compile_pool)."""
+        worker (graphopt.parallel.compile_pool)."""
         from .plugin import wants_context
 
         knobs: dict[str, Any] = {}
@@ -324,7 +324,7 @@ class Search(PipelinedSearch, ConcludeSearch):
         """Seconds the search loop has left: the time budget less the recovery phase's share."""
         if self.cfg.budget.seconds is None:
             return math.inf
-        from .recover import phase_seconds
+        from .recovery.recover import phase_seconds
 
         reserve = phase_seconds(self.cfg.budget.seconds, self.cfg.recover_seconds, self.cfg.recover_top) or 0.0
         return self.cfg.budget.seconds - reserve - (time.monotonic() - self.t_start)
@@ -339,7 +339,7 @@ class Search(PipelinedSearch, ConcludeSearch):
                 shutil.rmtree(self.workdir, ignore_errors=True)
             if lock is not None:
                 if getattr(self, "_out_created", False) and not hasattr(self, "store"):
-                    from .rundir import remove_if_only_lock
+                    from .runstore.rundir import remove_if_only_lock
 
                     remove_if_only_lock(self.out)
                 lock.release()
@@ -382,8 +382,8 @@ class Search(PipelinedSearch, ConcludeSearch):
                 done += 1
                 self._tell([rec])
                 self._progress(done, rec, cached)
-            if self.cfg.recover_top > 0:  # distil the most promising candidates (graphopt.recover)
-                from .recover_phase import recover_phase
+            if self.cfg.recover_top > 0:  # distil the most promising candidates (graphopt.recovery.recover)
+                from .recovery.recover_phase import recover_phase
 
                 recover_phase(self)
         except KeyboardInterrupt:

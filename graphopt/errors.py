@@ -7,7 +7,7 @@ Exit codes (documented in `graphopt --help` and the README):
   3  no candidate met the constraints (not even the original model)
   4  target unreachable (RPC tracker/server, GPU)
   130 interrupted (Ctrl-C); the run store and a report of what was done are kept
-  143 terminated (SIGTERM), handled like Ctrl-C (graphopt.rundir.EXIT_TERMINATED)
+  143 terminated (SIGTERM), handled like Ctrl-C (graphopt.runstore.rundir.EXIT_TERMINATED)
 """
 
 EXIT_OK = 0

@@ -2,7 +2,7 @@
 and the context the moves read (move_context: the original model, calibration samples, options).
 
 Used by the search (graphopt.driver), the recovery phase, the report's held-out check, and
-`graphopt export` / `graphopt runs` (graphopt.runs), which rebuild a stored candidate.
+`graphopt export` / `graphopt runs` (graphopt.runstore.runs), which rebuild a stored candidate.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import Splits
+from .evaluation.data import Splits
 from .genotype import Genotype, SearchSpace
-from .ir import LoadedModel, export_graph
+from .modelio.ir import LoadedModel, export_graph
 from .plugin import MoveContext, Pass
 
 
@@ -21,7 +21,7 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
     """Clone the base graph, apply the genotype's moves in stage order, finalize once.
 
     Returns (model, applied) where applied maps site key -> "applied" | "did not apply".
-    A recovered record's genotype (a `recover` gene, graphopt.recover) is its parent's moves plus
+    A recovered record's genotype (a `recover` gene, graphopt.recovery.recover) is its parent's moves plus
     the recovered weights stored in the run directory. finalize=False: before whole-model
     steps (int8), the float model recovery trains.
     The empty genotype is the original: the loaded model itself, never re-exported (a model
@@ -32,7 +32,7 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
         model.CopyFrom(base.proto)
         return model, {}
     from .exact import expand
-    from .recover_files import split_genotype
+    from .recovery.recover_files import split_genotype
 
     genotype, recovered = split_genotype(genotype)
     graph = base.graph()  # a fresh import is a private clone
@@ -47,13 +47,13 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
             moves.setdefault(site.pass_name, []).append((site, choice))
     model = export_graph(graph)
     steps = int(ctx.options.get("finetune_steps", 0) or 0)
-    if recovered:  # the recovered weights (graphopt.recover), before int8 finalize
-        from .recover_files import apply_recovered
+    if recovered:  # the recovered weights (graphopt.recovery.recover), before int8 finalize
+        from .recovery.recover_files import apply_recovered
 
         model = apply_recovered(model, ctx, recovered)
         applied["recover"] = "applied"
     elif steps > 0 and moves:  # distil the float weights toward the original, before int8 finalize
-        from .finetune import finetune_in_context
+        from .recovery.finetune import finetune_in_context
 
         model = finetune_in_context(model, ctx, steps)
     for name in sorted(moves, key=lambda n: passes[n].stage) if finalize else ():  # whole-model steps (int8)

@@ -231,7 +231,7 @@ class Pass:
         """What this pass's moves at `sites` fit to data with these options (calibration ranges,
         repaired weights, data-driven choices), in a few words; None when they need no data.
         Without --data, a run whose passes name something here stops (exit 2) unless the user
-        passes --allow-synthetic (graphopt.data). Default: from `uses_calibration`."""
+        passes --allow-synthetic (graphopt.evaluation.data). Default: from `uses_calibration`."""
         return "fits to calibration data" if self.uses_calibration else None
 
     def check_options(self, options: Mapping[str, Any]) -> None:

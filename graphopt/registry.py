@@ -125,15 +125,15 @@ STRATEGIES = Registry("strategy", "graphopt.strategies", {
     "sensitivity": "graphopt.search.sensitivity:SensitivitySearch",
 })
 
-METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/metrics.py: how candidates are judged
-    "agreement_top1": "graphopt.metrics:agreement_top1",
-    "channel": "graphopt.metrics:CHANNEL",
-    "cosine": "graphopt.metrics:COSINE",
-    "imagenet_top1": "graphopt.metrics:imagenet_top1",
-    "rel_l2": "graphopt.metrics:REL_L2",
-    "soft_top1": "graphopt.metrics:soft_top1",
-    "sts_spearman": "graphopt.metrics:sts_spearman",
-    "top1": "graphopt.metrics:TOP1",
+METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/evaluation/metrics.py: how candidates are judged
+    "agreement_top1": "graphopt.evaluation.metrics:agreement_top1",
+    "channel": "graphopt.evaluation.metrics:CHANNEL",
+    "cosine": "graphopt.evaluation.metrics:COSINE",
+    "imagenet_top1": "graphopt.evaluation.metrics:imagenet_top1",
+    "rel_l2": "graphopt.evaluation.metrics:REL_L2",
+    "soft_top1": "graphopt.evaluation.metrics:soft_top1",
+    "sts_spearman": "graphopt.evaluation.metrics:sts_spearman",
+    "top1": "graphopt.evaluation.metrics:TOP1",
 })
 
 # pass options every run has, whichever passes it uses (the CLI's --no-repair sets repair=0)
@@ -141,7 +141,7 @@ def run_pass_options() -> tuple:
     from .plugin import Option
 
     return (Option("repair", bool, True, "least-squares repair of new weights on calibration data"),
-            # read by recovery / --finetune (graphopt.recover_phase, graphopt.finetune), whatever the passes
+            # read by recovery / --finetune (graphopt.recovery.recover_phase, graphopt.recovery.finetune), whatever the passes
             Option("finetune_threads", int, None, "torch threads for --finetune / --recover-top", minimum=1),
             Option("recover_train_size", int, None, "recovery trains on random crops of this side", minimum=16),
             Option("recover_loss", str, "mse", "recovery's output loss (also --recover-loss)", choices=("mse", "kl")),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .graph_io import node_by_name  # noqa: F401 (public here)
+from .modelio.graph_io import node_by_name  # noqa: F401 (public here)
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs

@@ -2,7 +2,7 @@
 fit / select / held-out split, and what the run store keys them on.
 
 One place for what `graphopt run` (graphopt.driver.Search.setup), `graphopt export` and
-`graphopt runs` (graphopt.runs) need to rebuild candidates identically; the move context that
+`graphopt runs` (graphopt.runstore.runs) need to rebuild candidates identically; the move context that
 moves read is graphopt.materialize.move_context.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .controlflow import guard_sites
-from .data import Dataset, Splits
+from .modelio.controlflow import guard_sites
+from .evaluation.data import Dataset, Splits
 from .genotype import SearchSpace
-from .ir import LoadedModel, load_model
+from .modelio.ir import LoadedModel, load_model
 from .plugin import Pass, Site
 from .registry import PASSES
 
@@ -46,7 +46,7 @@ def create_passes(names: Iterable[str]) -> dict[str, Pass]:
 
 
 def guarded_sites(base: LoadedModel, passes: Mapping[str, Pass]) -> dict[str, list[Site]]:
-    """Each pass's sites on the base graph, without moves on or into control flow (graphopt.controlflow)."""
+    """Each pass's sites on the base graph, without moves on or into control flow (graphopt.modelio.controlflow)."""
     graph = base.graph()
     return {name: guard_sites(graph, p.sites(graph))[0] for name, p in passes.items()}
 
@@ -60,7 +60,7 @@ def search_space(base: LoadedModel, passes: Mapping[str, Pass], search_exact: bo
 
 def open_world(cfg: "RunConfig") -> World:
     """Load the model, build the passes and the search space, open the data and split it."""
-    from . import rundir
+    from .runstore import rundir
 
     w = World()
     w.base = load_model(cfg.model, cfg.shapes)
@@ -83,7 +83,7 @@ def open_world(cfg: "RunConfig") -> World:
         log.info("input %s: symbolic batch dimension %r set to 1 (--shape %s=... to choose)",
                  d["input"], d["dim"], d["input"])
     # data: --data (or synthetic, refused when moves fit to data) split into fit / select / held-out
-    from .quality import open_run_data, run_moves
+    from .evaluation.quality import open_run_data, run_moves
 
     w.data, eval_data, w.trust_warning = open_run_data(cfg, w.base, run_moves(w.passes, w.space, cfg))
     w.splits, w.data_moves = split_calibration(w.data, eval_data, w.passes, w.space, cfg)
@@ -95,11 +95,11 @@ def open_world(cfg: "RunConfig") -> World:
 
 def split_calibration(data: Dataset, eval_data: Dataset | None, passes: Mapping[str, Pass], space: SearchSpace,
                       config: Any) -> tuple[Splits, list[str]]:
-    """(fit / select / held-out splits, data-dependent moves) of a run (graphopt.data.split_data):
+    """(fit / select / held-out splits, data-dependent moves) of a run (graphopt.evaluation.data.split_data):
     moves are fit on `fit`, candidates judged on `select`, and `held-out` is only reported.
     `config`: the RunConfig, or the stored run config (`graphopt export` rebuilds candidates on
     the same fit samples)."""
-    from .quality import make_splits, run_moves, split_sizes
+    from .evaluation.quality import make_splits, run_moves, split_sizes
 
     moves = run_moves(passes, space, config)
     return make_splits(data, eval_data, moves, split_sizes(config)), moves

@@ -48,7 +48,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
 def _fold_bn(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
         return model
-    from graphopt.ir import export_graph, import_graph
+    from graphopt.modelio.ir import export_graph, import_graph
 
     from .conv_bn import ConvBnFusion
 

@@ -62,7 +62,7 @@ def _ls_importance(ctx: MoveContext, an: _Analysis, g: _Group, prefetch: list[st
     ranking (removed first = least important), so every keep ratio keeps a greedy set.
     None (callers fall back to filter norms) without calibration data or when a consumer is not
     a 1x1 conv / Gemm / MatMul reading the group once."""
-    from graphopt.repair import activations
+    from graphopt.recovery.repair import activations
 
     act = activations(ctx)
     cons = [c for c in an.consumers if c.inp.spaces() & g.spaces]
@@ -219,7 +219,7 @@ def _repair(graph: gs.Graph, ctx: MoveContext, an: _Analysis, g: _Group, keep: n
 
     Features are the original activations of the consumer's remaining input channels, the target
     the original outputs of its remaining output channels (other groups may be pruned already)."""
-    from graphopt.repair import activations
+    from graphopt.recovery.repair import activations
 
     act = activations(ctx)
     if act is None:
@@ -257,7 +257,7 @@ def _refit(c: _Consumer, feats: np.ndarray, target: np.ndarray, taken: set[str])
     pruned channels contributed) so it maps feats to target; new constants hold the results."""
     import onnx_graphsurgeon as gs
 
-    from graphopt.repair import refit_conv, refit_linear
+    from graphopt.recovery.repair import refit_conv, refit_linear
 
     n = c.node
     w0 = np.asarray(n.inputs[1].values)

@@ -86,7 +86,7 @@ def _importance(ctx: MoveContext, site_key: str) -> np.ndarray:
     import onnxruntime as ort
 
     from graphopt.errors import DataError
-    from graphopt.ir import import_graph
+    from graphopt.modelio.ir import import_graph
 
     if not ctx.calibration:
         raise DataError("attention prune: head importance needs calibration data; pass --data samples.npz")
@@ -162,7 +162,7 @@ def padding_masks(ctx: MoveContext) -> dict[str, str]:
     import onnx
     import onnxruntime as ort
 
-    from graphopt.ir import import_graph
+    from graphopt.modelio.ir import import_graph
 
     base = import_graph(ctx.base_model)
     masks, mask_dtypes = {}, {}

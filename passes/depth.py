@@ -25,7 +25,7 @@ outputs), a post-LN unit that is not part of a whole layer.
 Repair (opt-in: pass option depth_repair=True, e.g. optimize(..., pass_options={"depth_repair":
 True}); needs ctx.calibration; off with --no-repair): the layers that read the
 removed block's output and are a Conv (group 1) or a constant-weight MatMul are refit by least
-squares (graphopt.repair) so that, fed x, they reproduce what they computed from x + f(x) in the
+squares (graphopt.recovery.repair) so that, fed x, they reproduce what they computed from x + f(x) in the
 original model. A reader of another kind (the next block's skip Add, a LayerNorm) is not changed,
 so the repair is partial where the output also feeds a skip. Off by default because it measured
 worse end to end although it lowers the refit layer's own error (EfficientNet-Lite0 block 2:
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graphopt.genotype import Choice, Site
-from graphopt.ir import node_by_name
+from graphopt.modelio.ir import node_by_name
 from graphopt.plugin import MoveContext, Option, Pass
 
 from ._graph import _const, _present, _static_size
@@ -342,7 +342,7 @@ def _repair(graph, ctx: MoveContext, x_name: str, _out_name, readers) -> int:
     import onnx_graphsurgeon as gs
     from onnx import numpy_helper
 
-    from graphopt.repair import activations, base_tensor_names, refit_conv, refit_linear
+    from graphopt.recovery.repair import activations, base_tensor_names, refit_conv, refit_linear
 
     from ._graph import _fresh_name, _input
 

@@ -167,7 +167,7 @@ def _repair(ctx: MoveContext, x_name: str, y_name: str, bias: np.ndarray | None,
             dw_attrs: dict, pw) -> bool:
     """Least-squares refit of the pointwise weights so that pointwise(depthwise(x)) matches the
     original conv's output on the calibration inputs (x and y from the original model)."""
-    from graphopt.repair import activations, base_tensor_names, refit_pointwise, run_conv
+    from graphopt.recovery.repair import activations, base_tensor_names, refit_pointwise, run_conv
 
     act = activations(ctx)
     if act is None:
@@ -198,7 +198,7 @@ class DepthwiseSeparable(Pass):
     """KxK Conv -> depthwise KxK (multiplier r) + pointwise 1x1, from a per-channel rank-r SVD.
 
     With calibration data and repair on (the default), the pointwise weights are then refit by
-    least squares to the original conv's outputs (graphopt.repair)."""
+    least squares to the original conv's outputs (graphopt.recovery.repair)."""
 
     uses_calibration = True
 

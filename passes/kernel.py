@@ -14,7 +14,7 @@ reads the same input as before, so:
   negative is not a site (rejections() says so), which rules out auto_pad=VALID and unpadded
   convs. With calibration data and repair on (ctx.options["repair"], the default) the cropped
   kernel and the bias are then refit by least squares so the conv reproduces the original
-  model's output on the calibration inputs (graphopt.repair.refit_conv; per group, so a
+  model's output on the calibration inputs (graphopt.recovery.repair.refit_conv; per group, so a
   depthwise conv is C small problems).
 - growing (K+2) zero-pads the kernel with a new ring. Exact, yet deliberately NOT the site's
   `exact_choice`: it only adds FLOPs and can never be faster, and strategies take exact_choice
@@ -206,7 +206,7 @@ def _repair(ctx: MoveContext, conv: "gs.Node") -> bool:
     is no calibration data or the conv's tensors are not the base model's."""
     import onnx_graphsurgeon as gs
 
-    from graphopt.repair import activations, base_tensor_names, refit_conv
+    from graphopt.recovery.repair import activations, base_tensor_names, refit_conv
 
     act = activations(ctx)
     if act is None:

@@ -19,7 +19,7 @@ two middle sizes only (crop measured better on EfficientNet-Lite0, docs/effnet_m
 The move is approximate: the network sees less of the image (crop) or a coarser one (resize);
 the driver's fidelity judges it, and recovery (`--recover-top K --recover-train all`) distils
 the reduced-resolution model against the full-resolution original (its feature maps differ in
-size, so only the outputs are matched: graphopt.recover).
+size, so only the outputs are matched: graphopt.recovery.recover).
 
 TensorFlow-style "same" padding exported as an explicit Pad before a Conv (EfficientNet,
 MobileNet from TF/timm) is folded into constants for the input size at load time; where such a

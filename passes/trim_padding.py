@@ -278,7 +278,7 @@ def annotate(model: "onnx.ModelProto", base: "onnx.ModelProto | None" = None, se
 
 
 def _export(graph: "gs.Graph") -> "onnx.ModelProto":
-    from graphopt.ir import export_graph
+    from graphopt.modelio.ir import export_graph
 
     return export_graph(graph.copy())  # a private copy: export_graph cleans up in place
 

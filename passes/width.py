@@ -28,7 +28,7 @@ with other axes, an op the analysis does not know, grouped convs; rejections() s
 Repair (ctx.options["repair"], on by default, needs ctx.calibration): each consumer of the
 pruned channels is refit by least squares so that, fed the original activations of the kept
 channels, it reproduces the original model's output (He et al. 2017 / ThiNet reconstruction;
-graphopt.repair.refit_conv / refit_linear), bias included (it absorbs the mean of what the
+graphopt.recovery.repair.refit_conv / refit_linear), bias included (it absorbs the mean of what the
 pruned channels contributed), ridge toward the pruned weights, stronger where there are few rows
 per weight (late layers, the classifier). Stage 40: after kernel/depthwise, whose own repairs
 read the original channel counts.
@@ -60,7 +60,7 @@ class WidthPrune(Pass):
     """Remove a coupled group of channels (keep ratio 0.75 or 0.5; least-squares or filter-norm selection).
 
     With calibration data and repair on (the default), the layers reading the pruned channels
-    are then refit by least squares to the original model's outputs (graphopt.repair).
+    are then refit by least squares to the original model's outputs (graphopt.recovery.repair).
 
     Keeps its own sites / rejections / apply, not match(): a site is a coupled channel group
     found by one analysis of the whole graph (_Analysis), not a node."""
@@ -134,7 +134,7 @@ class _Base:
     reused by every candidate of the run: the same site always drops the same channels)."""
 
     def __init__(self, ctx: MoveContext, norm: str):
-        from graphopt.ir import import_graph
+        from graphopt.modelio.ir import import_graph
 
         self.ctx, self.norm = ctx, norm
         self.an = _Analysis(import_graph(ctx.base_model))

@@ -109,7 +109,7 @@ def _tensor_bytes(model) -> dict[str, int]:
 
 def estimate_ms(model, threads: int = CORES) -> tuple[float, dict[str, Any]]:
     """(estimated latency in ms, breakdown) of an ONNX model on a Pi 4 under COST_MODEL."""
-    from graphopt.analysis import analyze
+    from graphopt.reporting.analysis import analyze
 
     stats = analyze(model)
     nbytes = _tensor_bytes(model)

@@ -419,7 +419,7 @@ def estimate_seconds(db, tasks) -> tuple[float, int]:
 # ------------------------------------------------------------------------- the database lock
 LOCK_FILE = ".graphopt-db.lock"
 _held = threading.local()  # db dir -> the open lock file this thread holds
-# --cluster: a Ray worker's lease on the database the search's node owns (graphopt.cluster_pool):
+# --cluster: a Ray worker's lease on the database the search's node owns (graphopt.parallel.cluster_pool):
 # acquire(db_dir) after the local lock fills db_dir (a replica) with the owner's records;
 # release(db_dir) before unlocking sends back the records appended meanwhile. None: local only.
 REMOTE_DB: Any = None

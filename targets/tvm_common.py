@@ -179,7 +179,7 @@ def input_specs(model: "onnx.ModelProto") -> list[tuple[str, list[int | str | No
     return out
 
 
-from graphopt.ir import fold_constants, normalize_constants  # noqa: E402,F401  (re-exported)
+from graphopt.modelio.ir import fold_constants, normalize_constants  # noqa: E402,F401  (re-exported)
 
 
 def mask_index_to_bias(model: "onnx.ModelProto") -> "onnx.ModelProto":

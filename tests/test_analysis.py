@@ -1,4 +1,4 @@
-"""graphopt.analysis: exact parameter and FLOP counts on tiny models built in code."""
+"""graphopt.reporting.analysis: exact parameter and FLOP counts on tiny models built in code."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.analysis import ModelStats, analyze, format_table
+from graphopt.reporting.analysis import ModelStats, analyze, format_table
 
 F = TensorProto.FLOAT
 

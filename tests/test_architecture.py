@@ -24,8 +24,9 @@ PACKAGES = {"graphopt": "graphopt", "passes": "graphopt.passes", "search": "grap
 def _modules() -> dict[str, Path]:
     mods = {}
     for folder, pkg in PACKAGES.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            mods[pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = [pkg, *path.relative_to(ROOT / folder).with_suffix("").parts]
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return mods
 
 

@@ -17,7 +17,7 @@ import pytest
 from graphopt.passes.attention import AttentionFusion
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.ir import export_graph, load_proto
+from graphopt.modelio.ir import export_graph, load_proto
 from graphopt.plugin import MoveContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,7 +438,7 @@ def minilm():
 
 
 def _minilm_fused_error(path: Path, form: str) -> float:
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
 
     base = load_model(path, check_runtime=False)  # _run below runs it under onnxruntime anyway
     sites = AttentionFusion().sites(base.graph())
@@ -457,7 +457,7 @@ def test_minilm_prune_ranks_each_site_by_its_own_heads(minilm):
     """Head importance is computed for every site at once and cached: the first prune of a run
     (any site) reads its own site's scores, not the last site's, so it keeps the same heads as a
     prune that finds the scores already cached."""
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
     from graphopt.passes.attention import _importance
 
     base = load_model(minilm, check_runtime=False)
@@ -599,7 +599,7 @@ def test_minilm_window_exact_for_sentences_within_one_block(minilm):
     """Every held-out sentence is <= 14 tokens, padded to 128: with window_16 on all 6 layers each
     real token still sees every real token (block 0) and the embedding pools real tokens only, so
     the block-local model is exact on this data while its attention matmuls shrink 8x."""
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
 
     base = load_model(minilm, check_runtime=False)
     sites = AttentionFusion().sites(base.graph())

@@ -164,7 +164,7 @@ def _documented_exit_codes(help_text: str) -> dict[int, str]:
 
 def test_help_documents_exit_codes():
     from graphopt import errors
-    from graphopt.rundir import EXIT_TERMINATED
+    from graphopt.runstore.rundir import EXIT_TERMINATED
 
     for args in (("run", "--help"), ("--help",)):
         res = run_cli(*args)

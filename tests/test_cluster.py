@@ -79,7 +79,7 @@ def test_a_compile_that_raises_on_a_worker_is_a_failed_record(tmp_path, slow_tar
 
 @pytest.mark.slow
 def test_no_worker_with_the_resource_is_a_usage_error(tmp_path, slow_target, cluster, monkeypatch):
-    from graphopt import cluster_pool
+    from graphopt.parallel import cluster_pool
 
     monkeypatch.setattr(cluster_pool, "RESOURCE", "no_such_resource")
     with pytest.raises(UsageError, match=r"--cluster .*: no worker declares the resource 'no_such_resource'.*"
@@ -103,7 +103,7 @@ def test_cli_cluster_nobody_answers_is_exit_2(tmp_path):
     assert r.returncode == 2 and "--cluster 127.0.0.1:1: target ort" in r.stderr and "Traceback" not in r.stderr
     h = run_cli("run", "--help")
     assert "--cluster ADDRESS" in h.stdout and "tvm_compiler" in h.stdout
-    from graphopt.cluster_pool import connect
+    from graphopt.parallel.cluster_pool import connect
 
     t = time.monotonic()
     with pytest.raises(UsageError, match=r"--cluster 127.0.0.1:1: nothing answers there .*ray start --head"):
@@ -117,8 +117,8 @@ def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluste
     whole blocks, and the second tune started from the first one's records (nothing re-tuned)."""
     import ray
 
-    from graphopt import cluster_pool
-    from graphopt.cluster_pool import DB_FILES, TuningDbOwner, _LeaseClient
+    from graphopt.parallel import cluster_pool
+    from graphopt.parallel.cluster_pool import DB_FILES, TuningDbOwner, _LeaseClient
 
     master = tmp_path / "master"
     (master / "llvm-x").mkdir(parents=True)
@@ -198,7 +198,7 @@ def test_without_the_flag_ray_is_not_imported(tmp_path, slow_target):
     import subprocess
     import sys
 
-    code = ("import sys, graphopt.cli, graphopt.driver, graphopt.compile_pool; "
+    code = ("import sys, graphopt.cli, graphopt.driver, graphopt.parallel.compile_pool; "
             "print('ray' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr

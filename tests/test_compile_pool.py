@@ -1,4 +1,4 @@
-"""graphopt/compile_pool.py on its own: spawned workers, each with its own target built once from
+"""graphopt/parallel/compile_pool.py on its own: spawned workers, each with its own target built once from
 the class path and options; jobs are files; errors come back as values (one line plus the
 worker's traceback), TargetUnreachable keeps its class; a dead worker is replaced by restart();
 close(kill=True) does not wait for a long compile. (The driver's use of it: test_compile_workers.py.)"""
@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from conftest import conv_bn_model
-from graphopt.compile_pool import CompilePool, WorkerCompileError, class_path
+from graphopt.parallel.compile_pool import CompilePool, WorkerCompileError, class_path
 from graphopt.errors import CompileError, TargetUnreachable, UsageError
 from graphopt.plugin import Artifact, Target
 
@@ -117,7 +117,7 @@ def test_worker_compile_error_pickles_with_its_traceback():
 
 
 def test_import_is_cheap():
-    code = ("import sys, graphopt.compile_pool\n"
+    code = ("import sys, graphopt.parallel.compile_pool\n"
             "bad = [m for m in ('onnx', 'tvm', 'torch', 'onnxruntime') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ROOT, run_cli
 from graphopt.errors import ModelError
-from graphopt.ir import export_graph, import_graph, load_proto
+from graphopt.modelio.ir import export_graph, import_graph, load_proto
 
 _spec = importlib.util.spec_from_file_location("graphopt_bench_conformance", ROOT / "bench" / "conformance.py")
 conformance = importlib.util.module_from_spec(_spec)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from conftest import float_init as _init
 from conftest import make_model as _model
-from graphopt.ir import export_graph, load_proto, node_by_name
+from graphopt.modelio.ir import export_graph, load_proto, node_by_name
 from graphopt.passes.conv_bn import ConvBnFusion
 from graphopt.plugin import MoveContext
 

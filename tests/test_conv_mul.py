@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from conftest import float_init, make_model, random_feeds, run_ort_unoptimized
-from graphopt.ir import export_graph, load_proto
+from graphopt.modelio.ir import export_graph, load_proto
 from graphopt.plugin import MoveContext
 from graphopt.registry import PASSES
 

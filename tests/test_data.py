@@ -1,4 +1,4 @@
-"""graphopt.data and the quality bookkeeping: data sources (.npz, shard folders, Python loaders),
+"""graphopt.evaluation.data and the quality bookkeeping: data sources (.npz, shard folders, Python loaders),
 the fit / select / held-out split, the refusal of data-dependent moves on synthetic data, and the
 issue's two cases end to end on small models built in code: a detector whose class scores die
 (must fail the default gate) and a sentence embedder with int8-like noise (must pass a
@@ -15,10 +15,10 @@ from onnx import TensorProto, helper
 
 from conftest import _const, conv_bn_model, run_cli
 from graphopt import optimize
-from graphopt.data import (ArrayData, Subset, data_dependent_moves, labels_of, open_data, require_real_data,
+from graphopt.evaluation.data import (ArrayData, Subset, data_dependent_moves, labels_of, open_data, require_real_data,
                            split_data)
 from graphopt.errors import DataError, UsageError
-from graphopt.ir import load_model
+from graphopt.modelio.ir import load_model
 
 
 def _inputs(tmp_path, model=None):

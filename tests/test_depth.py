@@ -11,7 +11,7 @@ from onnx import helper
 from conftest import ROOT, float_init, make_model, run_ort_unoptimized
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.passes.conv_bn import ConvBnFusion
 from graphopt.passes.depth import DepthRemoval
 from graphopt.plugin import MoveContext
@@ -203,7 +203,7 @@ def test_two_layers_removed_read_the_embedding():
 
 # ------------------------------------------------------------------------------ bundled models
 def _flops(proto) -> int:
-    from graphopt.analysis import analyze
+    from graphopt.reporting.analysis import analyze
 
     return analyze(proto).total_flops
 
@@ -213,7 +213,7 @@ def _flops(proto) -> int:
 def test_bundled_models(name, count, kind):
     """EfficientNet-Lite0's 9 stride-1 MBConv blocks with a skip; MiniLM's 6 encoder layers.
     Removing one lowers the FLOPs by about the block's cost and the model still runs."""
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
 
     path = ROOT / "models" / f"{name}.onnx"
     if not path.exists():

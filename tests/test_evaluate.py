@@ -1,4 +1,4 @@
-"""graphopt.evaluate and graphopt.metrics: every built-in metric on hand-made cases, the default
+"""graphopt.evaluation.evaluate and graphopt.evaluation.metrics: every built-in metric on hand-made cases, the default
 `channel` metric on a detector-like and a logits output, the registry and plugin metrics."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from graphopt.errors import UsageError
-from graphopt.evaluate import channel_axis, channel_score, compare, similarity
-from graphopt.metrics import (LABEL_BASIS, SOFT_BASIS, agreement_top1, gate_threshold, imagenet_top1, rankdata,
+from graphopt.evaluation.evaluate import channel_axis, channel_score, compare, similarity
+from graphopt.evaluation.metrics import (LABEL_BASIS, SOFT_BASIS, agreement_top1, gate_threshold, imagenet_top1, rankdata,
                               resolve_metric, soft_labels, soft_top1, spearman, sts_spearman)
 
 RNG = np.random.default_rng(0)

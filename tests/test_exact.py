@@ -10,7 +10,7 @@ from graphopt import optimize
 from graphopt.driver import materialize
 from graphopt.exact import build_space, expand
 from graphopt.genotype import Genotype, Site
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.passes.conv_bn import ConvBnFusion
 from graphopt.plugin import MoveContext
 

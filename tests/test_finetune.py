@@ -16,9 +16,9 @@ from onnx import helper, numpy_helper
 
 from graphopt.driver import materialize
 from graphopt.errors import UsageError
-from graphopt.finetune import FinetuneError, TorchGraph, finetune, trainable_names
+from graphopt.recovery.finetune import FinetuneError, TorchGraph, finetune, trainable_names
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.plugin import MoveContext
 
 torch = pytest.importorskip("torch")
@@ -228,7 +228,7 @@ def test_interpreter_matches_onnxruntime_on_transformer_ops():
 def test_interpreter_disagreeing_with_onnxruntime_stops_training(monkeypatch):
     """Before training the interpreter's outputs are checked against onnxruntime's: a wrong op is an
     error naming the output, never a silent mis-training."""
-    from graphopt import finetune as ft
+    from graphopt.recovery import finetune as ft
 
     rng = np.random.default_rng(2)
     calib = _smooth(rng, 4)
@@ -270,7 +270,7 @@ def test_params_all_trains_the_original_weights_but_never_running_statistics():
 def test_missing_torch_names_the_fix(monkeypatch):
     import sys
 
-    from graphopt.finetune import check_available
+    from graphopt.recovery.finetune import check_available
 
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     with pytest.raises(UsageError, match=r"--finetune needs torch, which is not installed: pip install torch"):
@@ -280,7 +280,7 @@ def test_missing_torch_names_the_fix(monkeypatch):
 def test_threads_none_picks_the_faster_and_restores_torch():
     import torch
 
-    from graphopt.finetune import pick_threads
+    from graphopt.recovery.finetune import pick_threads
 
     rng = np.random.default_rng(3)
     calib = _smooth(rng, 8)

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt import optimize
-from graphopt.metrics import LABEL_BASIS, SOFT_BASIS
+from graphopt.evaluation.metrics import LABEL_BASIS, SOFT_BASIS
 
 K = 10
 

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import conv_bn_model
 from graphopt.genotype import Genotype
-from graphopt.html_report import render_html
-from graphopt.pareto import front_ids
-from graphopt.store import Record
+from graphopt.reporting.html_report import render_html
+from graphopt.reporting.pareto import front_ids
+from graphopt.runstore.store import Record
 
 EVIL = "<script>alert('x')</script>"
 HOSTILE_FILE = 'tiny<b>&"x\'.onnx'
@@ -281,7 +281,7 @@ def test_real_small_run(tmp_path):
     onnx.save(m, model)
     # a size limit just under the original's: only candidates with at least one fused BN (~125 bytes
     # smaller each) are feasible, so the best always has moves, each naming a hostile node
-    from graphopt.ir import load_proto
+    from graphopt.modelio.ir import load_proto
 
     limit_mb = (load_proto(m).proto.ByteSize() - 50) / 1e6
     res = optimize(model, "ort", passes="conv_bn", budget=4, out=tmp_path / "o", search_exact=True,

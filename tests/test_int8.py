@@ -13,7 +13,7 @@ from onnx import helper
 from graphopt.driver import materialize
 from graphopt.errors import UsageError
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.plugin import MoveContext
 from graphopt.registry import PASSES
 

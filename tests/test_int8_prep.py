@@ -15,7 +15,7 @@ from onnx import helper
 from graphopt.driver import materialize
 from graphopt.exact import build_space
 from graphopt.genotype import Genotype
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.plugin import MoveContext
 from graphopt.registry import PASSES
 

@@ -1,4 +1,4 @@
-"""graphopt/ir.py: the load path, the one door a user's file comes through.
+"""graphopt/modelio/ir.py: the load path, the one door a user's file comes through.
 
 Every way a file can be wrong is a ModelError (exit 2) whose one line names the problem and the
 fix; the file and the caller's ModelProto are only read. (Shape/If/Loop folding is tested with
@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from conftest import conv_bn_model, file_sha, float_init, run_cli
 from graphopt.errors import ModelError, UsageError
-from graphopt.ir import load_model, load_proto, model_hash, parse_shape
+from graphopt.modelio.ir import load_model, load_proto, model_hash, parse_shape
 
 
 def _relu_model(input_shape, name: str = "x") -> onnx.ModelProto:

@@ -13,7 +13,7 @@ from conftest import make_model as _model
 from conftest import net_model
 from conftest import random_feeds as _feeds
 from conftest import run_ort_unoptimized as _run
-from graphopt.ir import export_graph, load_proto, node_by_name
+from graphopt.modelio.ir import export_graph, load_proto, node_by_name
 from graphopt.passes.kernel import KernelResize
 from graphopt.plugin import MoveContext
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from conftest import run_cli
-from graphopt.data import open_data, split_data
-from graphopt.ir import load_model
+from graphopt.evaluation.data import open_data, split_data
+from graphopt.modelio.ir import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = ROOT / "models" / "loaders.py"

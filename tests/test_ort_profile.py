@@ -13,7 +13,7 @@ from graphopt.targets.ort import OrtTarget, profile_layers
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.errors import UsageError
-from graphopt.html_report import LAYERS_SHOWN, best_layers, render_html
+from graphopt.reporting.html_report import LAYERS_SHOWN, best_layers, render_html
 
 X = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from graphopt.genotype import Genotype
-from graphopt.pareto import front_ids, pareto_front
-from graphopt.store import Record
+from graphopt.reporting.pareto import front_ids, pareto_front
+from graphopt.runstore.store import Record
 
 
 def rec(rid, status="ok", lat=None, fid=None, size=None, moves=1):

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from conftest import net_model, random_feeds, run_ort_unoptimized
-from graphopt.ir import export_graph, load_proto
+from graphopt.modelio.ir import export_graph, load_proto
 from graphopt.plugin import MoveContext
 from graphopt.registry import PASSES
 from test_attention import classic_model

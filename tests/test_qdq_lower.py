@@ -171,7 +171,7 @@ def test_folded_weights_are_lowered_too(qdq):
 
 def test_quantized_pad_value_imports():
     """onnxruntime's static quantizer quantizes a Pad's constant_value too (EfficientNet-Lite0's
-    static padding): graphopt.ir.fold_constants replaces DequantizeLinear(constant) there by its
+    static padding): graphopt.modelio.ir.fold_constants replaces DequantizeLinear(constant) there by its
     float value, so TVM's importer (which needs a constant) takes the model, with the same numbers."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Constant", [], ["pv"], name="padval", value=onnx.numpy_helper.from_array(
@@ -185,7 +185,7 @@ def test_quantized_pad_value_imports():
     producers = {o: n for n in qdq.graph.node for o in n.output}
     pad = next(n for n in qdq.graph.node if n.op_type == "Pad")
     assert producers[pad.input[2]].op_type == "DequantizeLinear"  # what the importer could not take
-    from graphopt.ir import fold_constants
+    from graphopt.modelio.ir import fold_constants
 
     folded = fold_constants(qdq)
     pad = next(n for n in folded.graph.node if n.op_type == "Pad")

@@ -1,4 +1,4 @@
-"""Recovery (graphopt.recover, `--recover-top`): distillation of the most promising candidates.
+"""Recovery (graphopt.recovery.recover, `--recover-top`): distillation of the most promising candidates.
 
 On a small residual net built here: distillation beats least-squares repair alone on held-out
 inputs; the matched features are the block boundaries (pruned ones against the original's kept
@@ -20,14 +20,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.driver import materialize
 from graphopt.errors import UsageError
-from graphopt.evaluate import CalibrationData
-from graphopt.fidelity import FidelityChecker
+from graphopt.evaluation.evaluate import CalibrationData
+from graphopt.evaluation.fidelity import FidelityChecker
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.passes.kernel import KernelResize
 from graphopt.passes.width import WidthPrune
 from graphopt.plugin import MoveContext
-from graphopt.recover import RecoverOptions, choose_features, pick_candidates, recover
+from graphopt.recovery.recover import RecoverOptions, choose_features, pick_candidates, recover
 
 torch = pytest.importorskip("torch")
 
@@ -120,7 +120,7 @@ def test_distillation_beats_repair_alone_on_held_out_inputs():
 def test_pruned_block_boundaries_are_matched_on_the_kept_channels():
     rng = np.random.default_rng(2)
     base, cand = lossy_candidate(smooth(rng, 16), stem=True)
-    from graphopt.finetune import TorchGraph, trainable_names
+    from graphopt.recovery.finetune import TorchGraph, trainable_names
 
     tg = TorchGraph(cand, set(trainable_names(cand, base.proto)))
     feats = choose_features(base.proto, cand, tg.live, max_features=16)
@@ -199,7 +199,7 @@ def test_time_limit_is_honoured_and_keeps_the_best():
 
 
 def test_pick_candidates_puts_the_ones_below_the_threshold_on_the_size_front_first():
-    from graphopt.store import Record
+    from graphopt.runstore.store import Record
 
     def rec(i, status, fid, size, lat=None, genes=None):
         return Record(genotype=Genotype(genes or {f"s{i}": 1}), status=status, fidelity=fid, size_bytes=size,
@@ -223,7 +223,7 @@ def test_run_with_recovery_honours_a_time_budget_and_export_rebuilds_the_recover
     the whole run ends within a few percent of 30 s, and export rebuilds a recovered candidate."""
     from graphopt import optimize
     from graphopt.registry import TARGETS
-    from graphopt.runs import export_candidate
+    from graphopt.runstore.runs import export_candidate
     from graphopt.targets.ort import OrtTarget
 
     class Slow(OrtTarget):
@@ -267,7 +267,7 @@ def test_run_with_recovery_honours_a_time_budget_and_export_rebuilds_the_recover
     model = onnx.load(out)
     onnx.checker.check_model(model)
     x = np.load(data)["x"]
-    from graphopt.data import ArrayData, split_data, stack
+    from graphopt.evaluation.data import ArrayData, split_data, stack
 
     sel = split_data(ArrayData({"x": x}, "d")).select  # the run's own select split
     select = FidelityChecker(onnx.load(path), CalibrationData(stack(sel), "s"), "cosine")
@@ -277,7 +277,7 @@ def test_run_with_recovery_honours_a_time_budget_and_export_rebuilds_the_recover
 
 def test_ctrl_c_during_recovery_keeps_the_recovered_candidate(tmp_path, monkeypatch):
     from graphopt import optimize
-    from graphopt import recover as recover_mod
+    from graphopt.recovery import recover as recover_mod
 
     calls = {"n": 0}
     real = recover_mod.augment
@@ -331,7 +331,7 @@ def test_recover_options_errors(tmp_path):
 def test_exported_recovered_model_runs_in_onnxruntime_like_torch(tmp_path):
     """The weights written back are the ones torch trained: onnxruntime on the recovered model
     agrees with the interpreter on it."""
-    from graphopt.finetune import TorchGraph
+    from graphopt.recovery.finetune import TorchGraph
 
     rng = np.random.default_rng(7)
     fit = smooth(rng, 16)
@@ -364,7 +364,7 @@ def test_threads_are_probed_when_not_given_and_restored_after():
 def test_teacher_features_equal_the_unoptimized_original():
     """The teacher runs with all of onnxruntime's fusions; the feature tensors it returns must be
     the original's (the conv+relu and other fusions keep requested outputs intact)."""
-    from graphopt.recover import _Teacher
+    from graphopt.recovery.recover import _Teacher
 
     base = residual_model()
     feats = ["e0", "er1", "d1", "a1", "p2"]

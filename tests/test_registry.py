@@ -21,7 +21,7 @@ PLUGIN_SRC = '''
 import time
 from graphopt.genotype import Site
 from graphopt.plugin import Artifact, LatencyStats, Measurement, Pass, Target
-from graphopt.ir import node_by_name
+from graphopt.modelio.ir import node_by_name
 
 
 class DropIdentity(Pass):

@@ -9,10 +9,10 @@ import pytest
 from conftest import conv_bn_model
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import load_proto
+from graphopt.modelio.ir import load_proto
 from graphopt.passes.depthwise import DepthwiseSeparable
 from graphopt.plugin import MoveContext
-from graphopt.repair import im2col, refit_conv, refit_linear, refit_pointwise, run_conv
+from graphopt.recovery.repair import im2col, refit_conv, refit_linear, refit_pointwise, run_conv
 
 
 def _cos(a, b):
@@ -136,7 +136,7 @@ def test_refit_conv_refuses_a_target_of_another_geometry():
 
 
 def test_activations_are_the_original_model_s_and_leave_it_alone():
-    from graphopt.repair import Activations, activations
+    from graphopt.recovery.repair import Activations, activations
 
     base = load_proto(conv_bn_model(channels=8, size=8, blocks=2))
     before = base.proto.SerializeToString()

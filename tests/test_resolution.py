@@ -10,7 +10,7 @@ from onnx import helper
 from conftest import float_init, make_model, run_ort_unoptimized
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace, Site
-from graphopt.ir import export_graph, load_proto
+from graphopt.modelio.ir import export_graph, load_proto
 from graphopt.passes.resolution import InputResolution
 from graphopt.plugin import MoveContext
 
@@ -119,7 +119,7 @@ def test_pads_kept_without_recompute_differ():
 def test_resize_shapes_and_the_torch_interpreter_matches_onnxruntime():
     import torch
 
-    from graphopt.finetune import TorchGraph
+    from graphopt.recovery.finetune import TorchGraph
 
     model = _apply(cnn(64), "resize32")
     onnx.checker.check_model(model, full_check=True)
@@ -170,8 +170,8 @@ def test_through_materialize_with_a_genotype():
 def test_pick_candidates_front_by_cost_where_the_size_does_not_change():
     """A resolution move makes a model faster, not smaller: with a cost (FLOPs) the front below the
     threshold holds the cheaper, less faithful candidate too; by size it held the most faithful only."""
-    from graphopt.recover import pick_candidates
-    from graphopt.store import Record
+    from graphopt.recovery.recover import pick_candidates
+    from graphopt.runstore.store import Record
 
     def rec(i, fid, flops):
         return Record(genotype=Genotype({"resolution:x": f"crop{i}"}), status="infeasible", fidelity=fid,
@@ -203,11 +203,11 @@ class _Feeds:
 
 @pytest.mark.parametrize("loss", ["kl", "mse"])
 def test_distilling_a_cropped_student_against_the_full_resolution_teacher(loss):
-    """graphopt.recover on a resolution candidate: the teacher sees the 64x64 input, the student the
+    """graphopt.recovery.recover on a resolution candidate: the teacher sees the 64x64 input, the student the
     same input through its crop; no feature map matches in size, so the pooled features and the logits
     are matched (KL or MSE);
     every weight trains. The held-out KL to the original drops (new inputs, never trained on)."""
-    from graphopt.recover import RecoverOptions, recover
+    from graphopt.recovery.recover import RecoverOptions, recover
 
     original = load_proto(cnn(64)).proto
     cand = _apply(cnn(64), "crop32")
@@ -237,9 +237,9 @@ def test_distilling_a_cropped_student_against_the_full_resolution_teacher(loss):
 def test_tail_recovery_trains_the_last_third_on_cached_activations():
     """--recover-train tail: only the last third of the weight tensors change; the frozen prefix's
     activations are cached once per fit sample and mirror image; held-out KL to the original drops."""
-    from graphopt.finetune import trainable_names
-    from graphopt.recover import RecoverOptions, recover
-    from graphopt.recover_tail import tail_names
+    from graphopt.recovery.finetune import trainable_names
+    from graphopt.recovery.recover import RecoverOptions, recover
+    from graphopt.recovery.recover_tail import tail_names
 
     original = load_proto(cnn(64)).proto
     cand = _apply(cnn(64), "crop32")
@@ -276,8 +276,8 @@ def test_pick_candidates_with_a_task_metric_in_points():
     """imagenet_top1 on unlabelled data scores the original 100 (points, not 1.0): a candidate at
     85.9 is not 'exact' (the 1 - 1e-6 test made every candidate of such a run exact: nothing was
     recovered); one scoring what the original scores is."""
-    from graphopt.recover import pick_candidates
-    from graphopt.store import Record
+    from graphopt.recovery.recover import pick_candidates
+    from graphopt.runstore.store import Record
 
     base = Record(genotype=Genotype({}), status="ok", fidelity=100.0, size_bytes=1000, latency_ms=60.0, id=1)
     recs = [base] + [Record(genotype=Genotype({"resolution:x": f"crop{i}"}), status=s, fidelity=f, size_bytes=1000,

@@ -25,7 +25,7 @@ LOCK_NAME = ".graphopt.lock"
 
 
 def read_lock(path):
-    from graphopt.rundir import read_lock
+    from graphopt.runstore.rundir import read_lock
 
     return read_lock(path)
 
@@ -154,7 +154,7 @@ def test_kill_9_leaves_a_stale_lock_the_next_run_takes_over_and_cleans(tmp_path,
 
 def test_lock_in_process_is_exclusive_and_released(tmp_path):
     from graphopt.errors import UsageError
-    from graphopt.rundir import RunLock
+    from graphopt.runstore.rundir import RunLock
 
     with RunLock(tmp_path, "run"):
         with pytest.raises(UsageError, match=f"in use by graphopt process {os.getpid()}"):
@@ -241,8 +241,8 @@ def test_huge_shape_is_refused_before_allocating(tmp_path):
 
 def test_memory_estimate_counts_samples_and_dtype():
     from graphopt.errors import UsageError
-    from graphopt.ir import InputSpec
-    from graphopt.rundir import check_synthetic_memory
+    from graphopt.modelio.ir import InputSpec
+    from graphopt.runstore.rundir import check_synthetic_memory
 
     spec = [InputSpec("x", (1, 3, 100, 100), np.dtype(np.float16))]
     assert check_synthetic_memory(spec, 8, limit=10**9) == 8 * 3 * 100 * 100 * 2
@@ -252,8 +252,8 @@ def test_memory_estimate_counts_samples_and_dtype():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32])
 def test_synthetic_inputs_built_in_the_models_dtype(dtype):
-    from graphopt.evaluate import synthetic_data
-    from graphopt.ir import InputSpec
+    from graphopt.evaluation.evaluate import synthetic_data
+    from graphopt.modelio.ir import InputSpec
 
     spec = InputSpec("x", (1, 256, 256), np.dtype(dtype))
     model = helper.make_model(helper.make_graph([], "g", [], []))

@@ -53,8 +53,8 @@ def test_export_rebuilds_a_repaired_candidate_exactly(tmp_path):
     exported file is the graph that was measured (the model hash stored in the run)."""
     from conftest import conv_bn_model
 
-    from graphopt.ir import model_hash
-    from graphopt.store import RunStore
+    from graphopt.modelio.ir import model_hash
+    from graphopt.runstore.store import RunStore
 
     path = tmp_path / "m.onnx"
     path.write_bytes(conv_bn_model(channels=8, size=12, blocks=2).SerializeToString())

@@ -1,4 +1,4 @@
-"""graphopt/store.py: the run store (one SQLite file, one row per candidate).
+"""graphopt/runstore/store.py: the run store (one SQLite file, one row per candidate).
 
 Round trip of every Record field, the run identity check, two processes writing one store at
 once, and a writer killed mid-stream (kill -9) whose committed rows a reopened store still has.
@@ -20,7 +20,7 @@ import pytest
 
 from graphopt.errors import UsageError
 from graphopt.genotype import Genotype
-from graphopt.store import Record, RunStore
+from graphopt.runstore.store import Record, RunStore
 
 FIELDS = ("genotype", "status", "graph_hash", "fidelity", "fidelity_detail", "latency_ms", "measurement", "error",
           "applied", "timings", "size_bytes", "duplicate_of", "created")
@@ -124,7 +124,7 @@ WRITER = r"""
 import sys, time
 from pathlib import Path
 from graphopt.genotype import Genotype
-from graphopt.store import Record, RunStore
+from graphopt.runstore.store import Record, RunStore
 
 path, tag, n, go, other = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
 store = RunStore(path)

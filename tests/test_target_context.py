@@ -59,7 +59,7 @@ def test_the_driver_asks_for_per_layer_latency_of_the_best_only(convbn_path, tmp
     measurement of the best at the end (graphopt.conclude), whose layers reach report.json."""
     import json
 
-    from graphopt.html_report import best_layers
+    from graphopt.reporting.html_report import best_layers
 
     told: list[bool] = []
 

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import conv_bn_model, run_cli
 from graphopt.driver import Budget, RunConfig, run_search
 from graphopt.errors import ModelError
-from graphopt.inspection import inspect_model
-from graphopt.ir import load_model
+from graphopt.reporting.inspection import inspect_model
+from graphopt.modelio.ir import load_model
 
 
 def _sess(model):
@@ -326,7 +326,7 @@ def test_output_keeps_its_declared_shape_when_inference_loses_it(tmp_path, monke
     # ddddocr's int8 model: symbolic shape inference stops at DynamicQuantizeLSTM and the loaded
     # graph output came back without a shape, so every candidate failed in materialize
     # ("ValidationError: Field 'shape' of 'type' is required but missing.")
-    import graphopt.ir as ir
+    import graphopt.modelio.ir as ir
 
     def lossy(proto, notes):
         out = onnx.ModelProto()

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from graphopt.ir import export_graph, import_graph
+from graphopt.modelio.ir import export_graph, import_graph
 from graphopt.passes.trim_padding import TRIMMED_DIM, TrimPadding, check
 from graphopt.genotype import Site
 from graphopt.plugin import MoveContext
@@ -143,7 +143,7 @@ def test_near_misses_are_refused_with_their_reason():
 
 def test_registered_and_one_exact_gene(tmp_path):
     from graphopt.exact import build_space
-    from graphopt.inspection import inspect_model
+    from graphopt.reporting.inspection import inspect_model
 
     assert PASSES.get("trim_padding") is TrimPadding
     g = import_graph(tiny_encoder())

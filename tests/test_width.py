@@ -12,7 +12,7 @@ from conftest import float_init as _init
 from conftest import make_model as _model
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace
-from graphopt.ir import export_graph, load_proto, node_by_name
+from graphopt.modelio.ir import export_graph, load_proto, node_by_name
 from graphopt.passes.width import WidthPrune
 from graphopt.plugin import MoveContext
 
@@ -406,7 +406,7 @@ def test_with_the_other_passes_in_one_candidate():
 def test_example_model_groups(example_model):
     """EfficientNet-Lite0: 24 groups (the residual trunks are coupled across blocks), the
     classifier (a graph output) is not one; a move exports and keeps the logits' shape."""
-    from graphopt.ir import load_model
+    from graphopt.modelio.ir import load_model
 
     loaded = load_model(example_model)
     sites = {s.key: s for s in WidthPrune().sites(loaded.graph())}
