@@ -10,13 +10,15 @@ import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import TargetUnreachable, first_line
 from .materialize import materialize
 from .plugin import Artifact, Target
-from .reporting.report import RunSummary
-from .runstore.store import Record
+
+if TYPE_CHECKING:
+    from .reporting.report import RunSummary
+    from .runstore.store import Record
 
 log = logging.getLogger("graphopt")
 
@@ -97,6 +99,8 @@ class ConcludeSearch:
 
     def summary(self) -> RunSummary:
         """The plain values report.json is built from (graphopt.reporting.report.build_report)."""
+        from .reporting.report import RunSummary
+
         checker = self.checker
         return RunSummary(
             config=self.cfg, base=self.base, space=self.space, target=self.target.describe(),

@@ -16,21 +16,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .conclude import ConcludeSearch, SearchResult
 from .config import Budget, RunConfig
-from .evaluation.data import CachedData
 from .errors import GraphoptError, TargetUnreachable, UsageError, first_line
-from .evaluation.fidelity import FidelityChecker
 from .genotype import Genotype
-from .modelio.ir import model_hash
 from .materialize import materialize, move_context
-from .parallel.pipeline import PipelinedSearch, _Pending
+from .parallel.pipeline import PipelinedSearch, _Pending  # Search's mixin: the one core -> subsystem import at load
 from .plugin import Artifact, Measurement, Strategy, Target
 from .registry import STRATEGIES, TARGETS
-from .runstore.store import Record, RunStore
 from .world import _spec_path, open_world, run_config_meta, run_identity, split_calibration
+
+if TYPE_CHECKING:
+    from .runstore.store import Record
 
 log = logging.getLogger("graphopt")
 
@@ -52,7 +51,10 @@ class Search(PipelinedSearch, ConcludeSearch):
 
     # -------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        from .evaluation.data import CachedData
+        from .evaluation.fidelity import FidelityChecker
         from .runstore import rundir
+        from .runstore.store import RunStore
 
         cfg = self.cfg
         if not log.isEnabledFor(logging.DEBUG):  # onnxruntime's optimizer warnings are noise to a user
@@ -188,6 +190,9 @@ class Search(PipelinedSearch, ConcludeSearch):
         compile. Returns (record, cached) when the candidate is settled without a measurement,
         else a _Pending for _measure/_finish. defer_compile (--compile-workers): stop before the
         compile and return a _Pending holding the model, for a worker process to compile."""
+        from .modelio.ir import model_hash
+        from .runstore.store import Record
+
         cached = self.store.get(genotype)
         if cached is not None:
             self.counts["cached"] += 1

@@ -8,12 +8,13 @@ Used by the search (graphopt.driver), the recovery phase, the report's held-out 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .evaluation.data import Splits
 from .genotype import Genotype, SearchSpace
-from .modelio.ir import LoadedModel, export_graph
 from .plugin import MoveContext, Pass
+
+if TYPE_CHECKING:
+    from .modelio.ir import LoadedModel
 
 
 def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passes: Mapping[str, Pass],
@@ -32,6 +33,7 @@ def materialize(base: LoadedModel, space: SearchSpace, genotype: Genotype, passe
         model.CopyFrom(base.proto)
         return model, {}
     from .exact import expand
+    from .modelio.ir import export_graph
     from .recovery.recover_files import split_genotype
 
     genotype, recovered = split_genotype(genotype)
@@ -65,6 +67,8 @@ def move_context(base: LoadedModel, splits: Any, pass_options: Mapping[str, Any]
                  finetune_steps: int = 0, seed: int = 0, run_dir: str | Path | None = None) -> MoveContext:
     """`splits`: the run's Splits (its in-memory calibration subset of fit), or a CalibrationData /
     {input: [samples, ...]} used whole (benches that build candidates without a run)."""
+    from .evaluation.data import Splits
+
     calib = splits.calibration if isinstance(splits, Splits) else getattr(splits, "arrays", splits)
     return MoveContext(base_model=base.proto, calibration=calib,
                        options=dict(pass_options, **({"finetune_steps": finetune_steps, "seed": seed}

@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .modelio.graph_io import node_by_name  # noqa: F401 (public here)
-
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
@@ -108,3 +106,11 @@ def take_over_outputs(graph: "gs.Graph", keep: "gs.Node", drop: "gs.Node") -> No
     drop.inputs.clear()
     keep.outputs = outs[:1]
     graph.nodes.remove(drop)
+
+
+def node_by_name(graph: "gs.Graph", name: str):
+    """The node called `name`, or None."""
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    return None

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .modelio.controlflow import guard_sites
-from .evaluation.data import Dataset, Splits
 from .genotype import SearchSpace
-from .modelio.ir import LoadedModel, load_model
 from .plugin import Pass, Site
 from .registry import PASSES
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .evaluation.data import Dataset, Splits
+    from .modelio.ir import LoadedModel
 
 log = logging.getLogger("graphopt")
 
@@ -47,6 +46,8 @@ def create_passes(names: Iterable[str]) -> dict[str, Pass]:
 
 def guarded_sites(base: LoadedModel, passes: Mapping[str, Pass]) -> dict[str, list[Site]]:
     """Each pass's sites on the base graph, without moves on or into control flow (graphopt.modelio.controlflow)."""
+    from .modelio.controlflow import guard_sites
+
     graph = base.graph()
     return {name: guard_sites(graph, p.sites(graph))[0] for name, p in passes.items()}
 
@@ -60,6 +61,7 @@ def search_space(base: LoadedModel, passes: Mapping[str, Pass], search_exact: bo
 
 def open_world(cfg: "RunConfig") -> World:
     """Load the model, build the passes and the search space, open the data and split it."""
+    from .modelio.ir import load_model
     from .runstore import rundir
 
     w = World()

@@ -51,12 +51,12 @@ def test_int8_input_model_is_evaluated_as_the_original(tmp_path, monkeypatch):
     # ddddocr's int8 model cannot be re-exported (a Reshape after DynamicQuantizeLSTM leaves its graph
     # output without a shape: "materialize: ValidationError: Field 'shape' of 'type' is required"):
     # the original must not go through materialize's export at all
-    import graphopt.materialize
+    import graphopt.modelio.ir
 
     def no_export(graph):
         raise onnx.checker.ValidationError("Field 'shape' of 'type' is required but missing.")
 
-    monkeypatch.setattr(graphopt.materialize, "export_graph", no_export)
+    monkeypatch.setattr(graphopt.modelio.ir, "export_graph", no_export)  # materialize imports it from there
     path = int8_input_model(tmp_path)
     res = run_search(_cfg(path, tmp_path / "out"))
     rep = res.report

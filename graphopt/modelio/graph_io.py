@@ -132,13 +132,6 @@ def _initializers_as_inputs(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return model
 
 
-def node_by_name(graph: "gs.Graph", name: str):
-    for n in graph.nodes:
-        if n.name == name:
-            return n
-    return None
-
-
 def model_hash(model: "onnx.ModelProto") -> str:
     """Content hash of a graph (dedups genotypes that materialize to the same graph)."""
     return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
