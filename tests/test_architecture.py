@@ -89,6 +89,8 @@ def test_the_graph_sees_project_imports():
     assert g.has_edge("graphopt.cli", "graphopt.registry")  # function level, relative
     assert g.has_edge("graphopt.api", "graphopt.driver")  # module level, relative
     assert g.has_edge("graphopt.targets.llvm_cpu", "graphopt.targets.tvm_common")  # another package
+    assert g.has_edge("graphopt.recovery.recover", "graphopt.recovery.finetune")  # inside a subpackage
+    assert g.has_edge("graphopt.recovery.recover_phase", "graphopt.materialize")  # subpackage -> core (..)
     assert g.number_of_edges() >= 100
 
 
