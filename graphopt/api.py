@@ -37,8 +37,9 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     `strategy_options` are keyword options of the strategy's constructor (`--strategy-opt K=V`).
     `recover_top` > 0 distils that many promising candidates after the search (`--recover-top`,
     graphopt.recovery.recover), for `recover_time` (90, "90s", "5m"; default: half a time budget).
-    Data and quality (graphopt.evaluation.data, graphopt.evaluation.metrics): `data` / `eval_data` take what --data takes
-    (or a graphopt.evaluation.data.Dataset); `metric` / `task_metric` a name, module:function or a function;
+    Data and quality (graphopt.evaluation.data, graphopt.evaluation.metrics): `data` / `eval_data`
+    take what --data takes (or a graphopt.evaluation.data.Dataset); `metric` / `task_metric` a name,
+    module:function or a function;
     `min_fidelity` (absolute; default 0.99 for a similarity metric) and/or `max_drop` (relative to
     the original's score); `allow_synthetic` lets data-dependent moves fit to random inputs.
     """

@@ -141,7 +141,7 @@ def run_pass_options() -> tuple:
     from .plugin import Option
 
     return (Option("repair", bool, True, "least-squares repair of new weights on calibration data"),
-            # read by recovery / --finetune (graphopt.recovery.recover_phase, graphopt.recovery.finetune), whatever the passes
+            # read by recovery / --finetune (graphopt.recovery: recover_phase, finetune), whatever the passes
             Option("finetune_threads", int, None, "torch threads for --finetune / --recover-top", minimum=1),
             Option("recover_train_size", int, None, "recovery trains on random crops of this side", minimum=16),
             Option("recover_loss", str, "mse", "recovery's output loss (also --recover-loss)", choices=("mse", "kl")),

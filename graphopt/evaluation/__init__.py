@@ -1,1 +1,1 @@
-"""Data and judgement: data sources and their fit / select / held-out split, fidelity against the original, metrics, and the run's quality bookkeeping."""
+"""Data and judgement: the data and its fit / select / held-out split, fidelity, metrics, quality."""

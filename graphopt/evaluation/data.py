@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ..modelio.ir import InputSpec
     from ..plugin import Pass
 
-# the sources themselves (graphopt.evaluation.datasets), re-exported: graphopt.evaluation.data is where callers find them
+# the sources themselves (graphopt.evaluation.datasets), re-exported: this module is where callers find them
 from .datasets import (ArrayData, CachedData, CalibrationData, Dataset, LoaderData, ShardData,  # noqa: E402,F401
                        Subset, _unpack, check_feed, labels_of, sample_ids, stack)
 

@@ -1,1 +1,1 @@
-"""Models in and out: load and check a user's ONNX file, import it as an onnx-graphsurgeon graph, fold constants, guard control flow, export a checked model."""
+"""Models in and out: load and check an ONNX file, the graphsurgeon graph, constant folding, export."""

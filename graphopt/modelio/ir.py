@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ModelError, UsageError
 from ..errors import first_line as _first_line
-# the graph IR helpers (graphopt.modelio.graph_io), re-exported: graphopt.modelio.ir is where passes and callers find them
+# the graph IR helpers (graphopt.modelio.graph_io), re-exported: this module is where passes and callers find them
 from .fold import fold_constants, normalize_constants  # noqa: F401 (re-exported)
 from .graph_io import export_graph, import_graph, model_hash, op_histogram  # noqa: F401
 from ..rewrite import node_by_name  # noqa: F401 (the pass helper, graphopt/rewrite.py)

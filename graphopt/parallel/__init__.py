@@ -1,1 +1,1 @@
-"""The pipelined search (--jobs, --compile-workers, --cluster): compiles in worker processes or Ray tasks while devices measure."""
+"""The pipelined search (--jobs, --compile-workers, --cluster): compiles in workers while devices measure."""

@@ -1,1 +1,1 @@
-"""What a run shows: report.json and report.html, the Pareto front, static cost (params, FLOPs) and `graphopt inspect`."""
+"""What a run shows: report.json, report.html, the Pareto front, static cost, `graphopt inspect`."""

@@ -1,1 +1,1 @@
-"""The run directory (--out): its lock and atomic outputs, the SQLite run store, and finished runs (`graphopt runs`)."""
+"""The run directory (--out): its lock and atomic outputs, the SQLite run store, `graphopt runs`."""
