@@ -59,7 +59,8 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     if not args.resume:
         shutil.rmtree(db_root, ignore_errors=True)
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
-                    tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout)
+                    tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
+                    tune_cache_flush=args.tune_cache_flush)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--offset-trials", type=int, default=0, help="resumed: trials the earlier run spent")
     ap.add_argument("--canonicalize", type=int, default=1, help="x86 target option (1: BN and zero Pads folded first)")
     ap.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="x86 target option")
+    ap.add_argument("--tune-cache-flush", type=int, default=0, help="x86 target option (1: tune with caches flushed)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()

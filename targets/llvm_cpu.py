@@ -56,6 +56,8 @@ class LlvmCpuTarget(Target):
                "as onnxruntime does (exact; targets/tvm_prep.py)"),
         Option("layout", str, "nchw", "convolution data layout TVM compiles (nhwc: Relax ConvertLayout to "
                "NHWC/OHWI; docs/compiler.md)", choices=("nchw", "nhwc")),
+        Option("tune_cache_flush", bool, False, "tune with the CPU caches flushed before each timed call (weights "
+               "cold, as in the model); its records go to their own database folder"),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -74,18 +76,20 @@ class LlvmCpuTarget(Target):
         tune_time: float | None = None,
         canonicalize: Any = True,
         layout: str = "nchw",
+        tune_cache_flush: Any = False,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
                          int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
-                         canonicalize=canonicalize, layout=layout, **options)
+                         canonicalize=canonicalize, layout=layout,
+                         tune_cache_flush=tune_cache_flush, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
                 f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
-                f"canonicalize, layout, "
+                f"canonicalize, layout, tune_cache_flush, "
                 f"{', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
@@ -109,6 +113,7 @@ class LlvmCpuTarget(Target):
         if str(layout).lower() not in ("nchw", "nhwc"):
             raise UsageError(f"{self.name} target: layout={layout!r}: choose nchw or nhwc")
         self.layout = str(layout).lower()
+        self.tune_cache_flush = str(tune_cache_flush).strip().lower() in ("1", "true", "yes", "on")
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -200,7 +205,8 @@ class LlvmCpuTarget(Target):
     def tuning_db_dir(self) -> Path:
         from . import tuning
 
-        return tuning.db_dir_for(self.target_json(), self.tuning_db_root)
+        d = tuning.db_dir_for(self.target_json(), self.tuning_db_root)
+        return d.with_name(d.name + "-flush") if self.tune_cache_flush else d
 
     def _rpc_describe(self) -> dict[str, Any]:
         if self.rpc_config is None:
@@ -357,7 +363,16 @@ class LlvmCpuTarget(Target):
         """MetaSchedule runner for tuning: an RPCRunner on the tracker's devices when one is given,
         else None (MetaSchedule's local runner)."""
         c = self.rpc_config
-        return rpc.ms_runner(c) if c is not None and c.tracker is not None else None
+        if c is not None and c.tracker is not None:
+            return rpc.ms_runner(c)
+        if self.tune_cache_flush:
+            tc.load_tvm(self.threads)
+            import tvm.s_tir.meta_schedule as ms
+
+            from .tuning_ms import local_runner
+
+            return local_runner(ms, cache_flush=True)
+        return None
 
     def ms_builder(self) -> Any:
         """MetaSchedule builder for tuning: None = the local one (rpi4 cross-links for aarch64)."""

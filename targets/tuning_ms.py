@@ -84,12 +84,19 @@ def local_builder(ms):
     return _BUILDER
 
 
-def local_runner(ms):
-    """One LocalRunner per process (its single worker process is kept by TVM itself)."""
+def local_runner(ms, cache_flush: bool = False):
+    """One LocalRunner per process and cache-flush setting (its single worker process is kept by
+    TVM itself). `cache_flush`: flush the CPU caches before each timed call of a candidate, so a
+    kernel is tuned with its weights coming from memory, as they do inside the model
+    (docs/compiler.md); MetaSchedule's default (and graphopt's before) times it with hot caches."""
     global _RUNNER
-    if _RUNNER is None:
-        _RUNNER = ms.runner.LocalRunner(timeout_sec=timeout_s())
-    return _RUNNER
+    if not isinstance(_RUNNER, dict):
+        _RUNNER = {}
+    if cache_flush not in _RUNNER:
+        ev = ms.runner.EvaluatorConfig(number=1 if cache_flush else 3, repeat=5 if cache_flush else 1,
+                                       min_repeat_ms=0 if cache_flush else 100, enable_cpu_cache_flush=cache_flush)
+        _RUNNER[cache_flush] = ms.runner.LocalRunner(timeout_sec=timeout_s(), evaluator_config=ev)
+    return _RUNNER[cache_flush]
 
 
 RECYCLE_BUILDS = 64

@@ -143,3 +143,29 @@ def test_budgeted_tune_of_a_real_model_then_reuse(tmp_path):
         assert again["trials"] == 0 and again["workloads_reused"] == again["workloads_seen"]
     finally:
         target.close()
+
+
+@pytest.mark.tvm
+@pytest.mark.slow  # ~20-40 s of tuning on a quiet 2-core machine
+def test_tune_cache_flush_uses_its_own_database_and_a_flushing_runner(tmp_path):
+    pytest.importorskip("tvm")
+    from graphopt.targets.x86 import X86Target
+
+    model = matmul_model()
+    plain = X86Target(threads=2, trials=2, tuning_db=str(tmp_path / "db"))
+    target = X86Target(threads=2, trials=2, tuning_db=str(tmp_path / "db"), tune_cache_flush=1)
+    assert target.tuning_db_dir.name == plain.tuning_db_dir.name + "-flush"
+    assert plain.ms_runner() is None  # MetaSchedule's default: hot caches
+    runner = target.ms_runner()
+    assert runner.evaluator_config.enable_cpu_cache_flush is True
+    try:
+        art = target.compile(model, tmp_path)
+        st = art.info["tuning"]
+        assert st["workloads_tuned"] == st["workloads_seen"] >= 1 and st["db"] == str(target.tuning_db_dir)
+        x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(target.run_once(art, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+        assert not plain.tuning_db_dir.exists()  # the hot-cache database was not written
+    finally:
+        target.close()
+        plain.close()
