@@ -247,11 +247,11 @@ class LlvmCpuTarget(Target):
         """(Relax module, canonicalize info, perf_counter after folding): canonicalize (BN and zero
         Pads folded, targets/tvm_prep.py), fold constants, import (QDQ lowered), convert layout."""
         prep: dict[str, Any] = {}
+        folded = tc.fold_constants(model)  # first: a raw export's BN parameters may be Constant subgraphs
         if self.canonicalize:
             from .tvm_prep import canonicalize
 
-            model, prep = canonicalize(model)
-        folded = tc.fold_constants(model)
+            folded, prep = canonicalize(folded)
         t_fold = time.perf_counter()
         mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
         if self.layout != "nchw":
