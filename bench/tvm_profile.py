@@ -1,14 +1,16 @@
-"""Where tuned TVM loses to onnxruntime: time per kernel kind, from the tuning database and ORT's profiler.
+"""Where tuned TVM loses to onnxruntime: time per kernel kind, both sides measured now, in one run.
 
-TVM side: the model's MetaSchedule workloads (fused module, x86 target), each one's best measured
-time in the database x how often the model calls it, summed per kind (depthwise conv, 1x1 conv,
-other conv, matmul/dense, other). ORT side: onnxruntime's per-node profile (ORT_ENABLE_ALL, same
-threads), averaged over runs, summed per kind of the node (a fused node counts as its first op).
+TVM side: each of the model's kernels as the x86 target builds it with the tuning database
+(canonicalize / layout as its options), built alone and timed with random inputs of its shapes,
+hot and with the CPU cache flushed before each call, x how often the model calls it, summed per
+kind (depthwise conv, 1x1 conv, other conv, matmul/dense, other). ORT side: onnxruntime's per-node
+profile (ORT_ENABLE_ALL, same threads), averaged over runs, summed per kind of the node (a fused
+node counts as its first op). Then both whole models, and what lies outside their kernels.
 
-    nice -n 19 .venv/bin/python bench/tvm_profile.py --tuning-db DB_ROOT [--model models/efficientnet_lite0.onnx]
+    .venv/bin/python bench/tvm_profile.py --tuning-db DB_ROOT [--model models/efficientnet_lite0.onnx]
 
-Both sides are measured in one process, but the TVM numbers are the tuner's measurements (taken
-while it tuned), so read the kinds' ratios, not small absolute differences.
+The whole TVM model compiles with the target's `trials` (GRAPHOPT_TUNE_TRIALS): a workload the
+database lacks is tuned first. Run it on a quiet machine: TVM's thread pool is fragile under load.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ UNTUNED_NOTE = (
 )
 
 
+def _on(value: Any) -> bool:
+    """A bool target option's value (True, 1, "1", "true", "yes", "on"; the registry has checked it)."""
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
 class LlvmCpuTarget(Target):
     """Base of the TVM LLVM CPU targets (x86, rpi4); not registered itself."""
 
@@ -109,11 +114,11 @@ class LlvmCpuTarget(Target):
                              "AVX2), avx2 (targets/x86_int8.py: packed int16 weights, vpmaddwd) or generic "
                              "(Relax's integer conv2d/matmul)")
         self._int8_kernels = int8_kernels
-        self.canonicalize = str(canonicalize).strip().lower() not in ("0", "false", "no", "off")
+        self.canonicalize = _on(canonicalize)
         if str(layout).lower() not in ("nchw", "nhwc"):
             raise UsageError(f"{self.name} target: layout={layout!r}: choose nchw or nhwc")
         self.layout = str(layout).lower()
-        self.tune_cache_flush = str(tune_cache_flush).strip().lower() in ("1", "true", "yes", "on")
+        self.tune_cache_flush = _on(tune_cache_flush)
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -244,10 +249,10 @@ class LlvmCpuTarget(Target):
         return self._relax_module(model)[0]
 
     def _relax_module(self, model):
-        """(Relax module, canonicalize info, perf_counter after folding): canonicalize (BN and zero
-        Pads folded, targets/tvm_prep.py), fold constants, import (QDQ lowered), convert layout."""
+        """(Relax module, canonicalize info, perf_counter after folding): fold constants, canonicalize
+        (BN and zero Pads folded, targets/tvm_prep.py), import (QDQ lowered), convert layout."""
         prep: dict[str, Any] = {}
-        folded = tc.fold_constants(model)  # first: a raw export's BN parameters may be Constant subgraphs
+        folded = tc.fold_constants(model)  # first: a raw export gives Pad its amounts as Constant nodes
         if self.canonicalize:
             from .tvm_prep import canonicalize
 

@@ -1,5 +1,5 @@
-"""Exact rewrites of a model before the TVM CPU targets import it (docs/compiler.md, "What TVM
-was given").
+"""Exact rewrites of a model before the TVM CPU targets import it (docs/compiler.md, the
+2026-11-28 section).
 
 onnxruntime folds BatchNormalization into the Conv before it and a zero constant Pad into the
 Conv after it at session creation. TVM 0.27's Relax import does neither: each BN becomes a
