@@ -83,8 +83,9 @@ def ort_kinds(model_path: Path, feed, threads: int, runs: int) -> dict[str, floa
 
 
 def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[float, float]], int, int]:
-    """Each PrimFunc of the model as compiled with the database, built alone and timed now with
-    random inputs of its shapes: kind -> (hot ms, cache-flushed ms) x calls; (.., workloads, unscheduled)."""
+    """Each PrimFunc the model calls as compiled with the database (with the target's prepack option:
+    on pre-packed weights), built alone and timed now with random inputs of its shapes:
+    kind -> (hot ms, cache-flushed ms) x calls; (.., workloads, unscheduled)."""
     import collections
 
     import tvm
@@ -92,16 +93,19 @@ def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[f
 
     from graphopt.targets import tuning
 
-    _, fused = tuning.prepare(mod, tgt.target)
+    _, fused = tuning.prepare(mod, tgt.target, prepack=tgt.prepack)
     with tgt.target, db:
         sched = relax.transform.MetaScheduleApplyDatabase()(fused)
+        if tgt.prepack:  # as tuning_ms.build_with_db: the weight transforms fold away at build time
+            sched = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                              relax.transform.FoldConstant()])(sched)
     calls = collections.Counter(re.findall(r"call_tir\(\w+\.(\w+)", sched["main"].script()))
     dev = tvm.cpu()
     out: dict[str, tuple[float, float]] = {}
     n = unscheduled = 0
     for gv, f in sched.functions.items():
-        if not isinstance(f, tvm.tirx.PrimFunc):
-            continue
+        if not isinstance(f, tvm.tirx.PrimFunc) or (tgt.prepack and gv.name_hint not in calls):
+            continue  # (a weight transform folded at build time is not called)
         n += 1
         unscheduled += not (f.attrs is not None and any("is_scheduled" in str(k) for k in f.attrs.keys()))
         lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tgt.target).jit()
@@ -112,7 +116,9 @@ def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[f
         hot = min(lib.time_evaluator("main", dev, number=20, repeat=5)(*args).results) * 1000
         cold = float(np.median(lib.time_evaluator("main", dev, number=1, repeat=runs,
                                                   f_preproc="cache_flush_cpu_non_first_arg")(*args).results)) * 1000
-        k = kind_of(gv.name_hint, head, layout)
+        orig = gv.name_hint.removesuffix("_prepacked")  # classified by its weight's logical (unpacked) shape
+        k = kind_of(orig, head if orig == gv.name_hint else
+                    next(ln for ln in fused[orig].script().splitlines() if "def main(" in ln), layout)
         c = calls.get(gv.name_hint, 1)
         a, b = out.get(k, (0.0, 0.0))
         out[k] = (a + hot * c, b + cold * c)
@@ -153,6 +159,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--canonicalize", type=int, default=1, help="as the x86 target option (1: BN and Pads folded)")
     ap.add_argument("--layout", default="nchw", help="as the x86 target option")
+    ap.add_argument("--prepack", type=int, default=0, help="as the x86 target option (1: weights pre-packed)")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -167,7 +174,7 @@ def main() -> None:
     feed = {loaded.inputs[0].name: x[x.files[0]][0]}
     ort_ms = ort_kinds(args.model, feed, args.threads, args.runs)
     tgt = X86Target(threads=args.threads, tuning_db=str(args.tuning_db), canonicalize=args.canonicalize,
-                    layout=args.layout)
+                    layout=args.layout, prepack=args.prepack)
     tc.load_tvm(args.threads)
     art = tgt.compile(loaded.proto, Path(tempfile.mkdtemp()))  # the model as the target builds it (trials: env)
     mod = tgt.relax_module(loaded.proto)

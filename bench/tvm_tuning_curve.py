@@ -60,7 +60,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         shutil.rmtree(db_root, ignore_errors=True)
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
-                    tune_cache_flush=args.tune_cache_flush)
+                    tune_cache_flush=args.tune_cache_flush, prepack=args.prepack)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -70,7 +70,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     target = tgt.target
     log(f"{name}: target {tgt.target_json()}")
     mod = tgt.relax_module(loaded.proto)  # what the x86 target tunes and builds (canonicalized, its layout)
-    prepared, fused = tuning.prepare(mod, target)
+    prepared, fused = tuning.prepare(mod, target, prepack=tgt.prepack)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db = tuning.open_db(db_dir)
     specs = tc.input_specs(loaded.proto)
@@ -85,7 +85,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         tp = time.monotonic()
         tuned_s = tp - t_start - paused[0] + args.offset_s
         trials = sum(s.trials for s in states) - base_trials[0] + args.offset_trials
-        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+        ex = tuning.build_with_db(db, prepared, target, prepack=tgt.prepack)
         art = Artifact(target="x86", files=[], handle=ex, info={"inputs": [(n, list(s), d) for n, s, d in specs],
                                                                 "tuned": True})
         tv, orr = [], []
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--canonicalize", type=int, default=1, help="x86 target option (1: BN and zero Pads folded first)")
     ap.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="x86 target option")
     ap.add_argument("--tune-cache-flush", type=int, default=0, help="x86 target option (1: tune with caches flushed)")
+    ap.add_argument("--prepack", type=int, default=0, help="x86 target option (1: weights pre-packed in the layout "
+                    "the schedules chose)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from graphopt.errors import UsageError
+from graphopt.errors import CompileError, UsageError
 from graphopt.plugin import Artifact, LatencyStats, Measurement, Option, Target
 
 from . import rpc
@@ -63,6 +63,8 @@ class LlvmCpuTarget(Target):
                "NHWC/OHWI; docs/compiler.md)", choices=("nchw", "nhwc")),
         Option("tune_cache_flush", bool, False, "tune with the CPU caches flushed before each timed call (weights "
                "cold, as in the model); its records go to their own database folder"),
+        Option("prepack", bool, False, "let MetaSchedule choose each weight's memory layout and transform the "
+               "weights once at build time (RewriteLayout; exact; its records go to their own database folder)"),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -82,19 +84,20 @@ class LlvmCpuTarget(Target):
         canonicalize: Any = True,
         layout: str = "nchw",
         tune_cache_flush: Any = False,
+        prepack: Any = False,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
                          int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
                          canonicalize=canonicalize, layout=layout,
-                         tune_cache_flush=tune_cache_flush, **options)
+                         tune_cache_flush=tune_cache_flush, prepack=prepack, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
                 f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
-                f"canonicalize, layout, tune_cache_flush, "
+                f"canonicalize, layout, tune_cache_flush, prepack, "
                 f"{', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
@@ -119,6 +122,7 @@ class LlvmCpuTarget(Target):
             raise UsageError(f"{self.name} target: layout={layout!r}: choose nchw or nhwc")
         self.layout = str(layout).lower()
         self.tune_cache_flush = _on(tune_cache_flush)
+        self.prepack = _on(prepack)
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -211,7 +215,8 @@ class LlvmCpuTarget(Target):
         from . import tuning
 
         d = tuning.db_dir_for(self.target_json(), self.tuning_db_root)
-        return d.with_name(d.name + "-flush") if self.tune_cache_flush else d
+        suffix = ("-flush" if self.tune_cache_flush else "") + ("-prepack" if self.prepack else "")
+        return d.with_name(d.name + suffix)
 
     def _rpc_describe(self) -> dict[str, Any]:
         if self.rpc_config is None:
@@ -239,7 +244,8 @@ class LlvmCpuTarget(Target):
             "target": self.target_json(),
             "tuned": False,
             "canonicalized": prep,
-            "layout": self.layout,
+            "layout": self.layout_for(model),
+            "prepack": self.prepack,
         }
         info.update(lower_info)
         return Artifact(target=self.name, files=[], handle=ex, info=info)
@@ -252,6 +258,7 @@ class LlvmCpuTarget(Target):
         """(Relax module, canonicalize info, perf_counter after folding): fold constants, canonicalize
         (BN and zero Pads folded, targets/tvm_prep.py), import (QDQ lowered), convert layout."""
         prep: dict[str, Any] = {}
+        layout = self.layout_for(model)
         folded = tc.fold_constants(model)  # first: a raw export gives Pad its amounts as Constant nodes
         if self.canonicalize:
             from .tvm_prep import canonicalize
@@ -259,11 +266,24 @@ class LlvmCpuTarget(Target):
             folded, prep = canonicalize(folded)
         t_fold = time.perf_counter()
         mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
-        if self.layout != "nchw":
+        if layout != "nchw":
             from .tvm_prep import convert_layout
 
-            mod = convert_layout(mod, self.layout, self.target)
+            mod = convert_layout(mod, layout, self.target)
         return mod, prep, t_fold
+
+    def layout_for(self, model) -> str:
+        """The conv layout this target compiles `model` in: a layout move's hint in the model
+        (passes/layout.py, graphopt.modelio.hints) wins over the `layout` option."""
+        from graphopt.modelio.hints import LAYOUT, get_hint
+
+        hint = get_hint(model, LAYOUT)
+        if hint is None:
+            return self.layout
+        if hint not in ("nchw", "nhwc"):
+            raise CompileError(f"{self.name}: the model's {LAYOUT} hint is {hint!r}; this target compiles nchw or nhwc "
+                               "(remove the metadata_props entry, or re-export the model with a layout move)")
+        return hint
 
     def _lower(self, mod, workdir: Path) -> tuple[Any, dict[str, Any]]:
         """Relax IRModule -> Executable: tuned through the persistent database when trials > 0.
@@ -272,7 +292,7 @@ class LlvmCpuTarget(Target):
         first, until the run's deadline; when the workloads already known put this candidate's
         kernel time above 1.1x the best latency so far, it cannot win and none are tuned.
         """
-        if self.trials <= 0:
+        if self.trials <= 0:  # untuned: no schedules, so no weight layout to pre-pack for
             return tc.build(mod, self.target), {"tuned": False}
         from . import tuning
 
@@ -281,7 +301,7 @@ class LlvmCpuTarget(Target):
             mod, self.target, db_dir=self.tuning_db_dir, trials_per_task=self.trials, work_dir=workdir,
             max_new_tasks=self.max_new_tasks, deadline=self.deadline, runner=self.ms_runner(),
             builder=self.ms_builder(), num_threads=self.threads, skip_if_known_exceeds_s=lower_bound_s,
-            budget=self.budget,
+            budget=self.budget, prepack=self.prepack,
         )
         info = {"tuned": stats.workloads_seen > 0 and not stats.partly_untuned, "tuning": stats.to_dict()}
         return ex, info

@@ -43,7 +43,7 @@ from graphopt.errors import CompileError
 from . import tvm_common as tc
 # MetaSchedule plumbing (loggers, strategy, timeouts, builder/runner) lives in tuning_ms (split for size)
 from .tuning_ms import (RECYCLE_BUILDS, _ms_logger_handlers_fixup, _quiet_meta_schedule,  # noqa: F401
-                        local_builder, local_runner, search_strategy, timeout_s)
+                        build_with_db, local_builder, local_runner, search_strategy, timeout_s)
 
 log = logging.getLogger("graphopt.tuning")
 
@@ -96,6 +96,7 @@ class TuningStats:
     stopped_because: str = ""
     untuned_tasks: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)  # tune_budget's log when a budget was spent
+    prepacked: int = 0  # kernels built on pre-packed weights (the prepack option)
 
     @property
     def partly_untuned(self) -> bool:
@@ -108,8 +109,13 @@ class TuningStats:
         return d
 
 
-def prepare(raw_mod, target):
-    """(prepared raw module, fused module): the two forms tuning and compile_relax need."""
+def prepare(raw_mod, target, prepack: bool = False):
+    """(prepared raw module, fused module): the two forms tuning and build_with_db (tuning_ms) need.
+
+    prepack: mark each fused kernel's constant weights layout-free (AttachAttrLayoutFreeBuffers),
+    so MetaSchedule's RewriteLayout postproc may choose their memory layout; build_with_db then
+    transforms the weights once, at compile time (relax's static_shape_tuning_pipeline with
+    cpu_weight_prepack, as onnxruntime/MLAS pre-packs its GEMM weights)."""
     tvm = tc.load_tvm()
     from tvm import relax
 
@@ -119,6 +125,8 @@ def prepare(raw_mod, target):
             relax.transform.CanonicalizeBindings(),
         ])(raw_mod)
         fused = relax.get_pipeline("zero")(prepared)
+        if prepack:
+            fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
     return prepared, fused
 
 
@@ -219,6 +227,7 @@ def _tune_and_build(
     seed: int = 0,
     skip_if_known_exceeds_s: float | None = None,
     budget: Any = None,
+    prepack: bool = False,
 ):
     """Tune the workloads of `raw_mod` the database lacks, then build with the database.
 
@@ -227,6 +236,7 @@ def _tune_and_build(
     local ones (an RPCRunner measures on a remote device instead). Raises CompileError when the
     build fails. `skip_if_known_exceeds_s`: when the workloads the database already knows add up
     (best time x calls) to more than this, the candidate cannot beat the incumbent: tune nothing.
+    `prepack`: weights in the layout the schedules chose, transformed at build time (prepare()).
     """
     tc.load_tvm(num_threads)
     import tvm.s_tir.meta_schedule as ms
@@ -236,7 +246,7 @@ def _tune_and_build(
     stats = TuningStats(db=str(db_dir), trials_per_task=int(trials_per_task))
     t0 = time.monotonic()
     try:
-        prepared, fused = prepare(raw_mod, target)
+        prepared, fused = prepare(raw_mod, target, prepack=prepack)
         tasks = ms.relax_integration.extract_tasks(fused, target)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"MetaSchedule task extraction failed: {type(e).__name__}: {tc._first_line(e)}") from e
@@ -314,7 +324,9 @@ def _tune_and_build(
 
     tb = time.monotonic()
     try:
-        ex = ms.relax_integration.compile_relax(db, prepared, target, params=None)
+        built: dict[str, int] = {}
+        ex = build_with_db(db, prepared, target, prepack=prepack, info=built)
+        stats.prepacked = built.get("prepacked", 0)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"TVM build with the tuning database failed: {type(e).__name__}: {tc._first_line(e)}") from e
     stats.build_s = time.monotonic() - tb

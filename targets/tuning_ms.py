@@ -1,5 +1,6 @@
 """MetaSchedule plumbing of graphopt.targets.tuning: its loggers, the search strategy sized to the
-trial budget, the per-trial timeout, and the per-process builder and runner.
+trial budget, the per-trial timeout, the per-process builder and runner, and the build with a
+database (build_with_db, optionally with pre-packed weights).
 
 Importing this module does not import tvm."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from . import tvm_common as tc
 
 log = logging.getLogger("graphopt.tuning")
 
@@ -137,3 +140,38 @@ def _persistent_builder_class(ms):
             return results
 
     return PersistentLocalBuilder
+
+
+def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None = None):
+    """Executable of `prepared` (prepare()'s first form) with the database's schedules.
+
+    Without prepack this is MetaSchedule's compile_relax. With prepack, the same pipeline (the
+    fusion extract_tasks saw, then the database, then lowering) plus, between the database and
+    lowering, SplitLayoutRewritePreproc + FoldConstant: each weight's layout transform becomes
+    a kernel of its own on a constant, folded away at build time, so the model runs on
+    pre-packed weights and its interface does not change. `info` (optional) gets "prepacked":
+    how many kernels read pre-packed weights (0 when no tuned schedule chose another layout)."""
+    tvm = tc.load_tvm()
+    if not prepack:
+        import tvm.s_tir.meta_schedule as ms
+
+        return ms.relax_integration.compile_relax(db, prepared, target, params=None)
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as rp  # llvm: x86 and rpi4 (0.27 does not export it)
+
+    @tvm.transform.module_pass(opt_level=3)
+    def _pipeline(mod, _ctx):
+        mod = tvm.transform.Sequential([
+            *rp.library_dispatch_passes(target),
+            *rp.legalize_passes(target),  # the zero pipeline's fusion: the keys extract_tasks saw
+            relax.transform.AttachAttrLayoutFreeBuffers(),
+            relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.FoldConstant(),
+        ])(mod)
+        if info is not None:
+            info["prepacked"] = sum(1 for gv in mod.get_global_vars() if gv.name_hint.endswith("_prepacked"))
+        return tvm.transform.Sequential(rp.dataflow_lower_passes(target) + rp.finalize_passes(target))(mod)
+
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        return relax.build(prepared, target=target, relax_pipeline=_pipeline)

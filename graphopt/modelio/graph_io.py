@@ -133,8 +133,17 @@ def _initializers_as_inputs(model: "onnx.ModelProto") -> "onnx.ModelProto":
 
 
 def model_hash(model: "onnx.ModelProto") -> str:
-    """Content hash of a graph (dedups genotypes that materialize to the same graph)."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    """Content hash of a graph (dedups genotypes that materialize to the same graph), and of the
+    compiler hints it carries (graphopt.modelio.hints: a layout move changes how a target compiles
+    the same graph, so it is not a duplicate). A model without hints hashes as its graph alone."""
+    from .hints import HINTS, get_hint
+
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    for key in HINTS:
+        value = get_hint(model, key)
+        if value is not None:
+            h.update(f"\0{key}={value}".encode())
+    return h.hexdigest()
 
 
 def op_histogram(proto: "onnx.ModelProto") -> dict[str, int]:
