@@ -13,7 +13,9 @@ samples) are
   three or four ways: fp32; QDQ as imported (fake quantization in float32, lower_int8=False); QDQ
   lowered to Relax's integer conv2d/matmul (targets/qdq_lower.py, kernels="generic"); and, on
   a CPU with AVX2, QDQ lowered with kernels="avx2": matmuls and 1x1 convs on the packed int16
-  weight kernel MetaSchedule tensorizes with vpmaddwd (targets/x86_int8.py). Untuned (default pipeline), and,
+  weight kernel MetaSchedule tensorizes with vpmaddwd (targets/x86_int8.py); and "avx2 dw-fp32": the
+  same, but the depthwise convs left in fp32 (the per-layer choice the int8 pass offers the search:
+  int8 only on the nodes it names, the depthwise convs' own generic integer code avoided). Untuned (default pipeline), and,
   with --tune-trials N > 0, tuned with MetaSchedule (targets/tuning.tune_and_build, N trials
   per task, a database under --db).
 
@@ -152,7 +154,7 @@ def main() -> int:
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task (0: untuned only)")
     ap.add_argument("--db", default=str(ROOT / "bench" / "out" / "int8_tuning_db"))
     ap.add_argument("--variants", default="", help="comma list of TVM variants to run (default all): fp32, "
-                    "fake-quant, generic, avx2")
+                    "fake-quant, generic, avx2, avx2-dwfp32")
     args = ap.parse_args()
 
     from graphopt.passes.int8 import quantize
@@ -180,7 +182,19 @@ def main() -> int:
         rows.append((label, "onnxruntime", "QDQ (QLinear kernels)", oq_ms, oq_ms / o32_ms,
                      float(np.abs(oq - o32).max()), f"{np.abs(oq - ref).max() / step:.1f}"))
 
-        mods = {"fp32": tc.import_onnx(fp32), "QDQ fake-quant": tc.import_onnx(qdq, lower_int8=False)}
+        from graphopt.targets.tvm_prep import canonicalize
+
+        # fp32 as the x86 target builds it (BN and zero Pads folded: the QDQ model has them folded too)
+        dw = {n.name for n in fp32.graph.node if n.op_type == "Conv"
+              and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
+        part = None
+        if dw:  # the depthwise convs stay fp32: int8 on every other Conv/MatMul/Gemm (per-layer sites)
+            rest = [n.name for n in fp32.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.name not in dw]
+            part = quantize(fp32, calib, rest, activations="uint8")
+            op_ms, op = ort_ms(part, feed, args.threads, args.repeat)
+            rows.append((label, "onnxruntime", f"QDQ, {len(dw)} depthwise fp32", op_ms, op_ms / o32_ms,
+                         float(np.abs(op - o32).max()), ""))
+        mods = {"fp32": tc.import_onnx(canonicalize(fp32)[0]), "QDQ fake-quant": tc.import_onnx(qdq, lower_int8=False)}
         from graphopt.targets.qdq_lower import lower_qdq
 
         mods["QDQ lowered int8"], stats = lower_qdq(mods["QDQ fake-quant"])
@@ -190,9 +204,12 @@ def main() -> int:
         if x86_int8.available(target):
             mods["QDQ lowered int8 avx2"], stats = lower_qdq(mods["QDQ fake-quant"], kernels="avx2")
             print(f"lowering (avx2 kernels, vpmaddwd): {stats}")
+            if part is not None:
+                mods["QDQ avx2 dw-fp32"], stats = lower_qdq(tc.import_onnx(part, lower_int8=False), kernels="avx2")
+                print(f"lowering (avx2, {len(dw)} depthwise convs fp32): {stats}")
         wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
         short = {"fp32": "fp32", "QDQ fake-quant": "fake-quant", "QDQ lowered int8": "generic",
-                 "QDQ lowered int8 avx2": "avx2"}
+                 "QDQ lowered int8 avx2": "avx2", "QDQ avx2 dw-fp32": "avx2-dwfp32"}
         if wanted:
             mods = {k: v for k, v in mods.items() if short[k] in wanted or k == "fp32"}  # fp32: the baseline
         modes = [("untuned", None)] + ([("tuned", args.tune_trials)] if args.tune_trials > 0 else [])
@@ -215,7 +232,7 @@ def main() -> int:
                 samples, _ = tc.time_vm(ex, tvm.cpu(), x, repeat=args.repeat)
                 ms = float(np.median(samples))
                 base_ms = base_ms or ms
-                steps = f"{np.abs(out - ref).max() / step:.1f}" if kind != "fp32" else ""
+                steps = f"{np.abs(out - ref).max() / step:.1f}" if kind not in ("fp32", "QDQ avx2 dw-fp32") else ""
                 rows.append((label, f"tvm x86 {mode}", kind, ms, ms / base_ms, float(np.abs(out - o32).max()), steps))
                 print(f"  tvm {mode:8s} {kind:18s} {ms:9.3f} ms  x{ms / base_ms:.2f} vs fp32  build {build_s:.1f} s{how}")
     print("\n| model | runtime | variant | median ms | vs fp32 | max abs diff vs ORT fp32 | steps off ORT QDQ ref |")
