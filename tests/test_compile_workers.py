@@ -284,7 +284,7 @@ def test_tune_and_build_releases_the_lock_when_it_raises(tmp_path, monkeypatch):
 
     # one task to tune, which fails after the lock was taken
     monkeypatch.setattr(ms.relax_integration, "extract_tasks", lambda fused, target: [Task()])
-    monkeypatch.setattr(tuning, "prepare", lambda mod, target: (mod, mod))
+    monkeypatch.setattr(tuning, "prepare", lambda mod, target, prepack=False: (mod, mod))
     monkeypatch.setattr(tuning, "open_db", lambda d: object())
     monkeypatch.setattr(tuning, "task_best_seconds", lambda db, t: None)
     monkeypatch.setattr(tuning, "task_failed_trials", lambda db, t, limit: 0)
