@@ -60,7 +60,7 @@ class LlvmCpuTarget(Target):
         Option("canonicalize", bool, True, "fold BatchNormalization and zero Pads into the convs before import, "
                "as onnxruntime does (exact; targets/tvm_prep.py)"),
         Option("layout", str, "nchw", "convolution data layout TVM compiles (nhwc: Relax ConvertLayout to "
-               "NHWC/OHWI; docs/compiler.md)", choices=("nchw", "nhwc")),
+               "NHWC/OHWI; a model's `layout` pass hint wins; docs/compiler.md)", choices=("nchw", "nhwc")),
         Option("tune_cache_flush", bool, False, "tune with the CPU caches flushed before each timed call (weights "
                "cold, as in the model); its records go to their own database folder"),
         Option("prepack", bool, False, "let MetaSchedule choose each weight's memory layout and transform the "
