@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"efficientnet": ("models/efficientnet_lite0.onnx", "models/loaders.py:effnet_photos", "imagenet_top1")}
+MODELS = {"efficientnet": ("models/efficientnet_lite0.onnx", "models/loaders.py:effnet_photos", "imagenet_top1"),
+          "minilm": ("models/minilm.onnx", "models/loaders.py:minilm_sentences", "sts_spearman")}
+TITLES = {"efficientnet": "EfficientNet-Lite0", "minilm": "MiniLM (all-MiniLM-L6-v2, 128 tokens)"}
 TARGETS = ("ort", "x86", "rpi4")
 
 
@@ -122,7 +124,7 @@ def table(res, graphs, cpu: str, args) -> str:
     rows = [g for g in graphs]
     cols = [t for t in TARGETS if all(t in res[g] for g in rows)]
     best = {t: min(rows, key=lambda g: res[g][t]) for t in cols}
-    head = (f"EfficientNet-Lite0, passes {args.passes}, {args.budget} candidates per search, seed {args.seed}; "
+    head = (f"{TITLES[args.model]}, passes {args.passes}, {args.budget} candidates per search, seed {args.seed}; "
             f"{cpu}, {args.threads} threads; ort/x86 measured (median of {args.rounds} interleaved rounds), "
             f"rpi4 estimated (Cortex-A72 cost model).")
     out = [head, "", "| graph | ort ms | x86 (tuned TVM) ms | rpi4 estimate ms |", "|---|---|---|---|"]
@@ -235,8 +237,13 @@ def main() -> None:
         log(f"{a} is the same graph as {b}")
     import numpy as np
 
-    x = np.load(ROOT / "models" / "efficientnet_lite0_calib.npz")
-    feed = {"input": x["input"][0]}
+    from graphopt.modelio.ir import load_model
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from tvm_vs_ort import MODELS as CALIB
+    from tvm_vs_ort import feed_for
+
+    feed = feed_for(CALIB[args.model][1], load_model(ROOT / model).inputs)  # one calibration sample
     res = measure_all(graphs, args, feed)
     text = table(res, graphs, cpu, args)
     if cand:
