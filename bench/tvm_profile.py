@@ -108,14 +108,8 @@ def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[f
             continue  # (a weight transform folded at build time is not called)
         n += 1
         unscheduled += not (f.attrs is not None and any("is_scheduled" in str(k) for k in f.attrs.keys()))
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tgt.target).jit()
         head = next(ln for ln in f.script().splitlines() if "def main(" in ln)
-        args = [tvm.runtime.tensor(np.asarray(np.random.rand(*[int(d) for d in re.findall(r"\d+", shp.replace("T.int64(", ""))]),
-                                              dtype=dt), dev)
-                for shp, dt in re.findall(r'T\.Buffer\(\((.*?)\),\s*"(\w+)"', head)]
-        hot = min(lib.time_evaluator("main", dev, number=20, repeat=5)(*args).results) * 1000
-        cold = float(np.median(lib.time_evaluator("main", dev, number=1, repeat=runs,
-                                                  f_preproc="cache_flush_cpu_non_first_arg")(*args).results)) * 1000
+        hot, cold = (t * 1000 for t in time_kernel(f, tgt.target, dev, runs))
         orig = gv.name_hint.removesuffix("_prepacked")  # classified by its weight's logical (unpacked) shape
         k = kind_of(orig, head if orig == gv.name_hint else
                     next(ln for ln in fused[orig].script().splitlines() if "def main(" in ln), layout)
@@ -123,6 +117,24 @@ def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[f
         a, b = out.get(k, (0.0, 0.0))
         out[k] = (a + hot * c, b + cold * c)
     return out, n, unscheduled
+
+
+def time_kernel(func, target, dev, runs: int) -> tuple[float, float]:
+    """(hot s, cache-flushed s) of one PrimFunc built alone, on random inputs of its buffers' shapes:
+    hot = best of 5 x 20 back-to-back calls; flushed = median of `runs` calls, each after the CPU
+    cache is flushed (all but the first argument). One untimed warm-up first (the first timing in a
+    process paid for the thread pool's start and the inputs' pages)."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+    head = next(ln for ln in func.script().splitlines() if "def main(" in ln)
+    args = [tvm.runtime.tensor(np.asarray(np.random.rand(*[int(d) for d in re.findall(r"\d+", shp.replace("T.int64(", ""))]))
+                               .astype(dt), dev) for shp, dt in re.findall(r'T\.Buffer\(\((.*?)\),\s*"(\w+)"', head)]
+    lib.time_evaluator("main", dev, number=5, repeat=1)(*args)
+    hot = min(lib.time_evaluator("main", dev, number=20, repeat=5)(*args).results)
+    cold = float(np.median(lib.time_evaluator("main", dev, number=1, repeat=runs,
+                                              f_preproc="cache_flush_cpu_non_first_arg")(*args).results))
+    return hot, cold
 
 
 def kind_of(name: str, head: str, layout: str) -> str:

@@ -17,46 +17,29 @@ DB_ROOT is the root the x86 target was given (`--tuning-db`), e.g. a tvm_tuning_
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-SHAPE = re.compile(r'T\.Buffer\(\((.*?)\),\s*"(\w+)"')
 
 
 def log(msg: str) -> None:
     print(f"[retime {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def random_args(func, dev):
-    import tvm
-
-    head = next(ln for ln in func.script().splitlines() if "def main(" in ln)
-    return [tvm.runtime.tensor(np.asarray(np.random.rand(*[int(d) for d in re.findall(r"\d+", shp.replace("T.int64(", ""))]))
-                               .astype(dt), dev) for shp, dt in SHAPE.findall(head)]
-
-
 def time_record(rec, target, dev, runs: int) -> tuple[float, float]:
-    """(hot s, flushed s) of one tuning record's schedule, built alone."""
+    """(hot s, flushed s) of one tuning record's schedule, built alone (tvm_profile.time_kernel)."""
     import tvm
+    from tvm_profile import time_kernel
 
     sch = tvm.s_tir.Schedule(rec.workload.mod)
     rec.trace.apply_to_schedule(sch, remove_postproc=False)
-    func = sch.mod["main"]
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
-    args = random_args(func, dev)
-    lib.time_evaluator("main", dev, number=5, repeat=1)(*args)  # warm-up: the pool's threads, the args' pages
-    hot = min(lib.time_evaluator("main", dev, number=20, repeat=3)(*args).results)
-    cold = float(np.median(lib.time_evaluator("main", dev, number=1, repeat=runs,
-                                              f_preproc="cache_flush_cpu_non_first_arg")(*args).results))
-    return hot, cold
+    return time_kernel(sch.mod["main"], target, dev, runs)
 
 
 def main() -> None:
