@@ -286,11 +286,9 @@ def opset_for_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 
 
 def _note(model: onnx.ModelProto, text: str) -> None:
-    entry = next((p for p in model.metadata_props if p.key == "graphopt.int8"), None)
-    if entry is None:
-        entry = model.metadata_props.add()
-        entry.key = "graphopt.int8"
-    entry.value = text
+    from graphopt.modelio.hints import set_hint  # a metadata entry like a hint (not one: no target reads it)
+
+    set_hint(model, "graphopt.int8", text)
 
 
 def quantize_dynamic_nodes(model: onnx.ModelProto, nodes: Sequence[str], *, per_channel: bool = True,

@@ -43,8 +43,9 @@ class ConvLayout(Pass):
         convs = [n.name for n in graph.nodes if n.op == "Conv" and self._is_2d(n)]
         if not convs:
             return []
-        return [Site(key="layout:*", pass_name=self.name, nodes=(), choices=self.choices, exact_choice="nhwc",
-                     cost=0.0, note=f"compile the {len(convs)} 2-D convs in NHWC (TVM CPU targets; a metadata hint)")]
+        return [Site(key="layout:*", pass_name=self.name, nodes=(), choices=self.choices,
+                     exact_choice=self.exact_choice, cost=0.0,
+                     note=f"compile the {len(convs)} 2-D convs in NHWC (TVM CPU targets; a metadata hint)")]
 
     @staticmethod
     def _is_2d(node: "gs.Node") -> bool:
@@ -53,9 +54,7 @@ class ConvLayout(Pass):
         return shape is not None and len(shape) == 4
 
     def rejections(self, graph: "gs.Graph") -> list[tuple[str, str]]:
-        if any(n.op == "Conv" and self._is_2d(n) for n in graph.nodes):
-            return []
-        return [("(graph)", "no 2-D Conv: the layout of nothing would change")]
+        return [] if self.sites(graph) else [("(graph)", "no 2-D Conv: the layout of nothing would change")]
 
     def apply(self, graph: "gs.Graph", site: Site, choice: Any, ctx: MoveContext) -> bool:
         """Checks the choice; finalize() writes the hint on the exported model."""

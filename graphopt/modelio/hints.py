@@ -24,7 +24,8 @@ def get_hint(model: "onnx.ModelProto", key: str) -> str | None:
 
 
 def set_hint(model: "onnx.ModelProto", key: str, value: str) -> None:
-    """Record the hint on `model` (in place), replacing an earlier value."""
+    """Record the hint on `model` (in place), replacing an earlier value. Also writes graphopt's
+    other metadata entries (passes/int8.py's `graphopt.int8` note), which no target reads."""
     entry = next((p for p in model.metadata_props if p.key == key), None)
     if entry is None:
         entry = model.metadata_props.add()
