@@ -36,12 +36,75 @@ def canonicalize(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict[str,
 def convert_layout(mod, layout: str, target):
     """`mod` with its 2-D convolutions in `layout` ("nhwc": data NHWC, weights OHWI), by Relax's
     ConvertLayout (which inserts the transposes it needs at the model's edges, and between ops it
-    cannot convert). Exact."""
+    cannot convert). Exact.
+
+    The ONNX importer emits Clip (ReLU6) as `call_tir` to TOPI maximum/minimum kernels, which
+    ConvertLayout cannot see through: it transposed back to NCHW around each of EfficientNet-Lite0's
+    33 Clips (66 transposes; 13 stayed kernels of their own after fusion). `raise_elementwise` turns
+    those calls into `R.maximum` / `R.minimum` first, so the whole conv chain stays NHWC."""
     from graphopt.targets import tvm_common as tc
 
     tc.load_tvm()
     from tvm import relax
 
     desired = {"nhwc": ["NHWC", "OHWI"]}[layout]
+    mod, _ = raise_elementwise(mod)
     with target:
         return relax.transform.ConvertLayout({"relax.nn.conv2d": desired})(mod)
+
+
+def raise_elementwise(mod):
+    """(mod, n): `mod` with each `call_tir` to a binary maximum/minimum kernel replaced by the Relax
+    op (`R.maximum` / `R.minimum`) whose legalization is that same kernel, n the calls replaced.
+
+    Exact by construction: a call is replaced only when LegalizeOps of the Relax op on the call's
+    argument types gives a PrimFunc whose body is structurally equal to the callee's; any other
+    call_tir is left as it is. Kernels no longer called are removed."""
+    from graphopt.targets import tvm_common as tc
+
+    tc.load_tvm()
+    import tvm_ffi
+    from tvm import relax
+
+    ops = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+    legalized: dict[tuple, Any] = {}
+
+    def legal_body(name, a_ty, b_ty):
+        key = (name, str(a_ty), str(b_ty))
+        if key not in legalized:
+            bb = relax.BlockBuilder()
+            x, c = relax.Var("x", a_ty), relax.Var("c", b_ty)
+            with bb.function("main", [x, c]):
+                bb.emit_func_output(bb.emit(ops[name](x, c)))
+            funcs = [f for f in relax.transform.LegalizeOps()(bb.get()).functions.values()
+                     if not isinstance(f, relax.Function)]
+            legalized[key] = funcs[0].body if len(funcs) == 1 else None
+        return legalized[key]
+
+
+    @relax.expr_functor.mutator
+    class _Raise(relax.PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.m, self.n = m, 0
+
+        def visit_call_(self, call):
+            op = getattr(call.op, "name", None)
+            if op == "relax.call_tir" and len(call.args) >= 2 and hasattr(call.args[1], "fields"):
+                gv, args = call.args[0], list(call.args[1].fields)
+                name = next((k for k in ops if gv.name_hint.startswith(k)), None)
+                if name and len(args) == 2 and len(call.args) == 2:
+                    body = legal_body(name, args[0].ty, args[1].ty)
+                    if body is not None and tvm_ffi.structural_equal(body, self.m[gv].body, map_free_vars=True):
+                        self.n += 1
+                        return ops[name](args[0], args[1])
+            return super().visit_call_(call)
+
+    mod = mod.clone()  # the caller's module stays as it was
+    r = _Raise(mod)
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, relax.Function):
+            mod[gv] = r.visit_expr(f)
+    if r.n:
+        mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, r.n

@@ -80,6 +80,89 @@ def test_x86_compiles_by_the_hint_and_matches_onnxruntime(tmp_path):
         t.compile(hinted, tmp_path)
 
 
+def _relu6_net() -> onnx.ModelProto:
+    """x -> Conv -> Clip(0, 6) -> depthwise Conv -> Clip(0, 6) -> 1x1 Conv -> y: MobileNet's block."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def const(name, a):
+        return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+    inits = [const("w0", rng.standard_normal((8, 3, 3, 3)) * 0.5), const("b0", rng.standard_normal(8)),
+             const("w1", rng.standard_normal((8, 1, 3, 3)) * 0.5), const("w2", rng.standard_normal((4, 8, 1, 1))),
+             const("lo", 0.0), const("hi", 6.0)]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.tvm
+def test_nhwc_carries_the_layout_through_clip_and_matches_onnxruntime(tmp_path):
+    """The importer's Clip is a call_tir to TOPI max/min, opaque to ConvertLayout: without
+    tvm_prep.raise_elementwise every Clip sat between two transposes back to NCHW. With it the
+    only transposes left are the model's input and output."""
+    pytest.importorskip("tvm")
+    from tvm import relax
+
+    from graphopt.targets.x86 import X86Target
+
+    model = _relu6_net()
+    t = X86Target(threads=1, trials=0, layout="nhwc")
+    folded = relax.transform.FoldConstant()(t.relax_module(model)).script()
+    assert folded.count("R.permute_dims(") == 2, folded  # NCHW -> NHWC at the input, back at the output
+    assert "R.maximum(" in folded and "R.minimum(" in folded and "call_tir" not in folded
+    art = t.compile(model, tmp_path)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": _x()})[0]
+    np.testing.assert_allclose(t.run_once(art, {"x": _x()})[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tvm
+def test_raise_elementwise_replaces_only_kernels_the_op_legalizes_to():
+    """A call_tir is raised to R.maximum / R.minimum only when its kernel is exactly that op's
+    legalization; a kernel named `maximum` that computes something else stays a call_tir, and
+    the caller's module is not modified."""
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax, te, topi
+
+    from graphopt.targets.tvm_prep import raise_elementwise
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 8, 8), "float32"))
+    c = relax.Var("c", relax.TensorType((), "float32"))
+    with bb.function("main", [x, c]):
+        with bb.dataflow():
+            a = bb.emit_te(topi.maximum, x, c)
+            b = bb.emit_te(lambda t, s: te.compute(t.shape, lambda *i: te.max(t(*i), s()) + 1.0, name="T_maximum"),
+                           a, c, primfunc_name_hint="maximum")
+            out = bb.emit_output(bb.emit_te(topi.minimum, b, c))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    before = mod.script()
+    raised, n = raise_elementwise(mod)
+    assert n == 2
+    text = raised.script()
+    assert text.count("R.call_tir(") == 1 and "R.maximum(x, c)" in text and "R.minimum(" in text
+    assert mod.script() == before
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32), np.array(0.5, np.float32)]
+    outs = []
+    for m in (mod, raised):
+        ex = relax.build(relax.transform.LegalizeOps()(m), "llvm")
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], np.minimum(np.maximum(args[0], 0.5) + 1.0, 0.5))
+
+
 @pytest.mark.tvm
 @pytest.mark.slow  # ~30-60 s of tuning on a quiet 2-core machine
 def test_prepack_builds_on_packed_weights_in_its_own_database(tmp_path):
