@@ -65,6 +65,9 @@ class LlvmCpuTarget(Target):
                "cold, as in the model); its records go to their own database folder"),
         Option("prepack", bool, False, "let MetaSchedule choose each weight's memory layout and transform the "
                "weights once at build time (RewriteLayout; exact; its records go to their own database folder)"),
+        Option("fast_math", bool, True, "exp, erf, tanh and softmax as vectorized polynomials (Relax "
+               "FastMathTransform; max abs error ~1e-6, as onnxruntime's MLAS) instead of scalar libm calls, "
+               "~7-30x slower here and data-dependent (docs/compiler.md); 0: libm"),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -85,19 +88,20 @@ class LlvmCpuTarget(Target):
         layout: str = "nchw",
         tune_cache_flush: Any = False,
         prepack: Any = False,
+        fast_math: Any = True,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
                          int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
                          canonicalize=canonicalize, layout=layout,
-                         tune_cache_flush=tune_cache_flush, prepack=prepack, **options)
+                         tune_cache_flush=tune_cache_flush, prepack=prepack, fast_math=fast_math, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(
                 f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
                 f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
-                f"canonicalize, layout, tune_cache_flush, prepack, "
+                f"canonicalize, layout, tune_cache_flush, prepack, fast_math, "
                 f"{', '.join(rpc.OPTION_NAMES)}"
             )
         if trials is None:
@@ -123,6 +127,7 @@ class LlvmCpuTarget(Target):
         self.layout = str(layout).lower()
         self.tune_cache_flush = _on(tune_cache_flush)
         self.prepack = _on(prepack)
+        self.fast_math = _on(fast_math)
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -232,7 +237,7 @@ class LlvmCpuTarget(Target):
         tc.load_tvm(self.threads)
         specs = tc.input_specs(model)
         t0 = time.perf_counter()
-        mod, prep, t_fold = self._relax_module(model)
+        mod, prep, t_fold, n_fast = self._relax_module(model)
         t1 = time.perf_counter()
         ex, lower_info = self._lower(mod, Path(workdir))
         t2 = time.perf_counter()
@@ -246,6 +251,7 @@ class LlvmCpuTarget(Target):
             "canonicalized": prep,
             "layout": self.layout_for(model),
             "prepack": self.prepack,
+            "fast_math": n_fast,
         }
         info.update(lower_info)
         return Artifact(target=self.name, files=[], handle=ex, info=info)
@@ -255,8 +261,9 @@ class LlvmCpuTarget(Target):
         return self._relax_module(model)[0]
 
     def _relax_module(self, model):
-        """(Relax module, canonicalize info, perf_counter after folding): fold constants, canonicalize
-        (BN and zero Pads folded, targets/tvm_prep.py), import (QDQ lowered), convert layout."""
+        """(Relax module, canonicalize info, perf_counter after folding, calls made fast math): fold
+        constants, canonicalize (BN and zero Pads folded, targets/tvm_prep.py), import (QDQ lowered),
+        convert layout, fast math (exp/erf/tanh/sigmoid/softmax as polynomials)."""
         prep: dict[str, Any] = {}
         layout = self.layout_for(model)
         folded = tc.fold_constants(model)  # first: a raw export gives Pad its amounts as Constant nodes
@@ -270,7 +277,12 @@ class LlvmCpuTarget(Target):
             from .tvm_prep import convert_layout
 
             mod = convert_layout(mod, layout, self.target)
-        return mod, prep, t_fold
+        n_fast = 0
+        if self.fast_math:
+            from .tvm_prep import fast_math
+
+            mod, n_fast = fast_math(mod)
+        return mod, prep, t_fold, n_fast
 
     def layout_for(self, model) -> str:
         """The conv layout this target compiles `model` in: a layout move's hint in the model

@@ -110,3 +110,53 @@ def test_bn_parameters_from_constant_nodes_are_folded_too(tmp_path):
     assert art.info["canonicalized"] == {"bn_folded": 2, "pads_folded": 1}
     x = np.random.default_rng(6).standard_normal((1, 8, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(t.run_once(art, {"x": x})[0], _ort(model, x), rtol=1e-4, atol=1e-4)
+
+
+def _transcendental_net() -> onnx.ModelProto:
+    """x[1, 4, 64] -> Erf, Exp, Tanh, Sigmoid, Softmax (five outputs): the ops fast_math rewrites."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Erf", ["x"], ["erf"]), helper.make_node("Exp", ["x"], ["exp"]),
+             helper.make_node("Tanh", ["x"], ["tanh"]), helper.make_node("Sigmoid", ["x"], ["sig"]),
+             helper.make_node("Softmax", ["x"], ["sm"], axis=-1)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 64]) for n in ("erf", "exp", "tanh", "sig", "sm")]
+    g = helper.make_graph(nodes, "transcendental", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+                          outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.tvm
+def test_fast_math_rewrites_exp_erf_tanh_sigmoid_softmax_within_1e6_of_onnxruntime(tmp_path):
+    """Default on: the five ops become TOPI's polynomials (no libm call left in the Relax module),
+    within 1e-6 (relative to the value's scale) of onnxruntime over [-10, 10]; fast_math=0 keeps
+    the Relax ops (libm)."""
+    pytest.importorskip("tvm")
+    from graphopt.targets.x86 import X86Target
+
+    model = _transcendental_net()
+    x = np.linspace(-10, 10, 256, dtype=np.float32).reshape(1, 4, 64)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    fast, libm = X86Target(threads=1, trials=0), X86Target(threads=1, trials=0, fast_math=0)
+    text = fast.relax_module(model).script()
+    ops = ("erf", "exp", "tanh", "sigmoid", "nn.softmax")
+    assert not any(f"R.{op}(" in text for op in ops), text
+    assert all(f"R.{op}(" in libm.relax_module(model).script() for op in ops)
+    for t, n in ((fast, 5), (libm, 0)):
+        art = t.compile(model, tmp_path)
+        assert art.info["fast_math"] == n
+        for name, got, w in zip(ops, t.run_once(art, {"x": x}), want):
+            np.testing.assert_allclose(got, w, rtol=2e-6, atol=1e-6, err_msg=f"{name}, fast_math={t.fast_math}")
+
+
+@pytest.mark.tvm
+def test_fast_math_leaves_a_module_without_those_ops_as_it_is():
+    pytest.importorskip("tvm")
+    from graphopt.targets.tvm_prep import fast_math
+    from graphopt.targets.x86 import X86Target
+
+    mod = X86Target(threads=1, trials=0, fast_math=0).relax_module(conv_bn_net())
+    out, n = fast_math(mod)
+    assert n == 0 and out.same_as(mod)
