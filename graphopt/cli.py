@@ -342,7 +342,8 @@ def summary(rep: dict[str, Any]) -> str:
     lines.extend(summary_lines(rep))
     conf = rep.get("confirmed")
     if conf:
-        lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs search winner {conf['best_ms']:.3f} ms over "
+        lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs candidate {conf.get('candidate_id', '?')} "
+                     f"{conf['best_ms']:.3f} ms over "
                      f"{conf['rounds']} alternating rounds (x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
     from graphopt.targets.device_check import summary_line
 
