@@ -66,8 +66,8 @@ class LlvmCpuTarget(Target):
         Option("prepack", bool, False, "let MetaSchedule choose each weight's memory layout and transform the "
                "weights once at build time (RewriteLayout; exact; its records go to their own database folder)"),
         Option("fast_math", bool, True, "exp, erf, tanh and softmax as vectorized polynomials (Relax "
-               "FastMathTransform; max abs error ~1e-6, as onnxruntime's MLAS) instead of scalar libm calls, "
-               "~7-30x slower here and data-dependent (docs/compiler.md); 0: libm"),
+               "FastMathTransform; within 1e-6 of onnxruntime) instead of scalar libm calls, 3.5-42x "
+               "slower here and data-dependent (bench/tvm_fast_math.py, docs/compiler.md); 0: libm"),
     ) + rpc.rpc_options()
 
     def __init__(
