@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import conv_bn_model, matmul_model, run_ort_unoptimized
+from conftest import conv_bn_model, float_init, make_model, matmul_model, run_ort_unoptimized
 from graphopt.driver import materialize
 from graphopt.errors import CompileError
 from graphopt.exact import build_space
@@ -82,25 +82,18 @@ def test_x86_compiles_by_the_hint_and_matches_onnxruntime(tmp_path):
 
 def _relu6_net() -> onnx.ModelProto:
     """x -> Conv -> Clip(0, 6) -> depthwise Conv -> Clip(0, 6) -> 1x1 Conv -> y: MobileNet's block."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(3)
-
-    def const(name, a):
-        return numpy_helper.from_array(np.asarray(a, np.float32), name)
-
-    inits = [const("w0", rng.standard_normal((8, 3, 3, 3)) * 0.5), const("b0", rng.standard_normal(8)),
-             const("w1", rng.standard_normal((8, 1, 3, 3)) * 0.5), const("w2", rng.standard_normal((4, 8, 1, 1))),
-             const("lo", 0.0), const("hi", 6.0)]
+    inits = [float_init("w0", rng.standard_normal((8, 3, 3, 3)) * 0.5), float_init("b0", rng.standard_normal(8)),
+             float_init("w1", rng.standard_normal((8, 1, 3, 3)) * 0.5), float_init("w2", rng.standard_normal((4, 8, 1, 1))),
+             float_init("lo", 0.0), float_init("hi", 6.0)]
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
              helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"]),
              helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1], group=8),
              helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2"], ["y"])]
-    g = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = make_model(nodes, {"x": [1, 3, 16, 16]}, ["y"], inits)
     onnx.checker.check_model(m)
     return m
 

@@ -280,12 +280,12 @@ def test_repair_fit_and_fidelity_use_disjoint_samples(convbn_path, tmp_path):
     assert res.report["fidelity"]["samples"] == 5 and res.report["fidelity"]["repair_fit_samples"] == 0  # 5 held out
 
 
-def _node_count_target(flip_after: int | None):
-    """Latency = node count (fewer nodes faster); after `flip_after` measurements, the reverse."""
+def _node_count_target(flip_after: int | None, name: str = "node_count", before=lambda n: n, after=lambda n: 100 - n):
+    """Latency = before(node count) for the first `flip_after` measurements (all if None), then
+    after(node count). The defaults: fewer nodes faster, then the reverse."""
     from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
 
     class NodeCount(Target):
-        name = "node_count"
         calls = 0
 
         def compile(self, model, workdir):
@@ -294,9 +294,10 @@ def _node_count_target(flip_after: int | None):
         def measure(self, artifact, inputs):
             type(self).calls += 1
             n = artifact.handle
-            lat = n if flip_after is None or type(self).calls <= flip_after else 100 - n
+            lat = before(n) if flip_after is None or type(self).calls <= flip_after else after(n)
             return Measurement(latency=LatencyStats.from_samples([float(lat)]), method="estimated", tuned=None)
 
+    NodeCount.name = name
     return NodeCount
 
 
@@ -304,22 +305,10 @@ def test_confirm_re_measures_runners_up_when_the_search_kept_the_original(convbn
     """The search's single measurements put the original first (the bigger graph faster in its 2
     measurements); measured again alternately, the candidate is faster: it is kept, and the
     report's speedup is the confirmed one (docs/compiler.md: MiniLM on x86)."""
-    from graphopt.plugin import Artifact, LatencyStats, Measurement, Target
     from graphopt.registry import TARGETS
 
-    class NoisyThenTrue(Target):
-        name = "noisy_then_true"
-        calls = 0
-
-        def compile(self, model, workdir):
-            return Artifact(target=self.name, handle=len(model.graph.node))
-
-        def measure(self, artifact, inputs):
-            type(self).calls += 1
-            n = artifact.handle
-            lat = 100 - n if type(self).calls <= 2 else n  # the search: 91 for the original, 93 BN-fused
-            return Measurement(latency=LatencyStats.from_samples([float(lat)]), method="estimated", tuned=None)
-
+    # the search's 2 measurements: 91 for the original (9 nodes), 93 BN-fused (7); then the truth
+    NoisyThenTrue = _node_count_target(2, "noisy_then_true", before=lambda n: 100 - n, after=lambda n: n)
     TARGETS.register("noisy_then_true", NoisyThenTrue)
     try:
         res = optimize(convbn_path, "noisy_then_true", budget=3, out=tmp_path / "o")

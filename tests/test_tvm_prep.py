@@ -114,16 +114,13 @@ def test_bn_parameters_from_constant_nodes_are_folded_too(tmp_path):
 
 def _transcendental_net() -> onnx.ModelProto:
     """x[1, 4, 64] -> Erf, Exp, Tanh, Sigmoid, Softmax (five outputs): the ops fast_math rewrites."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    nodes = [helper.make_node("Erf", ["x"], ["erf"]), helper.make_node("Exp", ["x"], ["exp"]),
-             helper.make_node("Tanh", ["x"], ["tanh"]), helper.make_node("Sigmoid", ["x"], ["sig"]),
-             helper.make_node("Softmax", ["x"], ["sm"], axis=-1)]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 64]) for n in ("erf", "exp", "tanh", "sig", "sm")]
-    g = helper.make_graph(nodes, "transcendental", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
-                          outs)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    from conftest import make_model
+
+    ops = {"erf": "Erf", "exp": "Exp", "tanh": "Tanh", "sig": "Sigmoid", "sm": "Softmax"}
+    nodes = [helper.make_node(op, ["x"], [out], **({"axis": -1} if op == "Softmax" else {})) for out, op in ops.items()]
+    m = make_model(nodes, {"x": [1, 4, 64]}, list(ops), [])
     onnx.checker.check_model(m)
     return m
 
