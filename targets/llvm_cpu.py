@@ -264,24 +264,18 @@ class LlvmCpuTarget(Target):
         """(Relax module, canonicalize info, perf_counter after folding, calls made fast math): fold
         constants, canonicalize (BN and zero Pads folded, targets/tvm_prep.py), import (QDQ lowered),
         convert layout, fast math (exp/erf/tanh/sigmoid/softmax as polynomials)."""
+        from . import tvm_prep
+
         prep: dict[str, Any] = {}
         layout = self.layout_for(model)
         folded = tc.fold_constants(model)  # first: a raw export gives Pad its amounts as Constant nodes
         if self.canonicalize:
-            from .tvm_prep import canonicalize
-
-            folded, prep = canonicalize(folded)
+            folded, prep = tvm_prep.canonicalize(folded)
         t_fold = time.perf_counter()
         mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
         if layout != "nchw":
-            from .tvm_prep import convert_layout
-
-            mod = convert_layout(mod, layout, self.target)
-        n_fast = 0
-        if self.fast_math:
-            from .tvm_prep import fast_math
-
-            mod, n_fast = fast_math(mod)
+            mod = tvm_prep.convert_layout(mod, layout, self.target)
+        mod, n_fast = tvm_prep.fast_math(mod) if self.fast_math else (mod, 0)
         return mod, prep, t_fold, n_fast
 
     def layout_for(self, model) -> str:
