@@ -81,7 +81,6 @@ def raise_elementwise(mod):
             legalized[key] = funcs[0].body if len(funcs) == 1 else None
         return legalized[key]
 
-
     @relax.expr_functor.mutator
     class _Raise(relax.PyExprMutator):
         def __init__(self, m):
@@ -130,9 +129,10 @@ def fast_math(mod):
     128x1536 GELU input took 2.4 ms single-threaded (fast_erf: 0.07 ms), exp 0.5 ms (fast_exp:
     0.08 ms), and libm's time depends on the values: on values of MetaSchedule's random inputs'
     scale it was ~30% faster for erf and 3x slower for exp, so the tuned records mis-stated those
-    kernels in the model (bench/tvm_fast_math.py, docs/compiler.md). Not bit-exact: within ~1e-6 of onnxruntime over [-10, 10]
-    (tests/test_tvm_prep.py); onnxruntime's MLAS uses the same kind of polynomials for its
-    Gelu, Erf and Softmax. Only float32 calls are rewritten."""
+    kernels in the model (bench/tvm_fast_math.py, docs/compiler.md). Not bit-exact: within 1e-6
+    of onnxruntime over [-10, 10] (tests/test_tvm_prep.py); onnxruntime's MLAS uses the same kind
+    of polynomials for its Erf, Gelu and Softmax. Only float32 calls are rewritten; an ONNX Gelu
+    (relax.nn.gelu) keeps libm's erf."""
     from graphopt.targets import tvm_common as tc
 
     tc.load_tvm()
