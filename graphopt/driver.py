@@ -284,9 +284,10 @@ class Search(PipelinedSearch, ConcludeSearch):
             self.counts["failed"] += 1
         elif rec.status == "infeasible":
             self.counts["infeasible"] += 1
-        if artifact is not None and rec.status == "ok":  # keep the original's and the best's compiled form
-            best = self.best_record()
+        if artifact is not None and rec.status == "ok":  # keep the compiled forms the confirmation re-measures:
+            best = self.best_record()  # the original's, the best's and the runners-up's (conclude.contenders)
             keep = {self._baseline_id(), best.id if best else None, rec.id if not rec.genotype else None}
+            keep |= {r.id for r in self.contenders(best)}
             if rec.id in keep:
                 self.artifacts[rec.id] = artifact
             self.artifacts = {k: v for k, v in self.artifacts.items() if k in keep}
