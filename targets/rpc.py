@@ -320,7 +320,6 @@ def measure_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], 
     `number` None: chosen from the warm-up runs so that a repeat lasts about min_repeat_ms.
     `info`, when given, receives what the device says about itself ("threads").
     `outputs`, when given, receives the outputs of one run before timing (numpy, graph order)."""
-    from graphopt.targets import tvm_common as tc
 
     def work(sess):
         if info is not None:
@@ -329,7 +328,7 @@ def measure_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], 
         vm, dev = _load_remote(sess, Path(lib_path), device)
         args = _remote_args(inputs, dev)
         if outputs is not None:
-            outputs[:] = tc._to_numpy(vm["main"](*args))
+            outputs[:] = _remote_to_numpy(sess, vm["main"](*args))
         n = number
         warm = vm.time_evaluator("main", dev, number=1, repeat=max(1, int(warmup)))(*args)
         if n is None:
@@ -343,13 +342,27 @@ def measure_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], 
 
 def run_remote(cfg: RpcConfig, lib_path: str | Path, inputs: Sequence[Any], device: str = "cpu") -> list:
     """Run main once on the device; outputs as numpy arrays (graph output order)."""
-    from graphopt.targets import tvm_common as tc
 
     def work(sess):
         vm, dev = _load_remote(sess, Path(lib_path), device)
-        return tc._to_numpy(vm["main"](*_remote_args(inputs, dev)))
+        return _remote_to_numpy(sess, vm["main"](*_remote_args(inputs, dev)))
 
     return with_session(cfg, work, "run")
+
+
+def _remote_to_numpy(sess, value) -> list:
+    """A remote VM's result as numpy arrays: a tensor comes back with .numpy(); a model with
+    several outputs returns a tuple, which over RPC is an opaque handle to a remote array: its
+    items are fetched through the device's ffi.ArraySize / ffi.ArrayGetItem."""
+    from graphopt.targets import tvm_common as tc
+
+    if hasattr(value, "numpy") or isinstance(value, (list, tuple)):
+        return tc._to_numpy(value)
+    size, get = sess.get_function("ffi.ArraySize"), sess.get_function("ffi.ArrayGetItem")
+    out: list = []
+    for i in range(int(size(value))):
+        out.extend(_remote_to_numpy(sess, get(value, i)))
+    return out
 
 
 # ------------------------------------------------------------------------------ tuning

@@ -164,3 +164,23 @@ def test_efficientnet_lite0_runs_on_the_emulated_pi(pi, tmp_path):
         (got,) = _run_on_pi_as_printed(out, feed, bare=False)
         (want,) = _ort(out / "best.onnx", feed)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_fast_math_kernels_match_onnxruntime_on_the_emulated_pi(pi, tmp_path):
+    """exp, erf, tanh, sigmoid and softmax as the rpi4 target compiles them by default (fast_math:
+    TOPI polynomials, targets/tvm_prep.fast_math), run on the emulated Cortex-A72, against
+    onnxruntime on this machine."""
+    from tests.test_tvm_prep import _transcendental_net
+
+    model = tmp_path / "t.onnx"
+    onnx.save(_transcendental_net(), model)
+    out = tmp_path / "out"
+    r = run_cli("run", model, "--target", "rpi4", *_opts(pi, "estimate=1"), "--budget", "1", "--out", out,
+                "--allow-synthetic", timeout=600)
+    assert r.returncode == 0, r.stderr
+    (check,) = _device_checks(out)
+    assert check["ok"] and check["max_scaled_err"] < 1e-5 and check["emulated"], check
+    x = np.linspace(-10, 10, 256, dtype=np.float32).reshape(1, 4, 64)
+    got = _run_on_pi_as_printed(out, {"x": x}, bare=False)
+    for g, w in zip(got, _ort(model, {"x": x})):
+        np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-6)
