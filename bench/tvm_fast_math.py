@@ -4,8 +4,9 @@ LLVM lowers tir.exp / erf / tanh / sigmoid on x86 to scalar libm calls; the x86 
 `fast_math` option (default on, targets/tvm_prep.fast_math) computes them with TOPI's vectorizable
 polynomials instead. This bench builds each function alone over MiniLM's GELU input shape
 (128 x 1536 float32), untuned and single-threaded, and times it on values of scale 1 (activations)
-and scale 100 (what a matmul of MetaSchedule's random inputs gives): libm's time depends on the
-values, which is how the tuned records mis-stated MiniLM's GELU and softmax kernels (docs/compiler.md).
+and scale 100 (large values: MetaSchedule's runner fills every argument uniform in [1, 10), so its
+matmul outputs are ~10^4): libm's time depends on the values, which is how the tuned records
+mis-stated MiniLM's GELU and softmax kernels (docs/compiler.md).
 
     .venv/bin/python bench/tvm_fast_math.py [--shape 128x1536] [--out bench/out]
 

@@ -127,9 +127,9 @@ def fast_math(mod):
 
     LLVM lowers tir.exp / tir.erf on x86 to scalar libm calls: on this CPU erf over MiniLM's
     128x1536 GELU input took 2.4 ms single-threaded (fast_erf: 0.07 ms), exp 0.5 ms (fast_exp:
-    0.08 ms), and libm's time depends on the values: on values of MetaSchedule's random inputs'
-    scale it was ~30% faster for erf and 3x slower for exp, so the tuned records mis-stated those
-    kernels in the model (bench/tvm_fast_math.py, docs/compiler.md). Not bit-exact: within 1e-6
+    0.08 ms), and libm's time depends on the values: on large values (MetaSchedule's runner fills
+    every argument uniform in [1, 10), so a matmul's outputs are ~10^4) it was ~30% faster for erf
+    and 3x slower for exp (scale 100), so the tuned records mis-stated those kernels in the model (bench/tvm_fast_math.py, docs/compiler.md). Not bit-exact: within 1e-6
     of onnxruntime over [-10, 10] (tests/test_tvm_prep.py); onnxruntime's MLAS uses the same kind
     of polynomials for its Erf, Gelu and Softmax. Only float32 calls are rewritten; an ONNX Gelu
     (relax.nn.gelu) keeps libm's erf."""
