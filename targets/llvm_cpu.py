@@ -65,7 +65,7 @@ class LlvmCpuTarget(Target):
                "cold, as in the model); its records go to their own database folder"),
         Option("prepack", bool, False, "let MetaSchedule choose each weight's memory layout and transform the "
                "weights once at build time (RewriteLayout; exact; its records go to their own database folder)"),
-        Option("fast_math", bool, True, "exp, erf, tanh and softmax as vectorized polynomials (Relax "
+        Option("fast_math", bool, True, "exp, erf, tanh, sigmoid and softmax as vectorized polynomials (Relax "
                "FastMathTransform; within 1e-6 of onnxruntime) instead of scalar libm calls, 3.5-42x "
                "slower here and data-dependent (bench/tvm_fast_math.py, docs/compiler.md); 0: libm"),
     ) + rpc.rpc_options()

@@ -122,7 +122,8 @@ FAST_MATH_OPS = ("relax.exp", "relax.erf", "relax.tanh", "relax.sigmoid", "relax
 
 def fast_math(mod):
     """(mod, n): `mod` with its exp, erf, tanh, sigmoid and softmax computed by TOPI's fast_*
-    polynomials (Relax's FastMathTransform, plus sigmoid as 1 / (1 + fast_exp(-x))), n the calls
+    polynomials (the rules of Relax's FastMathTransform, plus sigmoid as 1 / (1 + fast_exp(-x)),
+    in one rewrite that also counts what it changed and leaves non-float32 calls alone), n the calls
     rewritten.
 
     LLVM lowers tir.exp / tir.erf on x86 to scalar libm calls: on this CPU erf over MiniLM's
