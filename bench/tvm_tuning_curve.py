@@ -60,7 +60,8 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         shutil.rmtree(db_root, ignore_errors=True)
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
-                    tune_cache_flush=args.tune_cache_flush, prepack=args.prepack)
+                    tune_cache_flush=args.tune_cache_flush, prepack=args.prepack,
+                    wide_vector=args.wide_vector)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -68,7 +69,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
 
     tuning._quiet_meta_schedule()
     target = tgt.target
-    log(f"{name}: target {tgt.target_json()}")
+    log(f"{name}: target {tgt.target_json()}; vector_bits {tgt.vector_bits}")
     mod = tgt.relax_module(loaded.proto)  # what the x86 target tunes and builds (canonicalized, its layout)
     prepared, fused = tuning.prepare(mod, target, prepack=tgt.prepack)
     tasks = ms.relax_integration.extract_tasks(fused, target)
@@ -119,7 +120,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     # trials belong to the earlier run (--offset-trials), not to this one
     base_trials[0] = args.warm * sum(1 for t in tasks if tuning.task_best_seconds(db, t) is not None)
     tuning._spend_budget(ms, list(tasks), len(tasks), tgt.budget, target, db, work, None, None, THREADS, 0, None,
-                         stats, on_round=on_round_keep)
+                         stats, on_round=on_round_keep, vector_bits=tgt.vector_bits)
     states = captured.get("states", [])
     if points and points[-1]["trials"] != sum(s.trials for s in states):
         checkpoint(len(stats.budget.get("per_round", [])), states)
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--tune-cache-flush", type=int, default=0, help="x86 target option (1: tune with caches flushed)")
     ap.add_argument("--prepack", type=int, default=0, help="x86 target option (1: weights pre-packed in the layout "
                     "the schedules chose)")
+    ap.add_argument("--wide-vector", type=int, default=1, help="x86 target option (1: tune with full-width "
+                    "vectors, the default; 0: TVM's default space)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()

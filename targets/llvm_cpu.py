@@ -23,6 +23,7 @@ from graphopt.plugin import Artifact, LatencyStats, Measurement, Option, Target
 
 from . import rpc
 from . import tvm_common as tc
+from .tune_budget import budget_plan
 
 TRIALS_ENV = "GRAPHOPT_TUNE_TRIALS"
 DEFAULT_TRIALS = 8  # MetaSchedule trials per new workload
@@ -68,6 +69,9 @@ class LlvmCpuTarget(Target):
         Option("fast_math", bool, True, "exp, erf, tanh, sigmoid and softmax as vectorized polynomials (Relax "
                "FastMathTransform; within 1e-6 of onnxruntime) instead of scalar libm calls, 3.5-42x "
                "slower here and data-dependent (bench/tvm_fast_math.py, docs/compiler.md); 0: libm"),
+        Option("wide_vector", bool, True, "tune with every tiled kernel's innermost output axis vectorized at the "
+               "CPU's full width (512 bits with AVX-512, 256 with AVX2; x86 only; MetaSchedule's "
+               "MultiLevelTilingWideVector); 0: TVM's default space (docs/compiler.md)"),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -89,21 +93,19 @@ class LlvmCpuTarget(Target):
         tune_cache_flush: Any = False,
         prepack: Any = False,
         fast_math: Any = True,
+        wide_vector: Any = True,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
                          mattr=mattr, trials=trials, tuning_db=tuning_db, max_new_tasks=max_new_tasks,
                          int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
                          canonicalize=canonicalize, layout=layout,
-                         tune_cache_flush=tune_cache_flush, prepack=prepack, fast_math=fast_math, **options)
+                         tune_cache_flush=tune_cache_flush, prepack=prepack, fast_math=fast_math,
+                         wide_vector=wide_vector, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
-            raise UsageError(
-                f"unknown {self.name} target option(s) {sorted(options)}; valid: threads, mcpu, number, "
-                f"repeat, warmup, mattr, trials, tuning_db, max_new_tasks, int8_kernels, tune_trials, tune_time, "
-                f"canonicalize, layout, tune_cache_flush, prepack, fast_math, "
-                f"{', '.join(rpc.OPTION_NAMES)}"
-            )
+            raise UsageError(f"unknown {self.name} target option(s) {sorted(options)}; valid: "
+                             f"{', '.join(o.name for o in self.OPTIONS)}")
         if trials is None:
             trials = os.environ.get(TRIALS_ENV, DEFAULT_TRIALS)
         try:
@@ -115,7 +117,7 @@ class LlvmCpuTarget(Target):
         if self.trials < 0 or (self.max_new_tasks is not None and self.max_new_tasks < 0):
             raise UsageError(f"{self.name} target: trials and max_new_tasks must be >= 0 (trials=0: no tuning)")
         self.tuning_db_root = tuning_db
-        self.budget = _budget_plan(self.name, tune_trials, tune_time, self.trials)
+        self.budget = budget_plan(self.name, tune_trials, tune_time, self.trials)
         if int8_kernels not in ("auto", "avx2", "generic"):
             raise UsageError(f"{self.name} target: int8_kernels={int8_kernels!r}: choose auto (avx2 where the CPU has "
                              "AVX2), avx2 (targets/x86_int8.py: packed int16 weights, vpmaddwd) or generic "
@@ -128,6 +130,7 @@ class LlvmCpuTarget(Target):
         self.tune_cache_flush = _on(tune_cache_flush)
         self.prepack = _on(prepack)
         self.fast_math = _on(fast_math)
+        self.wide_vector = _on(wide_vector)
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -190,6 +193,13 @@ class LlvmCpuTarget(Target):
             self._target = tc.llvm_target(self.mcpu, self.threads, mattr=self.mattr)
         return self._target
 
+    @property
+    def vector_bits(self) -> int:
+        """The vector width tuning vectorizes at (tuning_ms.space): the CPU's, 0 with wide_vector off."""
+        from .tuning_ms import vector_bits
+
+        return vector_bits(self.target) if self.wide_vector else 0
+
     def check(self) -> None:
         tc.require_tvm(self.name)
         if self.rpc_config is not None:
@@ -205,7 +215,7 @@ class LlvmCpuTarget(Target):
             "mcpu": self.mcpu,
             "tuned": self.trials > 0,
             **({"tuning": {"trials_per_workload": self.trials, "db": str(self.tuning_db_dir),
-                           **self._budget_describe()}} if self.trials else {}),
+                           "vector_bits": self.vector_bits, **self._budget_describe()}} if self.trials else {}),
             **self._rpc_describe(),
         }
 
@@ -307,7 +317,7 @@ class LlvmCpuTarget(Target):
             mod, self.target, db_dir=self.tuning_db_dir, trials_per_task=self.trials, work_dir=workdir,
             max_new_tasks=self.max_new_tasks, deadline=self.deadline, runner=self.ms_runner(),
             builder=self.ms_builder(), num_threads=self.threads, skip_if_known_exceeds_s=lower_bound_s,
-            budget=self.budget, prepack=self.prepack,
+            budget=self.budget, prepack=self.prepack, vector_bits=self.vector_bits,
         )
         info = {"tuned": stats.workloads_seen > 0 and not stats.partly_untuned, "tuning": stats.to_dict()}
         return ex, info
@@ -454,37 +464,6 @@ class LlvmCpuTarget(Target):
 
             shutil.rmtree(self._rpc_dir, ignore_errors=True)
             self._rpc_dir = None
-
-
-def _budget_plan(name: str, tune_trials: Any, tune_time: Any, warm: int):
-    """tune_trials=N (trials) and/or tune_time=S (seconds): a per-model tuning budget spent where the
-    latency is (targets/tune_budget.py); `trials` is then each new workload's warm-up. None: neither
-    given (the fixed `trials` per workload, as before)."""
-    if tune_trials is None and tune_time is None:
-        return None
-    try:
-        n = None if tune_trials is None else int(tune_trials)
-        secs = None if tune_time is None else _seconds(tune_time)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} target: tune_trials must be an integer and tune_time seconds (e.g. 600, 10m), got "
-                         f"tune_trials={tune_trials!r} tune_time={tune_time!r}") from None
-    if (n is not None and n < 0) or (secs is not None and secs < 0):
-        raise UsageError(f"{name} target: tune_trials and tune_time must be >= 0")
-    if warm <= 0:
-        raise UsageError(f"{name} target: tune_trials/tune_time need trials > 0 (each new workload's warm-up "
-                         "trials); drop trials=0 or the budget")
-    from .tune_budget import BudgetPlan
-
-    return BudgetPlan(budget_trials=n, budget_s=secs, warm=int(warm))
-
-
-def _seconds(v: Any) -> float:
-    """600, "600", "600s", "10m", "1h" -> seconds."""
-    if isinstance(v, (int, float)):
-        return float(v)
-    text = str(v).strip().lower()
-    mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
-    return float(text[:-1]) * mult if mult is not None else float(text)
 
 
 def _copy_file(src: Path, dst: Path) -> Path:

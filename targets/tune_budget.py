@@ -26,7 +26,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
+
+from graphopt.errors import UsageError
 
 DEFAULT_WARM = 8
 DEFAULT_STEP = 16
@@ -220,3 +222,32 @@ def _shrink(given: dict[str, int], fit: int) -> dict[str, int]:
         out[k] = v
         total += v
     return out
+
+
+def budget_plan(name: str, tune_trials: Any, tune_time: Any, warm: int):
+    """tune_trials=N (trials) and/or tune_time=S (seconds): a per-model tuning budget spent where the
+    latency is (run_budget above); `trials` is then each new workload's warm-up. None: neither
+    given (the fixed `trials` per workload, as before)."""
+    if tune_trials is None and tune_time is None:
+        return None
+    try:
+        n = None if tune_trials is None else int(tune_trials)
+        secs = None if tune_time is None else seconds(tune_time)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} target: tune_trials must be an integer and tune_time seconds (e.g. 600, 10m), got "
+                         f"tune_trials={tune_trials!r} tune_time={tune_time!r}") from None
+    if (n is not None and n < 0) or (secs is not None and secs < 0):
+        raise UsageError(f"{name} target: tune_trials and tune_time must be >= 0")
+    if warm <= 0:
+        raise UsageError(f"{name} target: tune_trials/tune_time need trials > 0 (each new workload's warm-up "
+                         "trials); drop trials=0 or the budget")
+    return BudgetPlan(budget_trials=n, budget_s=secs, warm=int(warm))
+
+
+def seconds(v: Any) -> float:
+    """600, "600", "600s", "10m", "1h" -> seconds."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    text = str(v).strip().lower()
+    mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
+    return float(text[:-1]) * mult if mult is not None else float(text)

@@ -40,6 +40,7 @@ from typing import Any
 
 from graphopt.errors import CompileError
 
+from . import tuning_ms
 from . import tvm_common as tc
 # MetaSchedule plumbing (loggers, strategy, timeouts, builder/runner) lives in tuning_ms (split for size)
 from .tuning_ms import (RECYCLE_BUILDS, _ms_logger_handlers_fixup, _quiet_meta_schedule,  # noqa: F401
@@ -228,6 +229,7 @@ def _tune_and_build(
     skip_if_known_exceeds_s: float | None = None,
     budget: Any = None,
     prepack: bool = False,
+    vector_bits: int = 0,
 ):
     """Tune the workloads of `raw_mod` the database lacks, then build with the database.
 
@@ -237,6 +239,7 @@ def _tune_and_build(
     build fails. `skip_if_known_exceeds_s`: when the workloads the database already knows add up
     (best time x calls) to more than this, the candidate cannot beat the incumbent: tune nothing.
     `prepack`: weights in the layout the schedules chose, transformed at build time (prepare()).
+    `vector_bits`: tune in tuning_ms.space's full-width-vector space (0: TVM's default space).
     """
     tc.load_tvm(num_threads)
     import tvm.s_tir.meta_schedule as ms
@@ -282,7 +285,7 @@ def _tune_and_build(
     t_tune = time.monotonic()
     if budget is not None and todo:  # a per-model budget, spent where the latency is (tune_budget.py)
         failed, done = _spend_budget(ms, todo, len(tasks), budget, target, db, Path(work_dir), runner, builder,
-                                     num_threads, seed, deadline, stats)
+                                     num_threads, seed, deadline, stats, vector_bits=vector_bits)
         i = len(todo) if done else 0
         todo = todo if done else []
     while budget is None and i < len(todo) and trials_per_task > 0:
@@ -299,7 +302,8 @@ def _tune_and_build(
             batch = len(todo) - i
         chunk = todo[i:i + batch]
         tb = time.monotonic()
-        _tune_tasks(ms, chunk, target, db, Path(work_dir), trials_per_task, runner, builder, num_threads, seed + i)
+        _tune_tasks(ms, chunk, target, db, Path(work_dir), trials_per_task, runner, builder, num_threads, seed + i,
+                    vector_bits)
         spent = time.monotonic() - tb
         per_task_s = spent / len(chunk) if per_task_s is None else 0.5 * per_task_s + 0.5 * spent / len(chunk)
         stats.trials += len(chunk) * int(trials_per_task)
@@ -334,7 +338,7 @@ def _tune_and_build(
 
 
 def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, builder, num_threads, seed,
-                  deadline, stats: TuningStats, on_round=None) -> tuple[list[str], bool]:
+                  deadline, stats: TuningStats, on_round=None, vector_bits: int = 0) -> tuple[list[str], bool]:
     """Spend this compile's share of a per-model budget (tune_budget.BudgetPlan) on the new
     workloads `todo`, by rounds; returns (names of workloads with no successful trial, True)."""
     import dataclasses
@@ -359,7 +363,8 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
         for k, n in given.items():
             groups.setdefault(int(n), []).append(keyed[k])
         for n, chunk in groups.items():
-            _tune_tasks(ms, chunk, target, db, work_dir, n, runner, builder, num_threads, seed + 1000 * rnd[0])
+            _tune_tasks(ms, chunk, target, db, work_dir, n, runner, builder, num_threads, seed + 1000 * rnd[0],
+                        vector_bits)
         rnd[0] += 1
         return {k: task_best_seconds(db, keyed[k]) for k in given}
 
@@ -382,32 +387,28 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
     return failed, True
 
 
-def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, builder, num_threads, seed) -> None:
+def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, builder, num_threads, seed,
+                vector_bits: int = 0) -> None:
     wd = Path(tempfile.mkdtemp(prefix="ms-", dir=work_dir))
     _ms_logger_handlers_fixup()
     try:
-        from . import x86_int8
-
-        # on AVX2 x86, the space that tensorizes x86_int8's packed int8 matmul (default otherwise)
-        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir=str(wd), num_threads=num_threads or "physical", seed=seed,
-            strategy=search_strategy(ms, trials),
-            space=x86_int8.space(target) if x86_int8.available(target) else "post-order-apply",
-        )
-        if not ctxs:
-            return
-        per_iter = max(1, min(int(trials), 16))
-        ms.tune.tune_tasks(
-            tasks=ctxs,
-            task_weights=weights,
-            work_dir=str(wd),
-            max_trials_global=int(trials) * len(ctxs),
-            max_trials_per_task=int(trials),
-            num_trials_per_iter=per_iter,
-            builder=builder if builder is not None else local_builder(ms),
-            runner=runner if runner is not None else local_runner(ms),
-            database=db,
-        )
+        for space, group in tuning_ms.spaces(ms, tasks, target, vector_bits):  # int8 kernels: x86_int8's space
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                group, work_dir=str(wd), num_threads=num_threads or "physical", seed=seed,
+                strategy=search_strategy(ms, trials), space=space)
+            if not ctxs:
+                continue
+            ms.tune.tune_tasks(
+                tasks=ctxs,
+                task_weights=weights,
+                work_dir=str(wd),
+                max_trials_global=int(trials) * len(ctxs),
+                max_trials_per_task=int(trials),
+                num_trials_per_iter=max(1, min(int(trials), 16)),
+                builder=builder if builder is not None else local_builder(ms),
+                runner=runner if runner is not None else local_runner(ms),
+                database=db,
+            )
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"MetaSchedule tuning failed: {type(e).__name__}: {tc._first_line(e)}") from e
     finally:

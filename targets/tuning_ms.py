@@ -1,5 +1,5 @@
 """MetaSchedule plumbing of graphopt.targets.tuning: its loggers, the search strategy sized to the
-trial budget, the per-trial timeout, the per-process builder and runner, and the build with a
+trial budget, the schedule space (full-width vectors on x86), the per-trial timeout, the per-process builder and runner, and the build with a
 database (build_with_db, optionally with pre-packed weights).
 
 Importing this module does not import tvm."""
@@ -56,6 +56,64 @@ def search_strategy(ms, trials: int):
         population_size=pop, init_measured_ratio=0.2, init_min_unmeasured=max(8, pop // 2),
         genetic_num_iters=2,
     )
+
+
+def vector_bits(target) -> int:
+    """The widest float vector an llvm x86 `target` has: 512 with AVX-512F, 256 with AVX2 or AVX;
+    0 for any other target (aarch64 included: not measured there, so its space stays TVM's)."""
+    try:
+        from tvm.target import codegen
+
+        if str(target.kind.name) != "llvm":
+            return 0
+        triple = str(target.attrs.get("mtriple", "") or "")
+        if triple and not triple.startswith(("x86_64", "i686")):
+            return 0
+        feats = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 - no LLVM feature query: keep TVM's space
+        return 0
+    return 512 if "avx512f" in feats else 256 if feats & {"avx2", "avx"} else 0
+
+
+def llvm_rules(ms, bits: int = 0) -> list:
+    """TVM's llvm schedule rules; with `bits`, its MultiLevelTiling replaced by
+    MultiLevelTilingWideVector, which always vectorizes the innermost spatial axis of a tiled
+    kernel's output at `bits` (16 float32 lanes at 512). TVM's own rule samples that tile freely:
+    of the 33 kernels of EfficientNet-Lite0 tuned 20 minutes on this AVX-512 CPU, 13 ran on 256-bit
+    and 7 on 128-bit FMAs; with the wide rule its top 1x1 convs ran 1.3-2.3x faster at 48 trials
+    each (docs/compiler.md)."""
+    rules = list(ms.ScheduleRule.create("llvm"))
+    if not bits:
+        return rules
+    reuse = ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")  # the rule TVM creates
+    return [ms.schedule_rule.MultiLevelTilingWideVector("SSRSRS", vector_length_in_bits=int(bits),
+                                                        max_innermost_factor=64, reuse_write=reuse)
+            if type(r).__name__ == "MultiLevelTiling" else r for r in rules]
+
+
+def space(ms, target, bits: int = 0, int8: bool = False):
+    """The MetaSchedule space graphopt tunes a task for `target` in: TVM's llvm rules with
+    full-width vectors when `bits` (llvm_rules); x86_int8's space (TVM's rules, its AVX2 int8
+    intrinsics first) for a task with its packed int8 matmul (`int8`: with the wide rule added to
+    that space, tests/test_x86_int8.py's tuned int8 kernel had no vpmaddwd left), and for every
+    task when `bits` is 0 on an AVX2 CPU, as before; else TVM's default."""
+    from . import x86_int8
+
+    if x86_int8.available(target) and (int8 or not bits):
+        return x86_int8.space(target)
+    if not bits:
+        return "post-order-apply"
+    return ms.space_generator.PostOrderApply(sch_rules=llvm_rules(ms, bits), postprocs=list(ms.Postproc.create("llvm")),
+                                             mutator_probs="llvm")
+
+
+def spaces(ms, tasks, target, bits: int = 0) -> list:
+    """[(space, tasks)]: `tasks` grouped by the space() each is tuned in (with `bits`, a task whose
+    kernel holds x86_int8's packed int8 matmul keeps x86_int8's space)."""
+    groups: dict[bool, list] = {}
+    for t in tasks:
+        groups.setdefault(bool(bits) and "packed_int8_matmul" in t.dispatched[0].script(), []).append(t)
+    return [(space(ms, target, bits, int8=int8), group) for int8, group in groups.items()]
 
 
 def timeout_s() -> float:

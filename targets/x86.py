@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import rpc
-from .llvm_cpu import (DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, LlvmCpuTarget, _budget_plan,  # noqa: F401
-                       _copy_file, _seconds)
+from .llvm_cpu import DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, LlvmCpuTarget, _copy_file  # noqa: F401
 
 
 class X86Target(LlvmCpuTarget):
