@@ -1,6 +1,7 @@
 """MetaSchedule plumbing of graphopt.targets.tuning: its loggers, the search strategy sized to the
-trial budget, the schedule space (full-width vectors on x86), the per-trial timeout, the per-process builder and runner, and the build with a
-database (build_with_db, optionally with pre-packed weights).
+trial budget, the schedule space (full-width vectors on x86), the per-trial timeout, the
+per-process builder and runner, and the build with a database (build_with_db, optionally with
+pre-packed weights).
 
 Importing this module does not import tvm."""
 
