@@ -111,9 +111,11 @@ def space(ms, target, bits: int = 0, int8: bool = False):
 def spaces(ms, tasks, target, bits: int = 0) -> list:
     """[(space, tasks)]: `tasks` grouped by the space() each is tuned in (with `bits`, a task whose
     kernel holds x86_int8's packed int8 matmul keeps x86_int8's space)."""
+    from .x86_int8 import has_packed_matmul
+
     groups: dict[bool, list] = {}
     for t in tasks:
-        groups.setdefault(bool(bits) and "packed_int8_matmul" in t.dispatched[0].script(), []).append(t)
+        groups.setdefault(bool(bits) and has_packed_matmul(t.dispatched[0]), []).append(t)
     return [(space(ms, target, bits, int8=int8), group) for int8, group in groups.items()]
 
 

@@ -201,6 +201,13 @@ def _parallel_postproc(ms):
     return _PARALLEL_POSTPROC
 
 
+def has_packed_matmul(mod) -> bool:
+    """True for a task's kernel (a one-function IRModule) that holds the packed int8 matmul."""
+    from tvm import s_tir
+
+    return bool(_packed_blocks(s_tir.Schedule(mod)))
+
+
 def _packed_blocks(sch) -> list:
     """The block RV of the packed int8 matmul's reduction in a task's schedule (at the stage the
     postprocs leave it: blockized and decomposed, or not), or [] for other tasks."""
