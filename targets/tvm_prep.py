@@ -47,7 +47,7 @@ def convert_layout(mod, layout: str, target):
     tc.load_tvm()
     from tvm import relax
 
-    desired = {"nhwc": ["NHWC", "OHWI"]}[layout]
+    desired = {"nhwc": ["NHWC", "HWIO"]}[layout]
     mod, _ = raise_elementwise(mod)
     with target:
         return relax.transform.ConvertLayout({"relax.nn.conv2d": desired})(mod)
