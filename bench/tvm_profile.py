@@ -140,7 +140,7 @@ def time_kernel(func, target, dev, runs: int) -> tuple[float, float]:
 def kind_of(name: str, head: str, layout: str) -> str:
     shapes = [[int(d) for d in re.findall(r"\d+", s.replace("T.int64(", ""))] for s in SHAPE.findall(head)]
     if "conv2d" in name and len(shapes) >= 2 and len(shapes[1]) == 4:
-        o, kh, kw, i = shapes[1] if layout == "nhwc" else (shapes[1][0], shapes[1][2], shapes[1][3], shapes[1][1])
+        kh, kw, i, o = shapes[1] if layout == "nhwc" else (shapes[1][2], shapes[1][3], shapes[1][1], shapes[1][0])
         if i == 1 and o > 1:
             return f"conv depthwise {kh}x{kw}"
         return "conv 1x1" if (kh, kw) == (1, 1) else f"conv {kh}x{kw}"
@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--canonicalize", type=int, default=1, help="as the x86 target option (1: BN and Pads folded)")
-    ap.add_argument("--layout", default="nchw", help="as the x86 target option")
+    ap.add_argument("--layout", default="auto", choices=("auto", "nchw", "nhwc"), help="as the x86 target option")
     ap.add_argument("--prepack", type=int, default=0, help="as the x86 target option (1: weights pre-packed)")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -191,7 +191,7 @@ def main() -> None:
     art = tgt.compile(loaded.proto, Path(tempfile.mkdtemp()))  # the model as the target builds it (trials: env)
     mod = tgt.relax_module(loaded.proto)
     db = tuning.open_db(tgt.tuning_db_dir)
-    tvm_ms, n, unscheduled = tvm_kernels(tgt, mod, db, args.runs, args.layout)
+    tvm_ms, n, unscheduled = tvm_kernels(tgt, mod, db, args.runs, tgt.layout_for(loaded.proto))
     sess = ort.InferenceSession(str(args.model), OrtTarget(threads=args.threads)._options(),
                                 providers=["CPUExecutionProvider"])
     ort_model = e2e_ms(lambda: sess.run(None, feed))

@@ -61,7 +61,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
                     tune_cache_flush=args.tune_cache_flush, prepack=args.prepack,
-                    wide_vector=args.wide_vector)
+                    wide_vector=args.wide_vector, pad_channels=args.pad_channels)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -182,12 +182,14 @@ def main() -> None:
     ap.add_argument("--offset-s", type=float, default=0.0, help="resumed: tuning seconds the earlier run spent")
     ap.add_argument("--offset-trials", type=int, default=0, help="resumed: trials the earlier run spent")
     ap.add_argument("--canonicalize", type=int, default=1, help="x86 target option (1: BN and zero Pads folded first)")
-    ap.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="x86 target option")
+    ap.add_argument("--layout", default="auto", choices=("auto", "nchw", "nhwc"), help="x86 target option")
     ap.add_argument("--tune-cache-flush", type=int, default=0, help="x86 target option (1: tune with caches flushed)")
     ap.add_argument("--prepack", type=int, default=0, help="x86 target option (1: weights pre-packed in the layout "
                     "the schedules chose)")
     ap.add_argument("--wide-vector", type=int, default=1, help="x86 target option (1: tune with full-width "
                     "vectors, the default; 0: TVM's default space)")
+    ap.add_argument("--pad-channels", type=int, default=1, help="x86 target option (1: in NHWC, conv channels "
+                    "padded to the vector width, the default; 0: off)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()

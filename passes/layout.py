@@ -3,10 +3,12 @@
 The graph is not changed: ONNX convolutions are NCHW by definition, and nothing in the ONNX
 graph can say "run this conv in NHWC". The move records the layout in the model's
 metadata_props (`graphopt.layout`), and the TVM CPU targets (x86, rpi4; targets/llvm_cpu.py)
-compile it that way (Relax ConvertLayout to NHWC/OHWI, as the `layout` target option does).
+compile it that way (Relax ConvertLayout to NHWC/HWIO, as the `layout` target option does).
 A target that does not read the entry (ort, cuda, rpi4 --estimate) runs the model as before,
 so there the move costs nothing and gains nothing; it exists so that the search, judged by the
 tuned target, decides the layout per model instead of the user.
+x86's default (`layout=auto`) already compiles a float conv net in NHWC where it vectorizes wide
+(docs/compiler.md), so there the move matters with `layout=nchw`, on rpi4, and for int8 models.
 
 Keeps its own sites / apply, not match(): its one site is the whole model, not a node.
 Why only nhwc besides the default: NCHWc blocking (onnxruntime's layout) is not legalized by

@@ -60,8 +60,10 @@ class LlvmCpuTarget(Target):
         Option("tune_time", str, None, "per-model tuning budget in time (seconds, or 90s / 20m / 1h)"),
         Option("canonicalize", bool, True, "fold BatchNormalization and zero Pads into the convs before import, "
                "as onnxruntime does (exact; targets/tvm_prep.py)"),
-        Option("layout", str, "nchw", "convolution data layout TVM compiles (nhwc: Relax ConvertLayout to "
-               "NHWC/OHWI; a model's `layout` pass hint wins; docs/compiler.md)", choices=("nchw", "nhwc")),
+        Option("layout", str, "auto", "convolution data layout TVM compiles: nhwc (Relax ConvertLayout to NHWC/HWIO), "
+               "nchw, or auto: nhwc for a float model where the x86 space vectorizes wide (wide_vector with "
+               "AVX2/AVX-512), nchw otherwise (int8 models, rpi4); a model's `layout` pass hint wins; "
+               "docs/compiler.md", choices=("auto", "nchw", "nhwc")),
         Option("tune_cache_flush", bool, False, "tune with the CPU caches flushed before each timed call (weights "
                "cold, as in the model); its records go to their own database folder"),
         Option("prepack", bool, False, "let MetaSchedule choose each weight's memory layout and transform the "
@@ -72,6 +74,9 @@ class LlvmCpuTarget(Target):
         Option("wide_vector", bool, True, "tune with every tiled kernel's innermost output axis vectorized at the "
                "CPU's full width (512 bits with AVX-512, 256 with AVX2; x86 only; MetaSchedule's "
                "MultiLevelTilingWideVector); 0: TVM's default space (docs/compiler.md)"),
+        Option("pad_channels", bool, True, "in NHWC, pad conv channel counts to a multiple of the vector width "
+               "(24 -> 32, 40 -> 48 with AVX-512) with zero weights, carried to the next convs (exact; "
+               "targets/channel_pad.py); 0: off"),
     ) + rpc.rpc_options()
 
     def __init__(
@@ -89,11 +94,12 @@ class LlvmCpuTarget(Target):
         tune_trials: int | None = None,
         tune_time: float | None = None,
         canonicalize: Any = True,
-        layout: str = "nchw",
+        layout: str = "auto",
         tune_cache_flush: Any = False,
         prepack: Any = False,
         fast_math: Any = True,
         wide_vector: Any = True,
+        pad_channels: Any = True,
         **options: Any,
     ) -> None:
         super().__init__(threads=threads, mcpu=mcpu, number=number, repeat=repeat, warmup=warmup,
@@ -101,7 +107,7 @@ class LlvmCpuTarget(Target):
                          int8_kernels=int8_kernels, tune_trials=tune_trials, tune_time=tune_time,
                          canonicalize=canonicalize, layout=layout,
                          tune_cache_flush=tune_cache_flush, prepack=prepack, fast_math=fast_math,
-                         wide_vector=wide_vector, **options)
+                         wide_vector=wide_vector, pad_channels=pad_channels, **options)
         rpc_options = {k: options.pop(k) for k in rpc.OPTION_NAMES if k in options}
         if options:
             raise UsageError(f"unknown {self.name} target option(s) {sorted(options)}; valid: "
@@ -124,13 +130,14 @@ class LlvmCpuTarget(Target):
                              "(Relax's integer conv2d/matmul)")
         self._int8_kernels = int8_kernels
         self.canonicalize = _on(canonicalize)
-        if str(layout).lower() not in ("nchw", "nhwc"):
-            raise UsageError(f"{self.name} target: layout={layout!r}: choose nchw or nhwc")
+        if str(layout).lower() not in ("auto", "nchw", "nhwc"):
+            raise UsageError(f"{self.name} target: layout={layout!r}: choose auto, nchw or nhwc")
         self.layout = str(layout).lower()
         self.tune_cache_flush = _on(tune_cache_flush)
         self.prepack = _on(prepack)
         self.fast_math = _on(fast_math)
         self.wide_vector = _on(wide_vector)
+        self.pad_channels = _on(pad_channels)
         # set by the search driver: a time.monotonic() deadline for tuning, and the best latency so far (ms)
         self.deadline: float | None = None
         self.incumbent_ms: float | None = None
@@ -247,7 +254,7 @@ class LlvmCpuTarget(Target):
         tc.load_tvm(self.threads)
         specs = tc.input_specs(model)
         t0 = time.perf_counter()
-        mod, prep, t_fold, n_fast = self._relax_module(model)
+        mod, prep, t_fold, n_fast, padded = self._relax_module(model)
         t1 = time.perf_counter()
         ex, lower_info = self._lower(mod, Path(workdir))
         t2 = time.perf_counter()
@@ -259,6 +266,7 @@ class LlvmCpuTarget(Target):
             "target": self.target_json(),
             "tuned": False,
             "canonicalized": prep,
+            "channels_padded": padded,
             "layout": self.layout_for(model),
             "prepack": self.prepack,
             "fast_math": n_fast,
@@ -271,22 +279,27 @@ class LlvmCpuTarget(Target):
         return self._relax_module(model)[0]
 
     def _relax_module(self, model):
-        """(Relax module, canonicalize info, perf_counter after folding, calls made fast math): fold
-        constants, canonicalize (BN and zero Pads folded, targets/tvm_prep.py), import (QDQ lowered),
+        """(Relax module, canonicalize info, perf_counter after folding, calls made fast math, channel
+        groups padded): fold constants, canonicalize (BN and zero Pads folded, targets/tvm_prep.py),
+        in NHWC pad conv channels to the vector width (targets/channel_pad.py), import (QDQ lowered),
         convert layout, fast math (exp/erf/tanh/sigmoid/softmax as polynomials)."""
-        from . import tvm_prep
+        from . import channel_pad, tvm_prep
 
         prep: dict[str, Any] = {}
         layout = self.layout_for(model)
         folded = tc.fold_constants(model)  # first: a raw export gives Pad its amounts as Constant nodes
         if self.canonicalize:
             folded, prep = tvm_prep.canonicalize(folded)
+        padded: list = []
+        if layout == "nhwc" and self.pad_channels and self.vector_bits:
+            folded, pad_info = channel_pad.pad_channels(folded, self.vector_bits // 32)
+            padded = pad_info["channels_padded"]
         t_fold = time.perf_counter()
         mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
         if layout != "nchw":
             mod = tvm_prep.convert_layout(mod, layout, self.target)
         mod, n_fast = tvm_prep.fast_math(mod) if self.fast_math else (mod, 0)
-        return mod, prep, t_fold, n_fast
+        return mod, prep, t_fold, n_fast, padded
 
     def layout_for(self, model) -> str:
         """The conv layout this target compiles `model` in: a layout move's hint in the model
@@ -295,7 +308,13 @@ class LlvmCpuTarget(Target):
 
         hint = get_hint(model, LAYOUT)
         if hint is None:
-            return self.layout
+            if self.layout != "auto":
+                return self.layout
+            # NHWC/HWIO puts the channels on the vector lanes: EfficientNet-Lite0 x1.03 of onnxruntime after
+            # 20 min vs x2.12 for NCHW after 10 (docs/compiler.md); int8 kernels were measured in NCHW only
+            ops = {n.op_type for n in model.graph.node}
+            quantized = ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}
+            return "nhwc" if self.vector_bits and "Conv" in ops and not quantized else "nchw"
         if hint not in ("nchw", "nhwc"):
             raise CompileError(f"{self.name}: the model's {LAYOUT} hint is {hint!r}; this target compiles nchw or nhwc "
                                "(remove the metadata_props entry, or re-export the model with a layout move)")

@@ -67,7 +67,7 @@ def test_x86_compiles_by_the_hint_and_matches_onnxruntime(tmp_path):
     hinted = onnx.ModelProto()
     hinted.CopyFrom(model)
     set_hint(hinted, LAYOUT, "nhwc")
-    t = X86Target(threads=1, trials=0)  # its own option is nchw: the hint wins
+    t = X86Target(threads=1, trials=0, layout="nchw")  # its own option is nchw: the hint wins
     assert 'data_layout="NHWC"' in t.relax_module(hinted).script()
     assert 'data_layout="NHWC"' not in t.relax_module(model).script()
     art = t.compile(hinted, tmp_path)
