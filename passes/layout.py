@@ -11,7 +11,7 @@ x86's default (`layout=auto`) already compiles a float conv net in NHWC where it
 (docs/compiler.md); there the move's `nchw` choice lets the search try the other layout.
 
 Keeps its own sites / apply, not match(): its one site is the whole model, not a node.
-Why only nhwc besides the default: NCHWc blocking (onnxruntime's layout) is not legalized by
+Why not NCHWc: its blocking (onnxruntime's layout) is not legalized by
 TVM 0.27's Relax (ConvertLayout emits `conv2d(data_layout="NCHW8c")`, which LegalizeOps
 leaves as is and the VM cannot emit; measured, docs/compiler.md). The target option `prepack`
 gets the weights half of it: MetaSchedule picks a blocked weight layout per kernel.

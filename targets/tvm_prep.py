@@ -34,9 +34,11 @@ def canonicalize(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict[str,
 
 
 def convert_layout(mod, layout: str, target):
-    """`mod` with its 2-D convolutions in `layout` ("nhwc": data NHWC, weights OHWI), by Relax's
+    """`mod` with its 2-D convolutions in `layout` ("nhwc": data NHWC, weights HWIO), by Relax's
     ConvertLayout (which inserts the transposes it needs at the model's edges, and between ops it
-    cannot convert). Exact.
+    cannot convert). Exact. HWIO, not OHWI: the x86 schedules vectorize an NHWC conv over its output
+    channels, which OHWI puts outermost (each weight vector a strided gather; x1.8-1.9 per kernel,
+    docs/compiler.md).
 
     The ONNX importer emits Clip (ReLU6) as `call_tir` to TOPI maximum/minimum kernels, which
     ConvertLayout cannot see through: it transposed back to NCHW around each of EfficientNet-Lite0's
