@@ -8,7 +8,7 @@ A target that does not read the entry (ort, cuda, rpi4 --estimate) runs the mode
 so there the move costs nothing and gains nothing; it exists so that the search, judged by the
 tuned target, decides the layout per model instead of the user.
 x86's default (`layout=auto`) already compiles a float conv net in NHWC where it vectorizes wide
-(docs/compiler.md); there the move's `nchw` choice lets the search try the other layout.
+(docs/compiler.md), so there the move matters with `layout=nchw`, on rpi4, and for int8 models.
 
 Keeps its own sites / apply, not match(): its one site is the whole model, not a node.
 Why not NCHWc: its blocking (onnxruntime's layout) is not legalized by
@@ -28,14 +28,13 @@ if TYPE_CHECKING:
     import onnx
     import onnx_graphsurgeon as gs
 
-# what a target would otherwise choose is "keep" (x86: layout=auto); NCHWc: see the module docstring
-LAYOUTS = ("nhwc", "nchw")
+LAYOUTS = ("nhwc",)  # besides the default nchw (see the module docstring for NCHWc)
 
 
 class ConvLayout(Pass):
     name = "layout"
-    description = ("compile the convolutions in NHWC or NCHW on the TVM CPU targets (exact: a hint in the "
-                   "model's metadata; other targets ignore it)")
+    description = ("compile the convolutions in NHWC on the TVM CPU targets (exact: a hint in the model's "
+                   "metadata; other targets ignore it)")
     fidelity = "exact"
     stage = 95  # last: its finalize writes the hint on the model every other finalize (int8) produced
     OPTIONS = ()  # reads no pass options
@@ -48,7 +47,7 @@ class ConvLayout(Pass):
             return []
         return [Site(key="layout:*", pass_name=self.name, nodes=(), choices=self.choices,
                      exact_choice=self.exact_choice, cost=0.0,
-                     note=f"compile the {len(convs)} 2-D convs in NHWC or NCHW (TVM CPU targets; a metadata hint)")]
+                     note=f"compile the {len(convs)} 2-D convs in NHWC (TVM CPU targets; a metadata hint)")]
 
     @staticmethod
     def _is_2d(node: "gs.Node") -> bool:
