@@ -198,15 +198,16 @@ def test_a_hint_is_part_of_the_candidates_identity():
 
 @pytest.mark.tvm
 def test_the_x86_search_measures_the_layout_move(tmp_path):
-    """passes=layout on x86 (untuned): the NHWC candidate is compiled and timed like any other
-    (not a duplicate of the original); the winner's exported model carries the hint iff it chose it."""
+    """passes=layout on x86 (untuned, layout=nchw: the default `auto` would compile this float conv
+    net in NHWC anyway): the NHWC candidate is compiled and timed like any other (not a duplicate
+    of the original); the winner's exported model carries the hint iff it chose it."""
     pytest.importorskip("tvm")
     from graphopt import optimize
 
     path = tmp_path / "m.onnx"
     onnx.save(conv_bn_model(blocks=2), path)
     res = optimize(path, "x86", passes="layout", budget=3, out=tmp_path / "o",
-                   target_options={"threads": 1, "trials": 0, "repeat": 3})
+                   target_options={"threads": 1, "trials": 0, "repeat": 3, "layout": "nchw"})
     assert res.exit_code == 0
     recs = {tuple(sorted(r.genotype.items())): r for r in res.records}
     nhwc = recs[(("layout:*exact", "nhwc"),)]
