@@ -97,17 +97,9 @@ def pad_channels(model: "onnx.ModelProto", multiple: int) -> tuple["onnx.ModelPr
         return model, info
     graph = nx.Graph()
     graph.add_nodes_from(seeds)
-    grown = True
-    while grown:
-        grown = False
-        for n in g.node:
-            if n.op_type in _ZERO_KEEPING and n.output[0] not in graph and any(i in graph for i in n.input[:2]):
-                graph.add_node(n.output[0])
-                grown = True
-            if n.op_type in _ZERO_KEEPING and n.output[0] in graph:
-                for i in n.input[:2]:
-                    if i in graph:
-                        graph.add_edge(i, n.output[0])
+    for n in g.node:  # one pass: an ONNX graph's nodes are in topological order (the checker enforces it)
+        if n.op_type in _ZERO_KEEPING:
+            graph.add_edges_from((i, n.output[0]) for i in n.input[:2] if i in graph)
 
     def tensor_ok(t: str) -> bool:
         if t in outputs:
