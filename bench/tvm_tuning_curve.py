@@ -9,7 +9,10 @@ For each model, in one process, from a fresh tuning database:
      measuring time are not counted as tuning time);
   3. a mutated model (one conv's kernel grown by 2) is compiled with graphopt's x86 target and the
      same budget options against the same database: how many workloads it reused, and its tuning s;
-  4. the profile: the workloads with the largest share of the tuned model's time (calls x best time).
+  4. the profile: the workloads with the largest share of the tuned model's time (calls x best time);
+  5. with --refine K (default 4, the x86 default), before 3: the in-model selection of
+     targets/in_model.py (the top-K records of each heavy workload timed inside the model); its
+     seconds count as tuning time, and its point is the table's last row, marked "in-model".
 
     nice -n 19 .venv/bin/python bench/tvm_tuning_curve.py [--models efficientnet] [--tune-time 1200]
 
@@ -61,7 +64,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
                     tune_cache_flush=args.tune_cache_flush, prepack=args.prepack,
-                    wide_vector=args.wide_vector, pad_channels=args.pad_channels)
+                    wide_vector=args.wide_vector, pad_channels=args.pad_channels, refine=args.refine)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -82,11 +85,12 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     stats = tuning.TuningStats()
     base_trials = [0]  # trials the resumed database's workloads count as (warm each): not this run's
 
-    def checkpoint(rnd: int, states) -> None:
+    def checkpoint(rnd: int, states, ex=None) -> None:
         tp = time.monotonic()
         tuned_s = tp - t_start - paused[0] + args.offset_s
         trials = sum(s.trials for s in states) - base_trials[0] + args.offset_trials
-        ex = tuning.build_with_db(db, prepared, target, prepack=tgt.prepack)
+        ex_given = ex is not None
+        ex = ex if ex_given else tuning.build_with_db(db, prepared, target, prepack=tgt.prepack)
         art = Artifact(target="x86", files=[], handle=ex, info={"inputs": [(n, list(s), d) for n, s, d in specs],
                                                                 "tuned": True})
         tv, orr = [], []
@@ -96,7 +100,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         est = sum(s.share_s for s in states) * 1000
         row = {"round": rnd, "tuning_s": round(tuned_s, 1), "trials": trials, "tvm_ms": statistics.median(tv),
                "ort_ms": statistics.median(orr), "db_estimate_ms": round(est, 3),
-               "untuned": sum(1 for s in states if s.best_s is None)}
+               "untuned": sum(1 for s in states if s.best_s is None), "in_model": ex_given}
         row["tvm_over_ort"] = row["tvm_ms"] / row["ort_ms"]
         points.append(row)
         log(json.dumps(row))
@@ -124,6 +128,14 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     states = captured.get("states", [])
     if points and points[-1]["trials"] != sum(s.trials for s in states):
         checkpoint(len(stats.budget.get("per_round", [])), states)
+    refine = None
+    if args.refine >= 2:  # the x86 target's in-model selection (targets/in_model.py), counted as tuning time
+        from graphopt.targets import in_model
+
+        ex, refine = in_model.build(db, db_dir, prepared, tasks, target, k=args.refine,
+                                    build_fn=lambda d: tuning.build_with_db(d, prepared, target, prepack=tgt.prepack))
+        log(f"{name}: in-model selection: {json.dumps(refine)}")
+        checkpoint(len(stats.budget.get("per_round", [])), states, ex=ex)
     total_s = time.monotonic() - t_start - paused[0]
     log(f"{name}: budget done: {stats.budget.get('rounds')} rounds, {stats.trials} trials, {total_s:.0f} s tuning "
         f"({stats.budget.get('stopped_because')})")
@@ -133,7 +145,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     profile = [{"task": s.name.split(":", 1)[1], "calls": float(keyed[s.name].weight), "trials": s.trials,
                 "best_us": None if s.best_s is None else round(s.best_s * 1e6, 1),
                 "share": round(s.share_s / total, 3)} for s in prof[:args.top]]
-    out = {"model": name, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1),
+    out = {"model": name, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1), "refine": refine,
            "trials": stats.trials, "budget": {k: v for k, v in stats.budget.items() if k != "per_round"},
            "profile": profile}
     mut, mut_desc = mutated(loaded)
@@ -152,8 +164,8 @@ def table(res: dict, cpu: str) -> str:
     out = [f"### {res['model']} ({res['workloads']} workloads; {cpu}, {THREADS} threads)", "",
            "| tuning s | trials | untuned | ORT ms | TVM ms | TVM/ORT |", "|---|---|---|---|---|---|"]
     for p in res["points"]:
-        out.append(f"| {p['tuning_s']:.0f} | {p['trials']} | {p['untuned']} | {p['ort_ms']:.2f} | {p['tvm_ms']:.2f} | "
-                   f"x{p['tvm_over_ort']:.2f} |")
+        out.append(f"| {p['tuning_s']:.0f}{' in-model' if p.get('in_model') else ''} | {p['trials']} | {p['untuned']} | "
+                   f"{p['ort_ms']:.2f} | {p['tvm_ms']:.2f} | x{p['tvm_over_ort']:.2f} |")
     m = res.get("mutated")
     if m:
         out += ["", f"Second compile ({m['mutation']}): reused {m['workloads_reused']}/{m['workloads_seen']}, tuned "
@@ -190,6 +202,8 @@ def main() -> None:
                     "vectors, the default; 0: TVM's default space)")
     ap.add_argument("--pad-channels", type=int, default=1, help="x86 target option (1: in NHWC, conv channels "
                     "padded to the vector width, the default; 0: off)")
+    ap.add_argument("--refine", type=int, default=4, help="x86 target option: after the budget, time the top-K "
+                    "records of the heavy workloads inside the model and keep the fastest there (0: off)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()

@@ -337,6 +337,7 @@ class LlvmCpuTarget(Target):
             max_new_tasks=self.max_new_tasks, deadline=self.deadline, runner=self.ms_runner(),
             builder=self.ms_builder(), num_threads=self.threads, skip_if_known_exceeds_s=lower_bound_s,
             budget=self.budget, prepack=self.prepack, vector_bits=self.vector_bits,
+            refine=0 if self.rpc_config is not None else getattr(self, "refine", 0),  # x86's option
         )
         info = {"tuned": stats.workloads_seen > 0 and not stats.partly_untuned, "tuning": stats.to_dict()}
         return ex, info

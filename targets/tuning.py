@@ -40,7 +40,7 @@ from typing import Any
 
 from graphopt.errors import CompileError
 
-from . import tuning_ms
+from . import in_model, tuning_ms
 from . import tvm_common as tc
 # MetaSchedule plumbing (loggers, strategy, timeouts, builder/runner) lives in tuning_ms (split for size)
 from .tuning_ms import (RECYCLE_BUILDS, _ms_logger_handlers_fixup, _quiet_meta_schedule,  # noqa: F401
@@ -98,6 +98,7 @@ class TuningStats:
     untuned_tasks: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)  # tune_budget's log when a budget was spent
     prepacked: int = 0  # kernels built on pre-packed weights (the prepack option)
+    in_model: dict[str, Any] = field(default_factory=dict)  # in_model.build: picks used, refine's log
 
     @property
     def partly_untuned(self) -> bool:
@@ -230,6 +231,7 @@ def _tune_and_build(
     budget: Any = None,
     prepack: bool = False,
     vector_bits: int = 0,
+    refine: int = 0,
 ):
     """Tune the workloads of `raw_mod` the database lacks, then build with the database.
 
@@ -240,6 +242,7 @@ def _tune_and_build(
     (best time x calls) to more than this, the candidate cannot beat the incumbent: tune nothing.
     `prepack`: weights in the layout the schedules chose, transformed at build time (prepare()).
     `vector_bits`: tune in tuning_ms.space's full-width-vector space (0: TVM's default space).
+    `refine` >= 2: re-time the top-`refine` records of the heavy workloads in the model (in_model.py).
     """
     tc.load_tvm(num_threads)
     import tvm.s_tir.meta_schedule as ms
@@ -329,7 +332,8 @@ def _tune_and_build(
     tb = time.monotonic()
     try:
         built: dict[str, int] = {}
-        ex = build_with_db(db, prepared, target, prepack=prepack, info=built)
+        ex, stats.in_model = in_model.build(db, db_dir, prepared, tasks, target, k=refine, deadline=deadline,
+                                            build_fn=lambda d: build_with_db(d, prepared, target, prepack, built))
         stats.prepacked = built.get("prepacked", 0)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"TVM build with the tuning database failed: {type(e).__name__}: {tc._first_line(e)}") from e
@@ -399,12 +403,8 @@ def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, buil
             if not ctxs:
                 continue
             ms.tune.tune_tasks(
-                tasks=ctxs,
-                task_weights=weights,
-                work_dir=str(wd),
-                max_trials_global=int(trials) * len(ctxs),
-                max_trials_per_task=int(trials),
-                num_trials_per_iter=max(1, min(int(trials), 16)),
+                tasks=ctxs, task_weights=weights, work_dir=str(wd), max_trials_global=int(trials) * len(ctxs),
+                max_trials_per_task=int(trials), num_trials_per_iter=max(1, min(int(trials), 16)),
                 builder=builder if builder is not None else local_builder(ms),
                 runner=runner if runner is not None else local_runner(ms),
                 database=db,

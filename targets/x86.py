@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import rpc
+from graphopt.errors import UsageError
+from graphopt.plugin import Option
+
+from . import in_model, rpc
 from .llvm_cpu import DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, LlvmCpuTarget, _copy_file  # noqa: F401
 
 
@@ -16,7 +19,22 @@ class X86Target(LlvmCpuTarget):
     name = "x86"
     description = ("This machine's x86 CPU via Apache TVM Relax + LLVM, MetaSchedule-tuned (persistent database), "
                    "timed in-process or over RPC.")
-    OPTIONS = LlvmCpuTarget.OPTIONS
+    OPTIONS = LlvmCpuTarget.OPTIONS + (
+        Option("refine", int, 4, "after tuning, re-time the top N records of each heavy workload inside the "
+               f"compiled model and keep the fastest there (N builds; only when the workloads not yet checked are "
+               f">= {in_model.MIN_SHARE:.0%} of the model and >= {in_model.MIN_MS} ms; measured here, not over "
+               "RPC; targets/in_model.py); 0: the database's best records", minimum=0),
+    )
+
+    def __init__(self, *args: Any, refine: Any = 4, **options: Any) -> None:
+        super().__init__(*args, **options)
+        try:
+            self.refine = int(refine)
+        except (TypeError, ValueError):
+            self.refine = -1
+        if self.refine < 0:
+            raise UsageError(f"x86 target: refine={refine!r}: a count of records (0: off, 4: the default)")
+        self.options["refine"] = self.refine
 
     def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:
         """Measure through TVM RPC when tracker/server options are given (x86 ignores the
