@@ -251,6 +251,7 @@ def build(db, db_dir: Path, prepared, tasks, target, build_fn: Callable, k: int 
         kept = new_ms < base_ms
         if kept:
             ex = new
+            info["picks_used"] += len(switched)  # the checked workloads had no valid pick before
     ref["kept"] = kept
     for t in todo:  # checked: a kept pick's record, else none (the database's best stays)
         n = t.task_name

@@ -58,6 +58,7 @@ def test_refine_times_the_records_in_the_model_and_its_picks_hold_until_the_best
         assert len(in_model.top_records(db, task, 3)) >= 2, "4 trials should leave at least 2 records that ran"
         assert ref["workloads"] == 1 and ref["timed"] == 1, ref  # the kernel was found in the model by name
         assert ("base_ms" in ref) == (ref["switched"] == 1), ref  # a switch is confirmed on the whole model
+        assert art.info["tuning"]["in_model"]["picks_used"] == (1 if ref["kept"] else 0)
         (entry,) = in_model.load_picks(db_dir).values()
         assert entry["task"] == task.task_name
         assert entry["displaced_s"] == pytest.approx(tuning.task_best_seconds(db, task), rel=1e-6)
