@@ -233,6 +233,17 @@ def build(db, db_dir: Path, prepared, tasks, target, build_fn: Callable, k: int 
         ref["skipped"] = f"the unchecked workloads are {todo_s * 1e3:.3f} ms of {all_s * 1e3:.3f} ms " \
                          f"(refine needs >= {min_ms} ms and >= {min_share:.0%})"
         return build_fn(base_db if info["picks_used"] else db), info
+    try:
+        return _refine(db, db_dir, prepared, tasks, build_fn, k, deadline, picks, choice, recs, todo, info, t_start)
+    except Exception as e:  # noqa: BLE001 - an optimization: never the reason a compile fails
+        ref["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        log.warning("in-model selection failed (%s); building with the database's best records", ref["error"])
+        return build_fn(base_db if info["picks_used"] else db), info
+
+
+def _refine(db, db_dir: Path, prepared, tasks, build_fn, k, deadline, picks, choice, recs, todo, info, t_start):
+    """build()'s refine step (module doc): K builds timed in the model, the picks kept or not, stored."""
+    ref = info["refine"]
     args = _inputs(prepared)
     names = {t.task_name for t in todo}
     exes: list = []

@@ -94,6 +94,18 @@ def test_refine_times_the_records_in_the_model_and_its_picks_hold_until_the_best
         now = in_model.current_choice(db, task, in_model.load_picks(db_dir))
         assert str(now.trace) == str(best.trace) and float(now.run_secs[0]) == pytest.approx(faster[0])
         rechecked = target.compile(model, tmp_path).info["tuning"]["in_model"]
-        assert rechecked["picks_used"] == 0 and rechecked["refine"]["workloads"] == 1
+        assert rechecked["refine"]["workloads"] == 1  # the stale pick was not used: the workload was timed again
+        assert rechecked["picks_used"] == (1 if rechecked["refine"]["kept"] else 0)
+
+        # a refine that fails does not fail the compile: the database's best records are built
+        (db_dir / in_model.PICKS_FILE).unlink()
+
+        def broken(_prepared, seed=0):
+            raise RuntimeError("no inputs today")
+
+        monkeypatch.setattr(in_model, "_inputs", broken)
+        art2 = target.compile(model, tmp_path)
+        assert art2.info["tuning"]["in_model"]["refine"]["error"] == "RuntimeError: no inputs today"
+        np.testing.assert_allclose(target.run_once(art2, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
     finally:
         target.close()
