@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 from graphopt.runstore.outputs import atomic_write_json
 
+from .qdq_lower import _ty  # a Relax expr's tensor type (`ty` in TVM 0.27)
+
 log = logging.getLogger("graphopt.tuning")
 
 PICKS_FILE = "in_model.json"
@@ -124,7 +126,7 @@ def _inputs(prepared, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for p in prepared["main"].params:
-        si = getattr(p, "ty", None) or p.struct_info  # `ty` in TVM 0.27
+        si = _ty(p)
         shape = [int(d) for d in si.shape]
         dt = str(si.dtype)
         a = rng.standard_normal(shape).astype(dt) if dt.startswith("float") else np.zeros(shape, dt)
