@@ -14,6 +14,15 @@ For each model, in one process, from a fresh tuning database:
      targets/in_model.py (the top-K records of each heavy workload timed inside the model); its
      seconds count as tuning time, and its point is the table's last row, marked "in-model".
 
+With --quantize dynamic|static the model tuned is graphopt's int8 form of it (dynamic: every
+MatMul with a constant weight, passes/int8.quantize_dynamic_nodes; static: QDQ on every op the
+quantizer supports, calibrated on the model's calibration samples), lowered onto the x86 target's
+int8 kernels (`int8_kernels=auto`: vpdpbusd with AVX-512 VNNI). TVM/ORT is then against
+onnxruntime running the *fp32* original (what a user compares against); the table adds
+onnxruntime running the same int8 model, and the log the largest output difference between TVM's
+int8 model and onnxruntime's. Task quality of the int8 forms: bench/task_quality.py. No second
+(mutated) compile.
+
     nice -n 19 .venv/bin/python bench/tvm_tuning_curve.py [--models efficientnet] [--tune-time 1200]
 
 Tuning is minutes per model on a 2-core machine; run it on a quiet machine. See docs/compiler.md.
@@ -59,6 +68,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     loaded = load_model(path)
     feed = feed_for(calib, loaded.inputs)
     sess = ort.InferenceSession(str(path), OrtTarget(threads=THREADS)._options(), providers=["CPUExecutionProvider"])
+    model, qsess = quantized(loaded.proto, calib, args.quantize)
     if not args.resume:
         shutil.rmtree(db_root, ignore_errors=True)
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
@@ -72,8 +82,8 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
 
     tuning._quiet_meta_schedule()
     target = tgt.target
-    log(f"{name}: target {tgt.target_json()}; vector_bits {tgt.vector_bits}")
-    mod = tgt.relax_module(loaded.proto)  # what the x86 target tunes and builds (canonicalized, its layout)
+    log(f"{name}: target {tgt.target_json()}; vector_bits {tgt.vector_bits}; int8_kernels {tgt.int8_kernels}")
+    mod = tgt.relax_module(model)  # what the x86 target tunes and builds (canonicalized, its layout)
     prepared, fused = tuning.prepare(mod, target, prepack=tgt.prepack)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     db = tuning.open_db(db_dir)
@@ -93,15 +103,21 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         ex = ex if ex_given else tuning.build_with_db(db, prepared, target, prepack=tgt.prepack)
         art = Artifact(target="x86", files=[], handle=ex, info={"inputs": [(n, list(s), d) for n, s, d in specs],
                                                                 "tuned": True})
-        tv, orr = [], []
+        tv, orr, orq = [], [], []
         for _ in range(args.rounds):
             tv.append(tgt.measure(art, feed).latency.median_ms)
             orr.append(ort_ms(sess, feed))
+            if qsess is not None:
+                orq.append(ort_ms(qsess, feed))
         est = sum(s.share_s for s in states) * 1000
         row = {"round": rnd, "tuning_s": round(tuned_s, 1), "trials": trials, "tvm_ms": statistics.median(tv),
                "ort_ms": statistics.median(orr), "db_estimate_ms": round(est, 3),
                "untuned": sum(1 for s in states if s.best_s is None), "in_model": ex_given}
         row["tvm_over_ort"] = row["tvm_ms"] / row["ort_ms"]
+        if orq:
+            row["ort_int8_ms"] = statistics.median(orq)
+            row["max_diff_vs_ort_int8"] = max(float(abs(a - b).max()) for a, b in
+                                              zip(tgt.run_once(art, feed), qsess.run(None, feed)))
         points.append(row)
         log(json.dumps(row))
         paused[0] += time.monotonic() - tp
@@ -145,10 +161,10 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     profile = [{"task": s.name.split(":", 1)[1], "calls": float(keyed[s.name].weight), "trials": s.trials,
                 "best_us": None if s.best_s is None else round(s.best_s * 1e6, 1),
                 "share": round(s.share_s / total, 3)} for s in prof[:args.top]]
-    out = {"model": name, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1), "refine": refine,
+    out = {"model": name, "quantize": args.quantize, "int8_kernels": tgt.int8_kernels, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1), "refine": refine,
            "trials": stats.trials, "budget": {k: v for k, v in stats.budget.items() if k != "per_round"},
            "profile": profile}
-    mut, mut_desc = mutated(loaded)
+    mut, mut_desc = mutated(loaded) if qsess is None else (None, None)
     if mut is not None:  # the second compile: graphopt's x86 target, same budget options, same database
         t0 = time.monotonic()
         mst = tgt.compile(mut, work).info["tuning"]
@@ -160,12 +176,33 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     return out
 
 
+def quantized(proto, calib: Path, how: str):
+    """(model to tune, onnxruntime session of it or None): `proto` itself for "none", else its int8 form."""
+    if how == "none":
+        return proto, None
+    import numpy as np
+
+    from graphopt.passes import int8
+
+    if how == "dynamic":
+        q = int8.quantize_dynamic_nodes(proto, int8._dynamic_candidates(proto))
+    else:
+        with np.load(calib) as z:
+            q = int8.quantize(proto, {k: z[k] for k in z.files}, None)
+    so = OrtTarget(threads=THREADS)._options()
+    return q, ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def table(res: dict, cpu: str) -> str:
-    out = [f"### {res['model']} ({res['workloads']} workloads; {cpu}, {THREADS} threads)", "",
-           "| tuning s | trials | untuned | ORT ms | TVM ms | TVM/ORT |", "|---|---|---|---|---|---|"]
+    q = res.get("quantize", "none") != "none"
+    out = [f"### {res['model']}{' int8 ' + res['quantize'] if q else ''} ({res['workloads']} workloads; {cpu}, "
+           f"{THREADS} threads{'; int8_kernels ' + res['int8_kernels'] if q else ''})", "",
+           "| tuning s | trials | untuned | ORT fp32 ms |" + (" ORT int8 ms |" if q else "") + " TVM ms | TVM/ORT |",
+           "|---|---|---|---|---|---|" + ("---|" if q else "")]
     for p in res["points"]:
         out.append(f"| {p['tuning_s']:.0f}{' in-model' if p.get('in_model') else ''} | {p['trials']} | {p['untuned']} | "
-                   f"{p['ort_ms']:.2f} | {p['tvm_ms']:.2f} | x{p['tvm_over_ort']:.2f} |")
+                   f"{p['ort_ms']:.2f} |" + (f" {p['ort_int8_ms']:.2f} |" if q else "") +
+                   f" {p['tvm_ms']:.2f} | x{p['tvm_over_ort']:.2f} |")
     m = res.get("mutated")
     if m:
         out += ["", f"Second compile ({m['mutation']}): reused {m['workloads_reused']}/{m['workloads_seen']}, tuned "
@@ -204,6 +241,8 @@ def main() -> None:
                     "padded to the vector width, the default; 0: off)")
     ap.add_argument("--refine", type=int, default=4, help="x86 target option: after the budget, time the top-K "
                     "records of the heavy workloads inside the model and keep the fastest there (0: off)")
+    ap.add_argument("--quantize", default="none", choices=("none", "dynamic", "static"),
+                    help="tune graphopt's int8 form of the model (see above); default none (fp32)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()
@@ -214,7 +253,8 @@ def main() -> None:
     texts, results = [], []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            res = curve(name, args, work, args.out / "tuning-db" / f"{name}-curve")  # a root: the db is a folder in it
+            tag = "" if args.quantize == "none" else f"-{args.quantize}"
+            res = curve(name, args, work, args.out / "tuning-db" / f"{name}{tag}-curve")  # a root: the db is a folder in it
             results.append(res)
             texts.append(table(res, cpu))
             print(texts[-1], flush=True)

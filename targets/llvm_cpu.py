@@ -54,7 +54,7 @@ class LlvmCpuTarget(Target):
         Option("trials", int, None, "MetaSchedule trials (0: no tuning; default GRAPHOPT_TUNE_TRIALS)", minimum=0),
         Option("tuning_db", str, None, "tuning database directory (default ~/.cache/graphopt/tuning)"),
         Option("max_new_tasks", int, None, "tune at most this many new tasks per candidate", minimum=0),
-        Option("int8_kernels", str, "auto", "int8 conv/matmul kernels", choices=("auto", "avx2", "generic")),
+        Option("int8_kernels", str, "auto", "int8 conv/matmul kernels", choices=("auto", "vnni", "avx2", "generic")),
         Option("tune_trials", int, None, "per-model tuning budget in trials, spent where the latency is "
                "(`trials` becomes each new workload's warm-up)", minimum=1),
         Option("tune_time", str, None, "per-model tuning budget in time (seconds, or 90s / 20m / 1h)"),
@@ -124,10 +124,10 @@ class LlvmCpuTarget(Target):
             raise UsageError(f"{self.name} target: trials and max_new_tasks must be >= 0 (trials=0: no tuning)")
         self.tuning_db_root = tuning_db
         self.budget = budget_plan(self.name, tune_trials, tune_time, self.trials)
-        if int8_kernels not in ("auto", "avx2", "generic"):
-            raise UsageError(f"{self.name} target: int8_kernels={int8_kernels!r}: choose auto (avx2 where the CPU has "
-                             "AVX2), avx2 (targets/x86_int8.py: packed int16 weights, vpmaddwd) or generic "
-                             "(Relax's integer conv2d/matmul)")
+        if int8_kernels not in ("auto", "vnni", "avx2", "generic"):
+            raise UsageError(f"{self.name} target: int8_kernels={int8_kernels!r}: choose auto (the best the CPU has), "
+                             "vnni (targets/x86_int8.py: uint8 x int8 on vpdpbusd, AVX-512 VNNI), avx2 (packed "
+                             "int16 weights, vpmaddwd) or generic (Relax's integer conv2d/matmul)")
         self._int8_kernels = int8_kernels
         self.canonicalize = _on(canonicalize)
         if str(layout).lower() not in ("auto", "nchw", "nhwc"):
@@ -183,13 +183,14 @@ class LlvmCpuTarget(Target):
 
     @property
     def int8_kernels(self) -> str:
-        """How QDQ matmuls/1x1 convs are lowered: "avx2" (x86_int8's vpmaddwd kernel) when the target
-        CPU has AVX2 (option int8_kernels=auto), else "generic"."""
+        """How QDQ matmuls/1x1 convs are lowered (option int8_kernels=auto): "vnni" (x86_int8's vpdpbusd
+        kernel) when the target CPU has AVX-512 VNNI, "avx2" (its vpmaddwd kernel) with AVX2, else "generic"."""
         if self._int8_kernels != "auto":
             return self._int8_kernels
         from . import x86_int8
 
-        return "avx2" if x86_int8.available(self.target) else "generic"
+        return ("vnni" if x86_int8.vnni_available(self.target) else
+                "avx2" if x86_int8.available(self.target) else "generic")
 
     def target_json(self) -> dict[str, Any]:
         return tc.target_dict(self.mcpu, self.threads, mattr=self.mattr)

@@ -76,9 +76,10 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
     integer conv2d/matmul; "avx2" emits matmuls with a constant weight and 1x1 convolutions
     (stride 1, no groups) as the packed int16-weight matmul of targets/x86_int8.py, which
     MetaSchedule tensorizes with `vpmaddwd` (count in stats["packed"]); other convs stay generic.
+    "vnni" does the same, with the uint8-activation ones on `vpdpbusd` (count in stats["vnni"]).
     """
-    if kernels not in ("generic", "avx2"):
-        raise ValueError(f"kernels={kernels!r}: 'generic' or 'avx2'")
+    if kernels not in ("generic", "avx2", "vnni"):
+        raise ValueError(f"kernels={kernels!r}: 'generic', 'avx2' or 'vnni'")
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -199,7 +200,7 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
                 return w
             xq, sx, zx = act
             wq, sw = w
-            if kernels == "avx2" and wq.shape[2:] == (1, 1) and int(a.groups) == 1 \
+            if kernels != "generic" and wq.shape[2:] == (1, 1) and int(a.groups) == 1 \
                     and all(int(v) == 1 for v in (*a.strides, *a.dilation)) and not any(int(p) for p in a.padding):
                 return self._conv1x1_packed(xq, sx, zx, wq, sw)
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
@@ -219,7 +220,7 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
 
         def _matmul(self, call):
-            if kernels == "avx2" and _dtype(call) == "int32":
+            if kernels != "generic" and _dtype(call) == "int32":
                 return self._matmul_integer(call)
             act = self._act(call.args[0])
             if isinstance(act, str):
@@ -234,7 +235,7 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
             xq, sx, zx = act
             wq, sw = w
             bb = self.builder_
-            if kernels == "avx2":
+            if kernels != "generic":
                 acc = self._packed(xq, wq)
                 stats["packed"] += 1
             else:
@@ -291,18 +292,23 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
             return acc
 
         def _packed(self, xq, wq):
-            """int32 acc = xq [..., K] @ wq [K, N] through x86_int8's packed matmul. No reshape around
-            it (N a multiple of 8: none at all), so the epilogue fuses into the kernel's PrimFunc."""
+            """int32 acc = xq [..., K] @ wq [K, N] through x86_int8's packed matmul: on vpdpbusd (kernels
+            "vnni") for a uint8 activation and weights within int8, else on vpmaddwd. No reshape around
+            it (N a multiple of the tile's lanes: none at all), so the epilogue fuses into its PrimFunc."""
             from . import x86_int8
 
             bb = self.builder_
             rank = _ndim(xq)
             k, n = wq.shape
-            if k % x86_int8.PAIR:
-                xq = bb.emit(relax.op.nn.pad(xq, [0, 0] * (rank - 1) + [0, x86_int8.PAIR - k % x86_int8.PAIR],
-                                             pad_value=0.0))
-            acc = bb.emit_te(x86_int8.packed_matmul_te, xq, relax.const(x86_int8.pack_weight(wq), "int16"),
+            vnni = (kernels == "vnni" and _dtype(xq) == "uint8"
+                    and -128 <= int(wq.min(initial=0)) and int(wq.max(initial=0)) <= 127)
+            tile = x86_int8.VNNI if vnni else x86_int8.AVX2
+            group = tile[1]
+            if k % group:
+                xq = bb.emit(relax.op.nn.pad(xq, [0, 0] * (rank - 1) + [0, group - k % group], pad_value=0.0))
+            acc = bb.emit_te(x86_int8.packed_matmul_te, xq, relax.const(x86_int8.pack_weight(wq, tile), tile[2]),
                              primfunc_name_hint="packed_int8_matmul")
+            stats["vnni"] = stats.get("vnni", 0) + vnni
             if int(_ty(acc).shape[-1]) != n:
                 acc = bb.emit(relax.op.strided_slice(acc, axes=[rank - 1], begin=[0], end=[n]))
             return acc
@@ -328,7 +334,7 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
         if not isinstance(func, relax.Function):
             continue
         text = func.script(show_meta=False)
-        if "R.dequantize" not in text and not (kernels == "avx2" and 'out_dtype="int32"' in text):
+        if "R.dequantize" not in text and not (kernels != "generic" and 'out_dtype="int32"' in text):
             continue
         before = stats["conv2d"] + stats["matmul"]
         new = lower.visit_expr(func)

@@ -252,7 +252,8 @@ def import_onnx(
     `lower_int8`: rewrite QDQ (dequantize -> conv2d/matmul) into integer conv2d/matmul with int32
     accumulation (targets/qdq_lower.py); a model without DequantizeLinear is left as it is.
     `int8_kernels`: "avx2" lowers matmuls and 1x1 convs to the packed kernel MetaSchedule
-    tensorizes with vpmaddwd (targets/x86_int8.py; x86 with AVX2), "generic" to Relax's ops.
+    tensorizes with vpmaddwd (targets/x86_int8.py; x86 with AVX2), "vnni" likewise with the uint8
+    ones on vpdpbusd (AVX-512 VNNI), "generic" to Relax's ops.
     Raises CompileError naming the unsupported op(s), or the node whose conversion failed.
     """
     load_tvm()
@@ -297,7 +298,7 @@ def import_onnx(
                 f"{type(e).__name__}: {_first_line(e)}"
             ) from e
         raise CompileError(f"TVM {ver} ONNX import failed: {type(e).__name__}: {_first_line(e)}") from e
-    lowered_ops = ("DequantizeLinear", "MatMulInteger") if int8_kernels == "avx2" else ("DequantizeLinear",)
+    lowered_ops = ("DequantizeLinear", "MatMulInteger") if int8_kernels in ("avx2", "vnni") else ("DequantizeLinear",)
     if lower_int8 and any(n.op_type in lowered_ops for n in model.graph.node):
         from .qdq_lower import lower_qdq
 

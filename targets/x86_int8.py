@@ -1,5 +1,5 @@
-"""Integer matmul kernels for x86 CPUs with AVX2 but no VNNI: a TVM tensor intrinsic on
-`vpmaddwd`, the packed-weight matmul it tensorizes, and the MetaSchedule search space that uses it.
+"""Integer matmul kernels for x86 CPUs: TVM tensor intrinsics on `vpmaddwd` (AVX2) and `vpdpbusd`
+(AVX-512 VNNI), the packed-weight matmul they tensorize, and the MetaSchedule search space that uses them.
 
 Why: TVM 0.27 ships x86 int8 intrinsics only for VNNI (`vpdpbusd`) and AVX-512. On an AVX2 CPU
 MetaSchedule vectorizes an int8 x int8 -> int32 matmul as 32-bit multiplies, no cheaper than
@@ -13,6 +13,14 @@ Bp the constant int8 weight widened to int16 and packed so that the 8 output col
 reduction steps one instruction needs are 16 adjacent int16. `MultiLevelTilingWithIntrin`
 tiles the rest of the loops and tensorizes the 8 x 2 tile (as TVM does for VNNI).
 
+On a CPU with AVX-512 VNNI, a uint8 activation times int8 weights (onnxruntime's default for
+static and dynamic quantization) runs on `vpdpbusd` instead: 16 int32 lanes, each the exact sum
+of 4 uint8 x int8 products, 64 multiply-adds per instruction (4x vpmaddwd's 16). Its weight is
+packed int8, Bp[j // 16, k // 4, j % 16, k % 4] (`pack_weight(w, VNNI)`); the same TE compute
+(`packed_matmul_te`) reads the tile shape from the packed weight. TVM ships a VNNI intrinsic
+(`dot_16x4_vnni`) but it loads A's 4 bytes as one vector, so it cannot tensorize an activation
+read through an inlined transpose; this one reads them as scalars, as the AVX2 one does.
+
 Importing this module does not import tvm; `register()` does, once per process (the
 intrinsics must exist before MetaSchedule tunes or replays a schedule that names them).
 """
@@ -24,6 +32,9 @@ import numpy as np
 LANES = 8  # int32 outputs per instruction (one 256-bit register)
 PAIR = 2  # int16 products summed per lane
 INTRINS = {"uint8": "graphopt_avx2_dot_8x2_u8", "int8": "graphopt_avx2_dot_8x2_s8"}
+AVX2 = (LANES, PAIR, "int16")  # pack_weight's tile: output lanes, reduction group, weight dtype
+VNNI = (16, 4, "int8")
+VNNI_INTRIN = "graphopt_vnni_dot_16x4_u8"
 _registered = False
 
 
@@ -42,6 +53,16 @@ def available(target) -> bool:
         return False
 
 
+def vnni_available(target) -> bool:
+    """True for an llvm x86 target whose features include AVX-512 VNNI (`vpdpbusd` on 512 bits)."""
+    try:
+        from tvm.target import codegen
+
+        return available(target) and "avx512vnni" in {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def register() -> None:
     """Register the two intrinsics (activation uint8 or int8) with TVM, once per process."""
     global _registered
@@ -55,6 +76,8 @@ def register() -> None:
     for dtype, name in INTRINS.items():
         if TensorIntrin.get(name, allow_missing=True) is None:
             TensorIntrin.register(name, *_intrin_funcs(tvm, dtype))
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_INTRIN, *_vnni_intrin_funcs(tvm))
     _registered = True
 
 
@@ -104,17 +127,67 @@ def _intrin_funcs(tvm, a_dtype: str):
     return desc, impl
 
 
-def pack_weight(w_kn: np.ndarray) -> np.ndarray:
-    """Integer weight [K, N] (int8, or any values within int16) -> int16 [ceil(N/8), ceil(K/2), 8, 2] (zero padded): Bp[j//8, k//2, j%8, k%2] = W[k, j]."""
+def _vnni_intrin_funcs(tvm):
+    """(desc, impl) PrimFuncs for C[16] += A[4] . B[16, 4] with A uint8, B int8, C int32 (vpdpbusd).
+    A's 4 bytes are read as scalars (A may be strided), packed into one int32 and broadcast."""
+    from tvm.script import tirx as T
+
+    lanes, group, _ = VNNI
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        A = T.match_buffer(a, (group,), "uint8", offset_factor=1, strides=[sa])
+        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, group):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        A = T.match_buffer(a, (group,), "uint8", offset_factor=1, strides=[sa])
+        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            quad = T.bitwise_or(
+                T.bitwise_or(T.cast(A[0], "int32"), T.shift_left(T.cast(A[1], "int32"), T.int32(8))),
+                T.bitwise_or(T.shift_left(T.cast(A[2], "int32"), T.int32(16)),
+                             T.shift_left(T.cast(A[3], "int32"), T.int32(24))),
+            )
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(quad, lanes), dtype="int8x64"),  # LLVM 17+: <64 x i8> operands
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    return desc, impl
+
+
+def pack_weight(w_kn: np.ndarray, tile: tuple = AVX2) -> np.ndarray:
+    """Integer weight [K, N] -> [ceil(N/L), ceil(K/G), L, G] of the tile's dtype (zero padded), Bp[j//L, k//G, j%L, k%G] = W[k, j].
+
+    tile = (L, G, dtype): AVX2 (8, 2, int16; any values within int16) or VNNI (16, 4, int8; values within int8)."""
+    lanes, group, dtype = tile
     k, n = w_kn.shape
-    kp, np_ = -(-k // PAIR) * PAIR, -(-n // LANES) * LANES
-    w = np.zeros((kp, np_), np.int16)
+    kp, np_ = -(-k // group) * group, -(-n // lanes) * lanes
+    w = np.zeros((kp, np_), dtype)
     w[:k, :n] = w_kn
-    return np.ascontiguousarray(w.reshape(kp // PAIR, PAIR, np_ // LANES, LANES).transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(w.reshape(kp // group, group, np_ // lanes, lanes).transpose(2, 0, 3, 1))
 
 
 def packed_matmul_te(a, bp):
-    """TE: A [..., Kp] (uint8/int8) x Bp [Np/8, Kp/2, 8, 2] (int16) -> C [..., Np] int32.
+    """TE: A [..., Kp] (uint8/int8) x Bp [Np/L, Kp/G, L, G] (pack_weight's) -> C [..., Np] int32.
 
     Leading dims of A stay (no reshape around the kernel), so the elementwise epilogue that
     follows (zero-point correction, scale, bias, activation, requantize) fuses into its PrimFunc.
@@ -122,13 +195,13 @@ def packed_matmul_te(a, bp):
     from tvm import te
 
     *lead, kp = a.shape
-    n8 = bp.shape[0]
+    nb, lanes, group = bp.shape[0], int(bp.shape[2]), int(bp.shape[3])
     k = te.reduce_axis((0, kp), name="k")
     return te.compute(
-        (*lead, n8 * LANES),
+        (*lead, nb * lanes),
         lambda *idx: te.sum(
             a[(*idx[:-1], k)].astype("int32")
-            * bp[idx[-1] // LANES, k // PAIR, idx[-1] % LANES, k % PAIR].astype("int32"),
+            * bp[idx[-1] // lanes, k // group, idx[-1] % lanes, k % group].astype("int32"),
             axis=k),
         name="packed_int8_matmul",
     )
@@ -146,8 +219,9 @@ def space(target):
     rules = []
     for r in ms.ScheduleRule.create("llvm"):
         if type(r).__name__ == "MultiLevelTiling":
+            names = [*INTRINS.values(), *([VNNI_INTRIN] if vnni_available(target) else [])]
             rules += [ms.schedule_rule.MultiLevelTilingWithIntrin(name, "SSRSRS", max_innermost_factor=64,
-                                                                  reuse_write=reuse) for name in INTRINS.values()]
+                                                                  reuse_write=reuse) for name in names]
         rules.append(r)
     posts = list(ms.Postproc.create("llvm"))
     at = next(i for i, p in enumerate(posts) if type(p).__name__ == "RewriteReductionBlock") + 1

@@ -1,9 +1,11 @@
-"""targets/x86_int8.py: the AVX2 vpmaddwd int8 kernel, and QDQ lowered onto it (kernels="avx2").
+"""targets/x86_int8.py: the AVX2 vpmaddwd and AVX-512 VNNI vpdpbusd int8 kernels, and QDQ lowered
+onto them (kernels="avx2" / "vnni").
 
-Checked: the weight packing; that MetaSchedule's space tensorizes every packed matmul of a
-lowered QDQ model (1x1 convs and matmuls, N and K not multiples of 8 and 2) with the intrinsic;
-that the lowered model matches onnxruntime's QDQ semantics exactly, untuned and tuned; and that
-the x86 target's tuned code contains vpmaddwd.
+Checked: the weight packing (both tiles); that MetaSchedule's space tensorizes every packed matmul
+of a lowered QDQ model (1x1 convs and matmuls, N and K not multiples of the tile) with the
+intrinsic; that the lowered model matches onnxruntime's QDQ semantics exactly, untuned and tuned;
+that "vnni" takes only uint8 activations with int8-range weights (the rest stays on vpmaddwd); and
+that the x86 target's tuned code contains vpmaddwd / vpdpbusd.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _ort_qdq(model: onnx.ModelProto, feed: dict) -> np.ndarray:
 
 
 needs_avx2 = pytest.mark.skipif(not x86_int8.available(_host_target()), reason="this CPU has no AVX2")
+needs_vnni = pytest.mark.skipif(not x86_int8.vnni_available(_host_target()), reason="this CPU has no AVX-512 VNNI")
 
 
 @pytest.fixture(scope="module", params=["uint8", "int8"])
@@ -76,6 +79,11 @@ def test_pack_weight_layout():
         for j in range(16):
             want = int(w[k, j]) if k < 5 and j < 11 else 0
             assert bp[j // 8, k // 2, j % 8, k % 2] == want
+    bv = x86_int8.pack_weight(w, x86_int8.VNNI)
+    assert bv.dtype == np.int8 and bv.shape == (1, 2, 16, 4)  # ceil(11/16), ceil(5/4), 16, 4
+    for k in range(8):
+        for j in range(16):
+            assert bv[j // 16, k // 4, j % 16, k % 4] == (int(w[k, j]) if k < 5 and j < 11 else 0)
 
 
 def test_avx2_lowering_packs_matmuls_and_1x1_convs(qdq):
@@ -86,8 +94,48 @@ def test_avx2_lowering_packs_matmuls_and_1x1_convs(qdq):
     for f in packed:  # activation (uint8/int8) x int16 packed weight -> int32; nothing in float
         assert [str(p.dtype) for p in f.params][1:] == ["int16", "int32"]
         assert str(f.params[0].dtype) in ("uint8", "int8")
-    with pytest.raises(ValueError, match="kernels='vnni'"):
-        lower_qdq(tc.import_onnx(qdq, lower_int8=False), kernels="vnni")
+    with pytest.raises(ValueError, match="kernels='amx'"):
+        lower_qdq(tc.import_onnx(qdq, lower_int8=False), kernels="amx")
+
+
+def test_vnni_lowering_takes_uint8_activations_and_matches_onnxruntime_exactly(qdq):
+    """kernels="vnni": a uint8 activation's packed matmuls get int8 weights in the 16x4 tile
+    (vpdpbusd multiplies uint8 by int8); an int8 activation's stay in the AVX2 tile (int16). The
+    untuned build is onnxruntime's QDQ result exactly on any CPU (the intrinsic is only in tuned code)."""
+    mod = tc.import_onnx(qdq, lower_int8=False)
+    low, stats = lower_qdq(mod, kernels="vnni")
+    uint8 = "uint8" in {str(f.params[0].dtype) for gv, f in low.functions.items()
+                        if gv.name_hint.startswith("packed_int8_matmul")}
+    assert stats["packed"] == 3 and stats["vnni"] == (3 if uint8 else 0), stats
+    weights = [f.params[1] for gv, f in low.functions.items() if gv.name_hint.startswith("packed_int8_matmul")]
+    assert {str(w.dtype) for w in weights} == ({"int8"} if uint8 else {"int16"})
+    if uint8:
+        assert all(int(w.shape[2]) == 16 and int(w.shape[3]) == 4 for w in weights)
+    tvm = tc.load_tvm()
+    ex = tc.build(tc.import_onnx(qdq, int8_kernels="vnni"), tvm.target.Target({"kind": "llvm"}))
+    for x in _calib(3, seed=7)["x"]:
+        np.testing.assert_allclose(tc.run_vm(ex, tvm.cpu(), [x])[0], _ort_qdq(qdq, {"x": x}), rtol=0, atol=1e-6)
+
+
+def test_vnni_keeps_weights_outside_int8_on_the_avx2_tile():
+    """A MatMulInteger whose weight minus zero point leaves int8 (uint8 weights, zero point 0) cannot
+    run on vpdpbusd; it is packed for vpmaddwd (int16) and computes the same as TVM's own import."""
+    rng = np.random.default_rng(4)
+    w = rng.integers(0, 256, size=(24, 20)).astype(np.uint8)
+    w[0, 0] = 255
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dq"),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"], name="mmi"),
+             helper.make_node("Cast", ["acc"], ["accf"], to=onnx.TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["accf", "xs"], ["y"], name="scale")]
+    model = make_model(nodes, {"x": [1, 8, 24]}, ["y"], [onnx.numpy_helper.from_array(w, "w")])
+    mod = tc.import_onnx(model, lower_int8=False)
+    low, stats = lower_qdq(mod, kernels="vnni")
+    assert stats["packed"] == 1 and stats["vnni"] == 0, stats
+    tvm = tc.load_tvm()
+    llvm = tvm.target.Target({"kind": "llvm"})
+    x = rng.standard_normal((1, 8, 24)).astype(np.float32)
+    np.testing.assert_array_equal(tc.run_vm(tc.build(low, llvm), tvm.cpu(), [x])[0],
+                                  tc.run_vm(tc.build(mod, llvm), tvm.cpu(), [x])[0])
 
 
 def test_avx2_lowering_matches_onnxruntime_exactly_untuned(qdq):
@@ -158,13 +206,32 @@ def test_x86_target_tunes_int8_into_vpmaddwd(tmp_path):
 
     calib = {"x": np.random.default_rng(1).standard_normal((8, 1, 16, 64)).astype(np.float32)}
     q = quantize(matmul_model(k=64, n=32, rows=16), calib, None, activations="uint8", reduce_range=False)
-    t = X86Target(trials=2, threads=1, tuning_db=str(tmp_path / "db"))
+    t = X86Target(trials=2, threads=1, tuning_db=str(tmp_path / "db"), int8_kernels="avx2")
     assert t.int8_kernels == "avx2"
     art = t.compile(q, tmp_path)
     st = art.info["tuning"]
     assert st["workloads_tuned"] >= 1 and not st["untuned_tasks"], st
     asm = _sources(art.handle.mod)
     assert "vpmaddwd" in asm
+    x = calib["x"][0]
+    np.testing.assert_allclose(t.run_once(art, {"x": x})[0], _ort_qdq(q, {"x": x}), rtol=0, atol=1e-5)
+
+
+@needs_vnni
+def test_x86_target_tunes_uint8_int8_into_vpdpbusd(tmp_path):
+    """On a CPU with AVX-512 VNNI the x86 target's default (int8_kernels=auto) lowers a uint8 QDQ
+    matmul onto the VNNI tile; tuned (2 trials), its machine code multiplies with vpdpbusd, and the
+    result is onnxruntime's QDQ result."""
+    from graphopt.targets.x86 import X86Target
+
+    calib = {"x": np.random.default_rng(1).standard_normal((8, 1, 16, 62)).astype(np.float32)}
+    q = quantize(matmul_model(k=62, n=40, rows=16), calib, None, activations="uint8", reduce_range=False)
+    t = X86Target(trials=2, threads=1, tuning_db=str(tmp_path / "db"))
+    assert t.int8_kernels == "vnni"
+    art = t.compile(q, tmp_path)
+    st = art.info["tuning"]
+    assert st["workloads_tuned"] >= 1 and not st["untuned_tasks"], st
+    assert "vpdpbusd" in _sources(art.handle.mod)
     x = calib["x"][0]
     np.testing.assert_allclose(t.run_once(art, {"x": x})[0], _ort_qdq(q, {"x": x}), rtol=0, atol=1e-5)
 
@@ -183,9 +250,12 @@ def _sources(mod) -> str:
 def test_int8_kernels_option_is_checked():
     from graphopt.targets.x86 import X86Target
 
-    with pytest.raises(UsageError, match="int8_kernels='vnni'.*auto.*avx2.*generic"):
-        X86Target(int8_kernels="vnni")
+    with pytest.raises(UsageError, match="int8_kernels='amx'.*auto.*vnni.*avx2.*generic"):
+        X86Target(int8_kernels="amx")
     assert X86Target(int8_kernels="generic").int8_kernels == "generic"
+    host = _host_target()
+    want = "vnni" if x86_int8.vnni_available(host) else "avx2" if x86_int8.available(host) else "generic"
+    assert X86Target().int8_kernels == want  # auto: the best the CPU has
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
