@@ -32,12 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import interleaved_rounds, session  # noqa: E402
-from task_quality import MODELS, ROOT, cpu_model  # noqa: E402
+from task_quality import MODELS, ROOT, cpu_model, task_data  # noqa: E402
 
-from graphopt.evaluation.data import open_data, split_data  # noqa: E402
 from graphopt.evaluation.evaluate import stack_outputs  # noqa: E402
 from graphopt.evaluation.metrics import resolve_metric  # noqa: E402
-from graphopt.modelio.ir import load_model  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -81,16 +79,9 @@ def main() -> None:
     from graphopt.targets.x86 import X86Target
 
     spec = MODELS[args.model]
-    base = load_model(spec["model"])
-    names = base.output_names
     t0 = time.perf_counter()
-    data = open_data(str(ROOT / spec["data"].split(":")[0]) + ":" + spec["data"].split(":")[1], base.inputs)
-    held = open_data(str(ROOT / spec["eval"].split(":")[0]) + ":" + spec["eval"].split(":")[1], base.inputs,
-                     "--eval-data")
-    splits = split_data(data, held, needs_fit=True, held_out_max=args.eval_samples or 10**9)
-    hds = splits.held_out
-    feeds = [hds.sample(i) for i in range(hds.num_samples)]
-    labels = [hds.label(i) for i in range(hds.num_samples)]
+    base, splits, feeds, labels = task_data(spec, args.eval_samples)
+    names = base.output_names
     log(f"{args.model}: {len(feeds)} held-out samples ({time.perf_counter() - t0:.0f} s)")
     if args.quantize == "dynamic":
         q = int8.quantize_dynamic_nodes(base.proto, int8._dynamic_candidates(base.proto))

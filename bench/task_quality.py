@@ -130,20 +130,26 @@ def outputs_of(path: Path, feeds: list[dict], names: list[str]) -> dict:
     return stack_outputs([sess.run(None, f) for f in feeds], names)
 
 
+def task_data(spec: dict, eval_samples: int | None):
+    """(loaded model, splits, held-out feeds, held-out labels) of a MODELS entry: fit/select from its
+    --data loader, held-out from its --eval-data loader (capped at eval_samples)."""
+    base = load_model(spec["model"])
+    data = open_data(str(ROOT / spec["data"].split(":")[0]) + ":" + spec["data"].split(":")[1], base.inputs)
+    held = open_data(str(ROOT / spec["eval"].split(":")[0]) + ":" + spec["eval"].split(":")[1], base.inputs,
+                     "--eval-data")
+    splits = split_data(data, held, needs_fit=True, held_out_max=eval_samples or 10**9)
+    hds = splits.held_out
+    return (base, splits, [hds.sample(i) for i in range(hds.num_samples)],
+            [hds.label(i) for i in range(hds.num_samples)])
+
+
 def bench_model(key: str, args, out: Path) -> tuple[list[dict], dict]:
     spec = MODELS[key]
     mdir = out / key
     mdir.mkdir(parents=True, exist_ok=True)
-    base = load_model(spec["model"])
-    names = base.output_names
     t0 = time.perf_counter()
-    data = open_data(str(ROOT / spec["data"].split(":")[0]) + ":" + spec["data"].split(":")[1], base.inputs)
-    held = open_data(str(ROOT / spec["eval"].split(":")[0]) + ":" + spec["eval"].split(":")[1], base.inputs,
-                     "--eval-data")
-    splits = split_data(data, held, needs_fit=True, held_out_max=args.eval_samples or 10**9)
-    hds = splits.held_out
-    feeds = [hds.sample(i) for i in range(hds.num_samples)]
-    labels = [hds.label(i) for i in range(hds.num_samples)]
+    base, splits, feeds, labels = task_data(spec, args.eval_samples)
+    names = base.output_names
     calib = [{k: v[i] for k, v in splits.calibration.items()} for i in range(next(iter(splits.calibration.values())).shape[0])]
     log(f"{key}: {len(feeds)} held-out samples, {len(calib)} calibration samples from fit "
         f"({splits.fit.num_samples} fit) in {time.perf_counter() - t0:.0f} s")

@@ -81,6 +81,31 @@ def register() -> None:
     _registered = True
 
 
+def _desc(a_dtype: str, tile: tuple):
+    """The description PrimFunc both intrinsics share: C[L] += A[G] . B[L, G] in int32, A `a_dtype`
+    (strided: it may be read through an inlined transpose), B the tile's weight dtype."""
+    from tvm.script import tirx as T
+
+    lanes, group, b_dtype = tile
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        A = T.match_buffer(a, (group,), a_dtype, offset_factor=1, strides=[sa])
+        B = T.match_buffer(b, (lanes, group), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, group):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
 def _intrin_funcs(tvm, a_dtype: str):
     """(desc, impl) PrimFuncs for C[8] += A[2] . B[8, 2] with A `a_dtype`, B int16, C int32.
 
@@ -89,20 +114,7 @@ def _intrin_funcs(tvm, a_dtype: str):
     (a0, a1) in every lane. B's 16 int16 are one aligned-free vector load."""
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        sa = T.int32()
-        A = T.match_buffer(a, (PAIR,), a_dtype, offset_factor=1, strides=[sa])
-        B = T.match_buffer(b, (LANES, PAIR), "int16", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:PAIR], B[0:LANES, 0:PAIR])
-            T.writes(C[0:LANES])
-            for i in T.serial(0, LANES):
-                for k in T.serial(0, PAIR):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = _desc(a_dtype, AVX2)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -134,20 +146,7 @@ def _vnni_intrin_funcs(tvm):
 
     lanes, group, _ = VNNI
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        sa = T.int32()
-        A = T.match_buffer(a, (group,), "uint8", offset_factor=1, strides=[sa])
-        B = T.match_buffer(b, (lanes, group), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                for k in T.serial(0, group):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = _desc("uint8", VNNI)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
