@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -154,7 +153,6 @@ def bench_model(key: str, args, out: Path) -> tuple[list[dict], dict]:
     log(f"{key}: {len(feeds)} held-out samples, {len(calib)} calibration samples from fit "
         f"({splits.fit.num_samples} fit) in {time.perf_counter() - t0:.0f} s")
     metric = resolve_metric(spec["metric"])
-    channel = resolve_metric("channel")
     rows = [{"name": "original", "path": spec["model"], "note": ""}]
     rows += make_ort_variants(spec["model"], calib, mdir)
     for drop in args.drops:
