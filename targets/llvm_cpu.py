@@ -296,9 +296,9 @@ class LlvmCpuTarget(Target):
             folded, pad_info = channel_pad.pad_channels(folded, self.vector_bits // 32)
             padded = pad_info["channels_padded"]
         t_fold = time.perf_counter()
-        mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels)
+        mod = tc.import_onnx(folded, fold=False, int8_kernels=self.int8_kernels, int8_nhwc=layout == "nhwc")
         if layout != "nchw":
-            mod = tvm_prep.convert_layout(mod, layout, self.target)
+            mod = tvm_prep.convert_layout(mod, layout, self.target, int8_kernels=self.int8_kernels)
         mod, n_fast = tvm_prep.fast_math(mod) if self.fast_math else (mod, 0)
         return mod, prep, t_fold, n_fast, padded
 

@@ -68,7 +68,7 @@ def _ndim(expr) -> int:
     return int(_ty(expr).ndim)
 
 
-def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
+def lower_qdq(mod, kernels: str = "generic", nhwc: bool = False) -> tuple[Any, dict[str, Any]]:
     """(lowered IRModule, stats). stats: {"conv2d": n, "matmul": n, "packed": n, "skipped": {reason: n}}.
 
     Run it on the module `from_onnx` returns, before the default pipeline or tuning.
@@ -77,6 +77,9 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
     (stride 1, no groups) as the packed int16-weight matmul of targets/x86_int8.py, which
     MetaSchedule tensorizes with `vpmaddwd` (count in stats["packed"]); other convs stay generic.
     "vnni" does the same, with the uint8-activation ones on `vpdpbusd` (count in stats["vnni"]).
+    `nhwc`: the module is converted to NHWC next (targets/int8_nhwc.py), which packs the 1x1 convs
+    itself, so they stay Relax convs here; and a padded conv takes x_q - zx (int16) with zero padding
+    instead of an explicit pad with zx, an op ConvertLayout cannot carry (the same integers).
     """
     if kernels not in ("generic", "avx2", "vnni"):
         raise ValueError(f"kernels={kernels!r}: 'generic', 'avx2' or 'vnni'")
@@ -200,19 +203,22 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
                 return w
             xq, sx, zx = act
             wq, sw = w
-            if kernels != "generic" and wq.shape[2:] == (1, 1) and int(a.groups) == 1 \
+            if kernels != "generic" and not nhwc and wq.shape[2:] == (1, 1) and int(a.groups) == 1 \
                     and all(int(v) == 1 for v in (*a.strides, *a.dilation)) and not any(int(p) for p in a.padding):
                 return self._conv1x1_packed(xq, sx, zx, wq, sw)
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
             bb = self.builder_
             x = xq
-            if zx != 0 and any(pad):
+            shifted = nhwc and zx != 0 and any(pad)
+            if shifted:
+                x = bb.emit(relax.op.subtract(relax.op.astype(xq, "int16"), relax.const(zx, "int16")))
+            elif zx != 0 and any(pad):
                 x = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, pad[0], pad[2], pad[1], pad[3]], pad_value=float(zx)))
                 pad = [0, 0, 0, 0]
             acc = bb.emit(relax.op.nn.conv2d(x, relax.const(wq, "int8"), strides=a.strides, padding=pad,
                                              dilation=a.dilation, groups=int(a.groups), data_layout="NCHW",
                                              kernel_layout="OIHW", out_layout="NCHW", out_dtype="int32"))
-            if zx != 0:
+            if zx != 0 and not shifted:
                 corr = (zx * wq.astype(np.int64).reshape(wq.shape[0], -1).sum(axis=1)).astype(np.int32)
                 acc = bb.emit(relax.op.subtract(acc, relax.const(corr.reshape(1, -1, 1, 1), "int32")))
             scale = (sx * sw).astype(np.float32).reshape(1, -1, 1, 1)
@@ -292,25 +298,8 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
             return acc
 
         def _packed(self, xq, wq):
-            """int32 acc = xq [..., K] @ wq [K, N] through x86_int8's packed matmul: on vpdpbusd (kernels
-            "vnni") for a uint8 activation and weights within int8, else on vpmaddwd. No reshape around
-            it (N a multiple of the tile's lanes: none at all), so the epilogue fuses into its PrimFunc."""
-            from . import x86_int8
-
-            bb = self.builder_
-            rank = _ndim(xq)
-            k, n = wq.shape
-            vnni = (kernels == "vnni" and _dtype(xq) == "uint8"
-                    and -128 <= int(wq.min(initial=0)) and int(wq.max(initial=0)) <= 127)
-            tile = x86_int8.VNNI if vnni else x86_int8.AVX2
-            group = tile[1]
-            if k % group:
-                xq = bb.emit(relax.op.nn.pad(xq, [0, 0] * (rank - 1) + [0, group - k % group], pad_value=0.0))
-            acc = bb.emit_te(x86_int8.packed_matmul_te, xq, relax.const(x86_int8.pack_weight(wq, tile), tile[2]),
-                             primfunc_name_hint="packed_int8_matmul")
+            acc, vnni = emit_packed(self.builder_, xq, wq, kernels)
             stats["vnni"] = stats.get("vnni", 0) + vnni
-            if int(_ty(acc).shape[-1]) != n:
-                acc = bb.emit(relax.op.strided_slice(acc, axes=[rank - 1], begin=[0], end=[n]))
             return acc
 
         def _conv1x1_packed(self, xq, sx, zx, wq, sw):
@@ -345,6 +334,29 @@ def lower_qdq(mod, kernels: str = "generic") -> tuple[Any, dict[str, Any]]:
     if not changed:
         return mod, stats
     return lower.builder_.get(), stats
+
+
+def emit_packed(bb, xq, wq: np.ndarray, kernels: str) -> tuple[Any, bool]:
+    """(int32 acc, on vpdpbusd?): acc = xq [..., K] @ wq [K, N] through x86_int8's packed matmul, on
+    vpdpbusd (kernels "vnni") for a uint8 activation and weights within int8, else on vpmaddwd. No
+    reshape around it (N a multiple of the tile's lanes: none at all), so the epilogue fuses into its PrimFunc."""
+    from tvm import relax
+
+    from . import x86_int8
+
+    rank = _ndim(xq)
+    k, n = wq.shape
+    vnni = (kernels == "vnni" and _dtype(xq) == "uint8"
+            and -128 <= int(wq.min(initial=0)) and int(wq.max(initial=0)) <= 127)
+    tile = x86_int8.VNNI if vnni else x86_int8.AVX2
+    group = tile[1]
+    if k % group:
+        xq = bb.emit(relax.op.nn.pad(xq, [0, 0] * (rank - 1) + [0, group - k % group], pad_value=0.0))
+    acc = bb.emit_te(x86_int8.packed_matmul_te, xq, relax.const(x86_int8.pack_weight(wq, tile), tile[2]),
+                     primfunc_name_hint="packed_int8_matmul")
+    if int(_ty(acc).shape[-1]) != n:
+        acc = bb.emit(relax.op.strided_slice(acc, axes=[rank - 1], begin=[0], end=[n]))
+    return acc, vnni
 
 
 def _requantize_folded(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | None:

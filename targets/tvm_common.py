@@ -242,6 +242,7 @@ def import_onnx(
     fold: bool = True,
     lower_int8: bool = True,
     int8_kernels: str = "generic",
+    int8_nhwc: bool = False,
 ):
     """ONNX ModelProto -> Relax IRModule via tvm.relax.frontend.onnx.from_onnx.
 
@@ -253,7 +254,8 @@ def import_onnx(
     accumulation (targets/qdq_lower.py); a model without DequantizeLinear is left as it is.
     `int8_kernels`: "avx2" lowers matmuls and 1x1 convs to the packed kernel MetaSchedule
     tensorizes with vpmaddwd (targets/x86_int8.py; x86 with AVX2), "vnni" likewise with the uint8
-    ones on vpdpbusd (AVX-512 VNNI), "generic" to Relax's ops.
+    ones on vpdpbusd (AVX-512 VNNI), "generic" to Relax's ops. `int8_nhwc`: lowered for a conversion
+    to NHWC next (qdq_lower's `nhwc`; targets/int8_nhwc.py).
     Raises CompileError naming the unsupported op(s), or the node whose conversion failed.
     """
     load_tvm()
@@ -303,7 +305,7 @@ def import_onnx(
         from .qdq_lower import lower_qdq
 
         try:
-            mod, stats = lower_qdq(mod, kernels=int8_kernels)
+            mod, stats = lower_qdq(mod, kernels=int8_kernels, nhwc=int8_nhwc)
         except Exception as e:  # noqa: BLE001
             raise CompileError(f"QDQ -> integer lowering failed: {type(e).__name__}: {_first_line(e)}; "
                                "import with lower_int8=False to run the QDQ model as fake quantization") from e

@@ -33,7 +33,7 @@ def canonicalize(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict[str,
                  "pads_folded": count(model, "Pad") - count(out, "Pad")}
 
 
-def convert_layout(mod, layout: str, target):
+def convert_layout(mod, layout: str, target, int8_kernels: str | None = None):
     """`mod` with its 2-D convolutions in `layout` ("nhwc": data NHWC, weights HWIO), by Relax's
     ConvertLayout (which inserts the transposes it needs at the model's edges, and between ops it
     cannot convert). Exact. HWIO, not OHWI: the x86 schedules vectorize an NHWC conv over its output
@@ -43,11 +43,19 @@ def convert_layout(mod, layout: str, target):
     The ONNX importer emits Clip (ReLU6) as `call_tir` to TOPI maximum/minimum kernels, which
     ConvertLayout cannot see through: it transposed back to NCHW around each of EfficientNet-Lite0's
     33 Clips (66 transposes; 13 stayed kernels of their own after fusion). `raise_elementwise` turns
-    those calls into `R.maximum` / `R.minimum` first, so the whole conv chain stays NHWC."""
+    those calls into `R.maximum` / `R.minimum` first, so the whole conv chain stays NHWC.
+
+    With `int8_kernels` given, a module with integer convs (lowered QDQ, `lower_qdq(nhwc=True)`) goes
+    through targets/int8_nhwc.py instead (quantize/dequantize made elementwise, 1x1 convs packed after)."""
     from graphopt.targets import tvm_common as tc
 
     tc.load_tvm()
     from tvm import relax
+
+    if int8_kernels is not None and layout == "nhwc" and 'out_dtype="int32"' in mod["main"].script(show_meta=False):
+        from . import int8_nhwc
+
+        return int8_nhwc.convert(mod, target, int8_kernels)[0]
 
     desired = {"nhwc": ["NHWC", "HWIO"]}[layout]
     mod, _ = raise_elementwise(mod)
