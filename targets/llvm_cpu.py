@@ -61,8 +61,8 @@ class LlvmCpuTarget(Target):
         Option("canonicalize", bool, True, "fold BatchNormalization and zero Pads into the convs before import, "
                "as onnxruntime does (exact; targets/tvm_prep.py)"),
         Option("layout", str, "auto", "convolution data layout TVM compiles: nhwc (Relax ConvertLayout to NHWC/HWIO), "
-               "nchw, or auto: nhwc for a float model where the x86 space vectorizes wide (wide_vector with "
-               "AVX2/AVX-512), nchw otherwise (int8 models, rpi4); a model's `layout` pass hint wins; "
+               "nchw, or auto: nhwc for a conv model (float or QDQ int8) where the x86 space vectorizes wide (wide_vector "
+               "with AVX2/AVX-512), nchw otherwise (QLinearConv models, rpi4); a model's `layout` pass hint wins; "
                "docs/compiler.md", choices=("auto", "nchw", "nhwc")),
         Option("tune_cache_flush", bool, False, "tune with the CPU caches flushed before each timed call (weights "
                "cold, as in the model); its records go to their own database folder"),
@@ -312,10 +312,10 @@ class LlvmCpuTarget(Target):
             if self.layout != "auto":
                 return self.layout
             # NHWC/HWIO puts the channels on the vector lanes: EfficientNet-Lite0 x1.03 of onnxruntime after
-            # 20 min vs x2.12 for NCHW after 10 (docs/compiler.md); int8 kernels were measured in NCHW only
+            # 20 min vs x2.12 for NCHW after 10; its QDQ int8 form 3.2 vs 7.6 ms (targets/int8_nhwc.py; docs/compiler.md)
             ops = {n.op_type for n in model.graph.node}
-            quantized = ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}
-            return "nhwc" if self.vector_bits and "Conv" in ops and not quantized else "nchw"
+            operator_int8 = ops & {"QLinearConv", "ConvInteger"}  # not lowered by qdq_lower: TVM's own import
+            return "nhwc" if self.vector_bits and "Conv" in ops and not operator_int8 else "nchw"
         if hint not in ("nchw", "nhwc"):
             raise CompileError(f"{self.name}: the model's {LAYOUT} hint is {hint!r}; this target compiles nchw or nhwc "
                                "(remove the metadata_props entry, or re-export the model with a layout move)")

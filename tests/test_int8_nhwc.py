@@ -55,11 +55,10 @@ def qdq(request) -> onnx.ModelProto:
 
 
 def _ort_qdq(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    """onnxruntime's QDQ reference (graph optimizations off), as tests/test_x86_int8.py computes it."""
+    from test_x86_int8 import _ort_qdq as ort_qdq
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return ort_qdq(model, {"x": x})
 
 
 def test_nhwc_int8_has_no_transposes_between_layers_and_is_exact(qdq):

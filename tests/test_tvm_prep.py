@@ -103,8 +103,8 @@ def test_nhwc_weights_are_hwio_and_every_conv_kind_matches_onnxruntime(tmp_path)
 
 def test_auto_layout_is_nhwc_for_float_conv_nets_where_the_space_vectorizes_wide():
     """layout=auto (the default): NHWC where x86 tunes at full vector width (wide_vector with AVX2 or
-    AVX-512) and the model is a float conv net; NCHW for int8 (QDQ) models, measured in NCHW only,
-    with wide_vector=0, and for a model without convs (nothing to convert)."""
+    AVX-512) and the model is a conv net, float or QDQ int8 (targets/int8_nhwc.py); NCHW with
+    wide_vector=0, and for a model without convs (nothing to convert)."""
     from graphopt.passes.int8 import quantize
     from graphopt.targets.x86 import X86Target
     from tests.conftest import matmul_model
@@ -115,7 +115,7 @@ def test_auto_layout_is_nhwc_for_float_conv_nets_where_the_space_vectorizes_wide
     assert t.layout_for(conv_bn_net()) == ("nhwc" if t.vector_bits else "nchw")
     assert 'data_layout="NHWC"' in t.relax_module(conv_bn_net()).script() or not t.vector_bits
     assert X86Target(threads=1, trials=0, wide_vector=0).layout_for(conv_bn_net()) == "nchw"
-    assert t.layout_for(quantize(pointwise_net(), _calib(), None)) == "nchw"
+    assert t.layout_for(quantize(pointwise_net(), _calib(), None)) == ("nhwc" if t.vector_bits else "nchw")
     assert t.layout_for(pointwise_net()) == ("nhwc" if t.vector_bits else "nchw")  # the same net in float
     assert t.layout_for(matmul_model()) == "nchw"
 
