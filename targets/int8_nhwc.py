@@ -3,15 +3,15 @@
 In NCHW each packed 1x1 conv (targets/qdq_lower.py) computes in NHWC between two transposes, and
 those transposes were the top workload of tuned int8 EfficientNet-Lite0 (docs/compiler.md).
 Relax's ConvertLayout cannot carry `R.quantize` / `R.dequantize` or `nn.pad`, so converting the
-lowered module as it is made it worse (150 transposes). `convert(mod, target, kernels)`, for a
+lowered module as it is made it worse (150 transposes). `convert(mod, kernels, to_nhwc)`, for a
 module `lower_qdq(..., nhwc=True)` made (padded convs take x_q - zx with zero padding, 1x1 convs left
 as Relax convs):
 
 1. `decompose_qdq`: each per-tensor quantize / dequantize with constant parameters becomes the
    elementwise ops its legalization computes (quantize: clip(round(x / s) + zp) cast; dequantize:
    float(int32(q) - zp) * s), which ConvertLayout carries;
-2. ConvertLayout to NHWC / HWIO (targets/tvm_prep.convert_layout), then FoldConstant (the weights'
-   transposes);
+2. ConvertLayout to NHWC / HWIO (`to_nhwc`: targets/tvm_prep.convert_layout, which calls this
+   module for an integer module), then FoldConstant (the weights' transposes);
 3. `pack_1x1`: each NHWC 1x1 integer conv (stride 1, one group, constant weight) becomes the packed
    matmul of targets/x86_int8.py over its pixels (vpdpbusd / vpmaddwd), no reshape or transpose.
 
@@ -20,22 +20,20 @@ Exact: the same integer arithmetic. Importing this module does not import tvm.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 
-def convert(mod, target, kernels: str) -> tuple[Any, dict[str, int]]:
-    """(NHWC module, stats {"decomposed": n, "packed": n})."""
+def convert(mod, kernels: str, to_nhwc: Callable[[Any], Any]) -> tuple[Any, dict[str, int]]:
+    """(NHWC module, stats {"decomposed": n, "packed": n}); `to_nhwc` converts a float-style module."""
     from graphopt.targets import tvm_common as tc
 
     tc.load_tvm()
     from tvm import relax
 
-    from . import tvm_prep
-
     mod, n_dec = decompose_qdq(mod)
-    mod = tvm_prep.convert_layout(mod, "nhwc", target)
+    mod = to_nhwc(mod)
     mod = relax.transform.FoldConstant()(mod)
     mod, n_packed = pack_1x1(mod, kernels) if kernels != "generic" else (mod, 0)
     return mod, {"decomposed": n_dec, "packed": n_packed}

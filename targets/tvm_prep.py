@@ -55,7 +55,7 @@ def convert_layout(mod, layout: str, target, int8_kernels: str | None = None):
     if int8_kernels is not None and layout == "nhwc" and 'out_dtype="int32"' in mod["main"].script(show_meta=False):
         from . import int8_nhwc
 
-        return int8_nhwc.convert(mod, target, int8_kernels)[0]
+        return int8_nhwc.convert(mod, int8_kernels, lambda m: convert_layout(m, layout, target))[0]
 
     desired = {"nhwc": ["NHWC", "HWIO"]}[layout]
     mod, _ = raise_elementwise(mod)

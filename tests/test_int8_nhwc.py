@@ -66,7 +66,8 @@ def test_nhwc_int8_has_no_transposes_between_layers_and_is_exact(qdq):
     llvm = tvm.target.Target({"kind": "llvm"})
     kernels = "vnni"  # the lowering only: untuned code runs on any CPU
     nchw = tc.import_onnx(qdq, int8_kernels=kernels)
-    mod, stats = int8_nhwc.convert(tc.import_onnx(qdq, int8_kernels=kernels, int8_nhwc=True), llvm, kernels)
+    mod, stats = int8_nhwc.convert(tc.import_onnx(qdq, int8_kernels=kernels, int8_nhwc=True), kernels,
+                                   lambda m: tvm_prep.convert_layout(m, "nhwc", llvm))
     text = mod["main"].script(show_meta=False)
     assert "R.quantize" not in text and "R.dequantize" not in text and "R.nn.pad" not in text
     assert stats["packed"] == 2 and stats["decomposed"] > 0, stats  # expand and project
