@@ -124,12 +124,12 @@ def main() -> None:
     base_ms = statistics.median(rows[0]["rounds_ms"])
     cpu = f"{cpu_model()} ({cpu_flags()})"
     lines = [f"### {args.model}: int8 on TVM x86 vs onnxruntime ({cpu}, 2 threads, {len(feeds)} held-out samples)",
-             "", f"| runtime, model | {spec['task']} | latency ms (rounds) | vs onnxruntime fp32 |", "|---|---|---|---|"]
+             "", f"| runtime, model | {spec['task']} | latency ms (rounds) | speed vs onnxruntime fp32 |", "|---|---|---|---|"]
     for r in rows:
         ms = statistics.median(r["rounds_ms"])
         diff = "" if r["max_diff_vs_ort_int8"] is None else f"; max diff vs onnxruntime int8 {r['max_diff_vs_ort_int8']:.2g}"
         lines.append(f"| {r['name']} | {r['task']:.2f} | {ms:.2f} ({' '.join(f'{v:.2f}' for v in r['rounds_ms'])}) | "
-                     f"{base_ms / ms:.2f}x faster{diff} |")
+                     f"x{base_ms / ms:.2f}{diff} |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
