@@ -93,6 +93,12 @@ def test_convert_layout_routes_integer_modules_only():
     fp = tvm_prep.convert_layout(tc.import_onnx(conv_bn_model()), "nhwc", llvm, int8_kernels="vnni")
     assert "packed_int8_matmul" not in fp.script(show_meta=False)
     assert 'data_layout="NHWC"' in fp["main"].script(show_meta=False)
+    q = quantize(block_net(), _calib(), None, activations="uint8", reduce_range=False)
+    lowered = tc.import_onnx(q, int8_kernels="vnni", int8_nhwc=True)
+    routed = tvm_prep.convert_layout(lowered, "nhwc", llvm, int8_kernels="vnni")["main"].script(show_meta=False)
+    plain = tvm_prep.convert_layout(lowered, "nhwc", llvm)["main"].script(show_meta=False)  # no int8_kernels
+    assert "R.quantize" not in routed and "R.quantize" in plain  # int8_nhwc made them elementwise
+    assert routed.count("R.nn.conv2d(") == 1 and plain.count("R.nn.conv2d(") == 3  # and packed the two 1x1
 
 
 def test_x86_target_compiles_int8_in_nhwc(tmp_path):
