@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"efficientnet": ("models/efficientnet_lite0.onnx", "models/loaders.py:effnet_photos", "imagenet_top1"),
@@ -38,11 +39,6 @@ TARGETS = ("ort", "x86", "rpi4")
 
 def log(msg: str) -> None:
     print(f"[cross_target {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 def x86_opts(args) -> list[str]:

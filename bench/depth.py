@@ -23,13 +23,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 from graphopt.reporting.analysis import analyze
 from graphopt.driver import materialize
 from graphopt.genotype import Genotype, SearchSpace
@@ -38,14 +38,6 @@ from graphopt.passes.depth import DepthRemoval
 from graphopt.plugin import MoveContext
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
 
 
 def session(model, threads: int) -> ort.InferenceSession:

@@ -164,7 +164,7 @@ def main() -> int:
     tc.set_num_threads(args.threads)
     mcpu = tc.host_mcpu()
     target = tc.llvm_target(mcpu, args.threads, mattr=list(tc.host_mattr(mcpu)))
-    print(f"# TVM {tc.tvm_version()} llvm mcpu={mcpu} threads={args.threads}; {tc.cpu_model_name()}")
+    print(f"# TVM {tc.tvm_version()} llvm mcpu={mcpu} threads={args.threads}; {tc.cpu_summary()}")
     rows = []
     for name in [s.strip() for s in args.models.split(",") if s.strip()]:
         label, fp32, calib = load(name)

@@ -42,11 +42,6 @@ def log(msg: str) -> None:
     print(f"[int8_tvm_quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
-
-
 class TvmSession:
     """onnxruntime's `run(None, feed)` over an x86 artifact, for the shared timing loop: one VM made
     once (the target's run_once makes one per call, ~1 ms here), inputs copied in per call as
@@ -122,7 +117,7 @@ def main() -> None:
                                             for k in names)
     interleaved_rounds(rows, {r["name"]: r["sess"] for r in rows}, feeds[0], args.rounds, say=log)
     base_ms = statistics.median(rows[0]["rounds_ms"])
-    cpu = f"{cpu_model()} ({cpu_flags()})"
+    cpu = cpu_model()
     lines = [f"### {args.model}: int8 on TVM x86 vs onnxruntime ({cpu}, 2 threads, {len(feeds)} held-out samples)",
              "", f"| runtime, model | {spec['task']} | latency ms (rounds) | speed vs onnxruntime fp32 |", "|---|---|---|---|"]
     for r in rows:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 
 from compare import build_recipes, session, write_results  # noqa: E402
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 
 MODEL = ROOT / "models" / "minilm.onnx"
 LOADERS = "models/loaders.py"
@@ -56,11 +56,6 @@ LOADERS = "models/loaders.py"
 
 def log(msg: str) -> None:
     print(f"[minilm_moves {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
 
 
 def calibration(n: int = 32) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import interleaved_rounds, session, write_results  # noqa: E402
 
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 from graphopt.evaluation.data import open_data, split_data  # noqa: E402
 from graphopt.evaluation.evaluate import similarity, stack_outputs  # noqa: E402
 from graphopt.modelio.ir import load_model  # noqa: E402
@@ -53,14 +54,6 @@ MODELS = {
 
 def log(msg: str) -> None:
     print(f"[task_quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        return platform.processor() or "unknown"
 
 
 def make_ort_variants(model: Path, calib: list[dict], out: Path) -> list[dict]:

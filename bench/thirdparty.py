@@ -34,15 +34,7 @@ NOTE_OPS = ("If", "Loop", "Scan", "LSTM", "GRU", "ConvInteger", "MatMulInteger",
             "ConvTranspose", "HardSwish", "HardSigmoid")
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 
 
 def describe(path: Path) -> dict:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [("erf", topi.erf, topi.fast_erf), ("exp", topi.exp, topi.fast_exp),
              ("tanh", topi.tanh, topi.fast_tanh), ("sigmoid", topi.sigmoid, fast_sigmoid)]
     rows = []
-    print(f"CPU: {tc.cpu_model_name()}; TVM {tc.tvm_version()}; target {target}; 1 thread, untuned; shape {shape}")
+    print(f"CPU: {tc.cpu_summary()}; TVM {tc.tvm_version()}; target {target}; 1 thread, untuned; shape {shape}")
     for name, libm, fast in pairs:
         for scale in (1.0, 100.0):
             x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * np.float32(scale)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['function']} | {r['scale']:g} | {r['libm_ms']:.3f} | {r['fast_ms']:.3f} | x{r['libm_over_fast']} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tvm_fast_math.json").write_text(json.dumps({"cpu": tc.cpu_model_name(), "shape": shape, "rows": rows},
+    (args.out / "tvm_fast_math.json").write_text(json.dumps({"cpu": tc.cpu_summary(), "shape": shape, "rows": rows},
                                                             indent=1))
     return 0
 

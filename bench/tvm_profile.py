@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = re.compile(r"T\.Buffer\(\((.*?)\),\s*\"")
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 
 
 def ort_kinds(model_path: Path, feed, threads: int, runs: int) -> dict[str, float]:

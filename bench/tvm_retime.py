@@ -109,7 +109,7 @@ def main() -> None:
         for k, a in arts.items():
             res[k].append(tgt.measure(a, feed).latency.median_ms)
         res["onnxruntime"].append(ort_ms(sess, feed))
-    print(f"{args.model}: {tc.cpu_model_name()}, {THREADS} threads; top {args.top} workloads, {args.k} records each, "
+    print(f"{args.model}: {tc.cpu_summary()}, {THREADS} threads; top {args.top} workloads, {args.k} records each, "
           f"{args.runs} flushed timings per record\n")
     print("| workload | calls | hot winner us (hot / flushed) | flushed winner us (hot / flushed) | its hot rank |")
     print("|---|---|---|---|---|")

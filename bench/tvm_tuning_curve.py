@@ -34,7 +34,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tvm_vs_ort import MODELS, THREADS, feed_for, mutated, ort_ms  # noqa: E402
 
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 from graphopt.modelio.ir import load_model  # noqa: E402
 from graphopt.plugin import Artifact  # noqa: E402
 from graphopt.targets.ort import OrtTarget  # noqa: E402
@@ -53,11 +53,6 @@ from graphopt.targets.x86 import X86Target  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[tuning_curve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 def curve(name: str, args, work: Path, db_root: Path) -> dict:

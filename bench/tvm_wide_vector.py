@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             print(f"none of {names} is a workload of {args.model}; try --top 3", file=sys.stderr)
             return 2
-    print(f"CPU: {tc.cpu_model_name()}; target {tgt.target_json()}; vector {bits} bits; TVM {tc.tvm_version()}; "
+    print(f"CPU: {tc.cpu_summary()}; target {tgt.target_json()}; vector {bits} bits; TVM {tc.tvm_version()}; "
           f"2 threads; {args.model} {args.layout}; {args.trials} trials per workload in each space")
     rows = []
     for t in chosen:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['workload']} | {r['calls']} | {fmt(r['default_us'])} | {fmt(r['wide_us'])} | "
               f"x{r.get('default_over_wide', '-')} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tvm_wide_vector.json").write_text(json.dumps({"cpu": tc.cpu_model_name(), "vector_bits": bits,
+    (args.out / "tvm_wide_vector.json").write_text(json.dumps({"cpu": tc.cpu_summary(), "vector_bits": bits,
                                                                "model": args.model, "layout": args.layout,
                                                                "trials": args.trials, "rows": rows}, indent=1))
     return 0

@@ -36,19 +36,8 @@ if TYPE_CHECKING:
     import onnx
 
 # ----------------------------------------------------------------------------------- the host
-from .host import cpu_model_name  # noqa: E402,F401 (re-exported: tc.cpu_model_name)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
+from .host import cpu_flags as _cpu_flags  # noqa: E402
+from .host import cpu_model_name, cpu_summary  # noqa: E402,F401 (re-exported: tc.cpu_model_name, tc.cpu_summary)
 
 
 def fallback_mcpu() -> str:
