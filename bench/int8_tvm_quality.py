@@ -3,14 +3,16 @@ form of a bundled model as the x86 target builds it, next to the same model on o
 fp32 original on both runtimes, in one run.
 
     .venv/bin/python bench/int8_tvm_quality.py --db DB_ROOT [--model minilm] [--quantize dynamic]
-        [--fp32-db DB_ROOT] [--eval-samples N] [--rounds 5]
+        [--fp32-db DB_ROOT] [--calibration fit|bundled] [--eval-samples N] [--rounds 5]
 
 The int8 model: --quantize dynamic (every MatMul with a constant weight, per-channel int8 weights,
 passes/int8.quantize_dynamic_nodes) or static (QDQ on every op the quantizer supports, per-channel
 weights, uint8 activations, MinMax calibrated on the *fit* split of the model's unlabelled data,
-models/loaders.py; the held-out set never feeds it). TVM: graphopt's `x86` target with the tuning
-database --db (e.g. the one `bench/tvm_tuning_curve.py --quantize ...` left: the int8 model's
-workloads do not depend on its calibration) and trials=1 (a workload the database lacks gets one trial); its int8
+models/loaders.py; or, --calibration bundled, on the model's bundled calibration images, as
+bench/tvm_tuning_curve.py does; the held-out set never feeds it). TVM: graphopt's `x86` target with the tuning
+database --db (e.g. the one `bench/tvm_tuning_curve.py --quantize ...` left) and trials=1 (a workload
+the database lacks gets one trial: a static model's scales are compiled into its kernels, so one
+calibrated on other samples than the curve's brings some workloads of its own); its int8
 kernels are the target's `int8_kernels=auto` (vpdpbusd with AVX-512 VNNI). --fp32-db adds the fp32
 original on TVM from that database. Rows: task metric over the held-out set (bench/task_quality's
 loaders and metric: ImageNet top-1 on the 1000 labelled photos, STS-B test Spearman x100), computed
@@ -31,11 +33,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import interleaved_rounds, session  # noqa: E402
+from compare import interleaved_rounds, session, write_results  # noqa: E402
 from task_quality import MODELS, ROOT, cpu_model, task_data  # noqa: E402
+from tvm_vs_ort import MODELS as CURVE_MODELS  # noqa: E402
 
 from graphopt.evaluation.evaluate import stack_outputs  # noqa: E402
 from graphopt.evaluation.metrics import resolve_metric  # noqa: E402
+
+BUNDLED_CALIB = {name: calib for name, (_, calib) in CURVE_MODELS.items()}  # what the curve calibrates on
 
 
 def log(msg: str) -> None:
@@ -66,6 +71,9 @@ def main() -> None:
     ap.add_argument("--quantize", default="dynamic", choices=("dynamic", "static"))
     ap.add_argument("--db", type=Path, required=True, help="tuning database root of the int8 model")
     ap.add_argument("--fp32-db", type=Path, default=None, help="tuning database root of the fp32 original (optional)")
+    ap.add_argument("--calibration", default="fit", choices=("fit", "bundled"), help="static: calibrate on the fit "
+                    "split (default) or on the model's bundled calibration samples, as bench/tvm_tuning_curve.py "
+                    "does (so its database covers every workload); neither holds held-out data")
     ap.add_argument("--eval-samples", type=int, default=None, help="cap the held-out set (default: all)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -82,9 +90,13 @@ def main() -> None:
         q = int8.quantize_dynamic_nodes(base.proto, int8._dynamic_candidates(base.proto))
         note = "dynamic, per-channel int8 weights"
     else:
-        q = int8.quantize(base.proto, splits.calibration, None)
-        n = next(iter(splits.calibration.values())).shape[0]
-        note = f"static QDQ, per-channel, MinMax on {n} fit samples"
+        if args.calibration == "fit":
+            calib, where = splits.calibration, "fit"
+        else:
+            with np.load(BUNDLED_CALIB[args.model]) as z:
+                calib, where = {k: z[k] for k in z.files}, "bundled calibration"
+        q = int8.quantize(base.proto, calib, None)
+        note = f"static QDQ, per-channel, MinMax on {next(iter(calib.values())).shape[0]} {where} samples"
     work = Path(tempfile.mkdtemp(prefix="int8-tvm-quality-"))
     qpath = work / "int8.onnx"
     qpath.write_bytes(q.SerializeToString())
@@ -93,7 +105,7 @@ def main() -> None:
     builds = [("TVM x86 int8", q, args.db)] + ([("TVM x86 fp32", base.proto, args.fp32_db)] if args.fp32_db else [])
     for label, model, db in builds:
         tgt = X86Target(threads=2, trials=1, tuning_db=str(db))  # known workloads: reused, not tuned
-        art = tgt.compile(model, work)
+        art = tgt.compile(model, work / label.replace(" ", "_"))
         st = art.info["tuning"]
         log(f"{label}: int8_kernels {tgt.int8_kernels}; workloads {st.get('workloads_seen')}, reused "
             f"{st.get('workloads_reused')}, untuned {len(st.get('untuned_tasks') or [])}; in_model "
@@ -106,7 +118,7 @@ def main() -> None:
         t = time.perf_counter()
         outs = stack_outputs([r["sess"].run(None, f) for f in feeds], names)
         ref = outs if ref is None else ref
-        r["task"] = metric(ref, outs, labels, {})[0]
+        r["task"] = float(metric(ref, outs, labels, {})[0])
         r["max_diff_vs_ort_int8"] = None
         r["outs"] = outs
         log(f"{r['name']}: {metric.name} {r['task']:.2f} ({time.perf_counter() - t:.0f} s)")
@@ -128,7 +140,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"int8_tvm_quality_{args.model}.md").write_text(text + "\n")
+    keep = [{k: v for k, v in r.items() if k not in ("sess", "outs")} for r in rows]
+    write_results(args.out, f"int8_tvm_quality_{args.model}", text + "\n", keep, say=log, cpu=cpu,
+                  quantize=args.quantize, note=note)
 
 
 if __name__ == "__main__":
