@@ -3,14 +3,13 @@ form of a bundled model as the x86 target builds it, next to the same model on o
 fp32 original on both runtimes, in one run.
 
     .venv/bin/python bench/int8_tvm_quality.py --db DB_ROOT [--model minilm] [--quantize dynamic]
-        [--fp32-db DB_ROOT] [--ablation-db DB_ROOT] [--calibration fit|bundled] [--eval-samples N] [--rounds 5]
+        [--fp32-db DB_ROOT] [--calibration fit|bundled] [--eval-samples N] [--rounds 5]
 
 The int8 model: --quantize dynamic (every MatMul with a constant weight, per-channel int8 weights,
 passes/int8.quantize_dynamic_nodes) or static (QDQ on every op the quantizer supports, per-channel
 weights, uint8 activations, MinMax calibrated on the *fit* split of the model's unlabelled data,
 models/loaders.py; or, --calibration bundled, on the model's bundled calibration images, as
-bench/tvm_tuning_curve.py does; the held-out set never feeds it). --ablation-db adds the int8 model
-with its depthwise and stem convs as generic integer code (targets/qdq_lower.float_exact off). TVM: graphopt's `x86` target with the tuning
+bench/tvm_tuning_curve.py does; the held-out set never feeds it). TVM: graphopt's `x86` target with the tuning
 database --db (e.g. the one `bench/tvm_tuning_curve.py --quantize ...` left) and trials=1 (a workload
 the database lacks gets one trial: a static model's scales are compiled into its kernels, so one
 calibrated on other samples than the curve's brings some workloads of its own); its int8
@@ -40,7 +39,6 @@ from tvm_vs_ort import MODELS as CURVE_MODELS  # noqa: E402
 
 from graphopt.evaluation.evaluate import stack_outputs  # noqa: E402
 from graphopt.evaluation.metrics import resolve_metric  # noqa: E402
-from graphopt.targets import qdq_lower  # noqa: E402
 
 BUNDLED_CALIB = {name: calib for name, (_, calib) in CURVE_MODELS.items()}  # what the curve calibrates on
 
@@ -73,9 +71,6 @@ def main() -> None:
     ap.add_argument("--quantize", default="dynamic", choices=("dynamic", "static"))
     ap.add_argument("--db", type=Path, required=True, help="tuning database root of the int8 model")
     ap.add_argument("--fp32-db", type=Path, default=None, help="tuning database root of the fp32 original (optional)")
-    ap.add_argument("--ablation-db", type=Path, default=None, help="static: adds the int8 model with its depthwise "
-                    "and stem convs as generic integer code instead of exact fp32, from this database "
-                    "(bench/tvm_tuning_curve.py --float-exact 0 leaves one)")
     ap.add_argument("--calibration", default="fit", choices=("fit", "bundled"), help="static: calibrate on the fit "
                     "split (default) or on the model's bundled calibration samples, as bench/tvm_tuning_curve.py "
                     "does (so its database covers every workload); neither holds held-out data")
@@ -108,17 +103,9 @@ def main() -> None:
     rows = [{"name": "onnxruntime fp32", "sess": session(Path(spec["model"]))},
             {"name": f"onnxruntime int8 ({note})", "sess": session(qpath)}]
     builds = [("TVM x86 int8", q, args.db)] + ([("TVM x86 fp32", base.proto, args.fp32_db)] if args.fp32_db else [])
-    if args.ablation_db and args.quantize == "static":
-        builds.append(("TVM x86 int8, depthwise/stem as integer code", q, args.ablation_db))
     for label, model, db in builds:
         tgt = X86Target(threads=2, trials=1, tuning_db=str(db))  # known workloads: reused, not tuned
-        exact = qdq_lower.float_exact
-        if "integer code" in label:  # the ablation: every conv's bound check says no
-            qdq_lower.float_exact = lambda *_: False
-        try:
-            art = tgt.compile(model, work / label.replace(" ", "_").replace(",", "").replace("/", "-"))
-        finally:
-            qdq_lower.float_exact = exact
+        art = tgt.compile(model, work / label.replace(" ", "_"))
         st = art.info["tuning"]
         log(f"{label}: int8_kernels {tgt.int8_kernels}; workloads {st.get('workloads_seen')}, reused "
             f"{st.get('workloads_reused')}, untuned {len(st.get('untuned_tasks') or [])}; in_model "

@@ -21,8 +21,7 @@ int8 kernels (`int8_kernels=auto`: vpdpbusd with AVX-512 VNNI). TVM/ORT is then 
 onnxruntime running the *fp32* original (what a user compares against); the table adds
 onnxruntime running the same int8 model, and the log the largest output difference between TVM's
 int8 model and onnxruntime's. Task quality of the int8 forms: bench/task_quality.py. No second
-(mutated) compile. `--float-exact 0` is the ablation of the int8 convs the packed kernels do not
-take (depthwise, stem): generic integer code instead of exact fp32 (targets/qdq_lower.float_exact).
+(mutated) compile.
 
     nice -n 19 .venv/bin/python bench/tvm_tuning_curve.py [--models efficientnet] [--tune-time 1200]
 
@@ -157,8 +156,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     profile = [{"task": s.name.split(":", 1)[1], "calls": float(keyed[s.name].weight), "trials": s.trials,
                 "best_us": None if s.best_s is None else round(s.best_s * 1e6, 1),
                 "share": round(s.share_s / total, 3)} for s in prof[:args.top]]
-    out = {"model": name, "quantize": args.quantize, "int8_kernels": tgt.int8_kernels, "float_exact": args.float_exact,
-           "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1), "refine": refine,
+    out = {"model": name, "quantize": args.quantize, "int8_kernels": tgt.int8_kernels, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1), "refine": refine,
            "trials": stats.trials, "budget": {k: v for k, v in stats.budget.items() if k != "per_round"},
            "profile": profile}
     mut, mut_desc = mutated(loaded) if qsess is None else (None, None)
@@ -193,8 +191,7 @@ def quantized(proto, calib: Path, how: str):
 def table(res: dict, cpu: str) -> str:
     q = res.get("quantize", "none") != "none"
     out = [f"### {res['model']}{' int8 ' + res['quantize'] if q else ''} ({res['workloads']} workloads; {cpu}, "
-           f"{THREADS} threads{'; int8_kernels ' + res['int8_kernels'] if q else ''}"
-           f"{'; float_exact ' + str(res.get('float_exact', 1)) if q else ''})", "",
+           f"{THREADS} threads{'; int8_kernels ' + res['int8_kernels'] if q else ''})", "",
            "| tuning s | trials | untuned | ORT fp32 ms |" + (" ORT int8 ms |" if q else "") + " TVM ms | TVM/ORT |",
            "|---|---|---|---|---|---|" + ("---|" if q else "")]
     for p in res["points"]:
@@ -241,17 +238,10 @@ def main() -> None:
                     "records of the heavy workloads inside the model and keep the fastest there (0: off)")
     ap.add_argument("--quantize", default="none", choices=("none", "dynamic", "static"),
                     help="tune graphopt's int8 form of the model (see above); default none (fp32)")
-    ap.add_argument("--float-exact", type=int, default=1, help="int8 only. 1 (graphopt's lowering): the convs "
-                    "the packed kernels do not take (depthwise, stem) run on the fp32 units where exact "
-                    "(targets/qdq_lower.float_exact); 0: as generic integer code, the ablation")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.float_exact:  # the ablation: every conv's bound check says no
-        from graphopt.targets import qdq_lower
-
-        qdq_lower.float_exact = lambda *_: False
     cpu = cpu_model()
     log(f"CPU: {cpu}")
     work = Path(tempfile.mkdtemp(prefix="tuning-curve-", dir=args.out))

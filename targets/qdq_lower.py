@@ -75,10 +75,8 @@ def lower_qdq(mod, kernels: str = "generic", nhwc: bool = False) -> tuple[Any, d
     Functions without dequantize are returned unchanged. `kernels`: "generic" emits Relax's
     integer conv2d/matmul; "avx2" emits matmuls with a constant weight and 1x1 convolutions
     (stride 1, no groups) as the packed int16-weight matmul of targets/x86_int8.py, which
-    MetaSchedule tensorizes with `vpmaddwd` (count in stats["packed"]).
+    MetaSchedule tensorizes with `vpmaddwd` (count in stats["packed"]); other convs stay generic.
     "vnni" does the same, with the uint8-activation ones on `vpdpbusd` (count in stats["vnni"]).
-    With either, the other convs (depthwise, stem, kxk) run on the fp32 units where that is exact
-    (`float_exact`; count in stats["float_exact"]), else generic integer code.
     `nhwc`: the module is converted to NHWC next (targets/int8_nhwc.py), which packs the 1x1 convs
     itself, so they stay Relax convs here; and a padded conv takes x_q - zx (int16) with zero padding
     instead of an explicit pad with zx, an op ConvertLayout cannot carry (the same integers).
@@ -210,10 +208,6 @@ def lower_qdq(mod, kernels: str = "generic", nhwc: bool = False) -> tuple[Any, d
                 return self._conv1x1_packed(xq, sx, zx, wq, sw)
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
             bb = self.builder_
-            packable = (wq.shape[2:] == (1, 1) and int(a.groups) == 1 and not any(pad)
-                        and all(int(v) == 1 for v in (*a.strides, *a.dilation)))
-            if kernels != "generic" and not packable and float_exact(wq, zx, _dtype(xq)):
-                return self._conv_float_exact(call, xq, sx, zx, wq, sw, pad)
             x = xq
             shifted = nhwc and zx != 0 and any(pad)
             if shifted:
@@ -230,25 +224,6 @@ def lower_qdq(mod, kernels: str = "generic", nhwc: bool = False) -> tuple[Any, d
             scale = (sx * sw).astype(np.float32).reshape(1, -1, 1, 1)
             stats["conv2d"] += 1
             return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
-
-        def _conv_float_exact(self, call, xq, sx, zx, wq, sw, pad):
-            """The integer conv on the fp32 units with integer-valued float weights. Exact (float_exact:
-            every partial sum is an integer below 2**24), on TVM's fp32 conv schedules. With zx = 0
-            (activations after a ReLU) the conv reads x_q itself, 1 byte an element, and casts inside;
-            else it reads float(x_q) - zx with zero padding, which FuseOps computes in the producer's
-            epilogue, so that tensor is float32 in memory."""
-            a, bb = call.attrs, self.builder_
-            x = xq
-            if zx != 0:
-                x = bb.emit(relax.op.subtract(relax.op.astype(xq, "float32"), relax.const(np.float32(zx), "float32")))
-            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(wq.astype(np.float32), "float32"), strides=a.strides,
-                                             padding=pad, dilation=a.dilation, groups=int(a.groups),
-                                             data_layout="NCHW", kernel_layout="OIHW", out_layout="NCHW",
-                                             out_dtype="float32"))
-            stats["conv2d"] += 1
-            stats["float_exact"] = stats.get("float_exact", 0) + 1
-            scale = (sx * sw).astype(np.float32).reshape(1, -1, 1, 1)
-            return relax.op.multiply(acc, relax.const(scale, "float32"))
 
         def _matmul(self, call):
             if kernels != "generic" and _dtype(call) == "int32":
@@ -359,16 +334,6 @@ def lower_qdq(mod, kernels: str = "generic", nhwc: bool = False) -> tuple[Any, d
     if not changed:
         return mod, stats
     return lower.builder_.get(), stats
-
-
-def float_exact(wq: np.ndarray, zx: int, x_dtype: str) -> bool:
-    """Whether conv(x_q - zx, W_q) is exact in float32 whatever the order of the sums: for every
-    output channel, sum|W_q| * max|x_q - zx| < 2**24 (so every partial sum is an integer float32
-    represents exactly, FMA or not). Depthwise and stem convs pass by far (9 taps: <= 0.3M)."""
-    info = np.iinfo(x_dtype)
-    max_x = max(abs(int(info.min) - zx), abs(int(info.max) - zx))
-    per_out = np.abs(wq.astype(np.int64)).reshape(wq.shape[0], -1).sum(axis=1)
-    return bool(per_out.size) and int(per_out.max()) * max_x < 2**24
 
 
 def emit_packed(bb, xq, wq: np.ndarray, kernels: str) -> tuple[Any, bool]:

@@ -133,56 +133,6 @@ def test_compiled_int8_matches_onnxruntime(qdq):
         assert np.abs(got - ref).max() <= 2 * step + 1e-6, (np.abs(got - ref).max(), step)
 
 
-def test_convs_off_the_packed_kernels_run_exactly_on_the_fp32_units(qdq):
-    """With target kernels (avx2 / vnni) the 3x3 stem and the depthwise conv become float32 convs of
-    float(x_q) - zx with integer-valued weights (qdq_lower.float_exact): every partial sum is an
-    integer below 2**24, so the outputs equal the integer lowering's bit for bit, with inputs far
-    outside the calibration range too (every activation saturated at its dtype's ends)."""
-    tvm = tc.load_tvm()
-    llvm = tvm.target.Target({"kind": "llvm"})
-    base = tc.import_onnx(qdq, lower_int8=False)
-    on_float, stats = lower_qdq(base, "vnni")  # the lowering only: untuned code runs on any CPU
-    assert stats["float_exact"] == 2 and stats["conv2d"] == 2, stats
-    convs = [c for c in _calls(on_float) if c[0] == "relax.nn.conv2d"]
-    assert [c[2] for c in convs] == ["float32", "float32"]
-    # the depthwise conv follows a ReLU: with uint8 activations its zero point is 0, so it reads x_q
-    # itself (1 byte an element, cast inside); int8 activations there have zero point -128 and the
-    # stem's input has one too, so those read float(x_q) - zx
-    act = _act_dtype(qdq, qdq.graph.node[[n.op_type for n in qdq.graph.node].index("QuantizeLinear")])
-    assert [c[1][0] for c in convs] == ["float32", "uint8" if act == "uint8" else "float32"]
-    integer, stats_i = lower_qdq(base, "generic")
-    assert "float_exact" not in stats_i
-    assert [c[2] for c in _calls(integer) if c[0] == "relax.nn.conv2d"] == ["int32", "int32"]
-    ex_f, ex_i = tc.build(on_float, llvm), tc.build(integer, llvm)
-    rng = np.random.default_rng(11)
-    for spread in (1.0, 60.0):
-        x = (rng.standard_normal((1, 3, 12, 12)) * spread).astype(np.float32)
-        np.testing.assert_array_equal(tc.run_vm(ex_f, tvm.cpu(), [x])[0], tc.run_vm(ex_i, tvm.cpu(), [x])[0])
-
-
-def test_float_exact_is_the_2_pow_24_bound():
-    from graphopt.targets.qdq_lower import float_exact
-
-    w = np.zeros((2, 519, 1, 1), np.int8)
-    w[0, :518], w[0, 518] = 127, 7  # sum|w| = 65793, x 255 = 2**24 - 1
-    assert float_exact(w, 0, "uint8")
-    w[0, 518] = 8  # 2**24 + 254
-    assert not float_exact(w, 0, "uint8")
-    assert float_exact(w, 128, "uint8")  # |x_q - 128| <= 128
-    assert not float_exact(w, -128, "int8")  # |x_q + 128| <= 255
-    assert float_exact(np.full((32, 1, 5, 5), -128, np.int8), 0, "uint8")  # 25 taps at the extremes
-
-
-def test_a_conv_past_the_bound_stays_integer():
-    """600 input channels x 3x3 at full-scale weights: sum|W_q| * 255 > 2**24, so fp32 could round."""
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["y"], name="wide", pads=[1, 1, 1, 1])]
-    model = make_model(nodes, {"x": [1, 600, 4, 4]}, ["y"], [float_init("w0", np.ones((2, 600, 3, 3)))])
-    q = quantize(model, _calib_shape((1, 600, 4, 4), n=2), None, activations="uint8", reduce_range=False)
-    low, stats = lower_qdq(tc.import_onnx(q, lower_int8=False), "vnni")
-    assert stats["conv2d"] == 1 and "float_exact" not in stats, stats
-    assert [c[2] for c in _calls(low) if c[0] == "relax.nn.conv2d"] == ["int32"]
-
-
 def test_fp32_model_is_left_alone():
     mod = tc.import_onnx(tiny_net())
     low, stats = lower_qdq(mod)
