@@ -92,14 +92,19 @@ def current_choice(db, task, picks: dict[str, Any]):
 
 
 def choice_db(db, tasks, choose: Callable[[Any], Any]):
-    """A MemoryDatabase holding, per task, the one record `choose(task)` returns (None: no record)."""
+    """A MemoryDatabase holding, per task, the one record `choose(task)` returns (None: no record).
+
+    Each record keeps the workload it was tuned on, not the task's module: the two are only
+    structurally equal. A trace names blocks (`get_sblock("lv17_red")`), and block names come from
+    the model's variable names, so a mutated candidate's otherwise identical workload has
+    "lv24_red"; MetaSchedule replays a trace on the record's own workload, which then fits."""
     import tvm.s_tir.meta_schedule as ms
 
     mdb = ms.database.MemoryDatabase(module_equality="structural")
     for t in tasks:
         r = choose(t)
         if r is not None:
-            w = mdb.commit_workload(t.dispatched[0])
+            w = mdb.commit_workload(r.workload.mod)
             mdb.commit_tuning_record(ms.database.TuningRecord(r.trace, w, r.run_secs, r.target, r.args_info))
     return mdb
 

@@ -34,6 +34,39 @@ def test_the_option_is_checked():
         X86Target(threads=1, refine="many")
 
 
+def test_a_pick_applies_to_a_workload_whose_blocks_are_named_differently(tmp_path):
+    """A mutated candidate's workload can equal the original's in structure but not in names (block
+    names come from the model's variable names: "lv17_red" there, "lv24_red" here). The database
+    matches it structurally; the build must replay the trace on the workload it was tuned on.
+    (Found by a MiniLM search: 3 of its 6 candidates failed to compile with "Cannot find a block
+    with the name: lv17_red" once the original's picks existed.)"""
+    from types import SimpleNamespace
+
+    from graphopt.targets import tvm_common as tc
+
+    tvm = tc.load_tvm()
+    import tvm.s_tir.meta_schedule as ms
+    from tvm import te, topi
+
+    def reduction(name: str):
+        a = te.placeholder((1, 128, 1), "float32", name=name)
+        return tvm.IRModule({"main": te.create_prim_func([a, topi.sum(a, axis=1)])})
+
+    tuned_on, candidate = reduction("lv17"), reduction("lv24")
+    sch = tvm.s_tir.Schedule(tuned_on)
+    *_, inner = sch.get_loops(sch.get_sblock("lv17_red"))
+    sch.split(inner, [None, 16])
+    llvm = tvm.target.Target({"kind": "llvm"})
+    db = tuning.open_db(tmp_path / "db")
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(tuned_on), [1e-5], llvm,
+                                                     ms.arg_info.ArgInfo.from_prim_func(tuned_on["main"])))
+    (rec,) = db.get_top_k(db.commit_workload(candidate), 1)  # found: structurally equal
+    picked = in_model.choice_db(db, [SimpleNamespace(dispatched=[candidate])], lambda _t: rec)
+    got = picked.query_schedule(candidate, llvm, "main")  # raised ScheduleError before the fix
+    assert got is not None and "lv17_red" in got.mod.script()
+    assert len(got.get_loops(got.get_sblock("lv17_red"))) == 4  # the split is there
+
+
 def _only_task(model, target):
     import tvm.s_tir.meta_schedule as ms
 
