@@ -116,7 +116,9 @@ def measure_all(graphs: dict[str, Path], args, feed) -> dict[str, dict[str, floa
     return res
 
 
-def table(res, graphs, cpu: str, args) -> str:
+def table(res, graphs, cpu: str, args, same: dict[str, str] | None = None) -> str:
+    """`same`: graph name -> the earlier name of the identical graph (its twin), from main."""
+    same = same or {}
     rows = [g for g in graphs]
     cols = [t for t in TARGETS if all(t in res[g] for g in rows)]
     best = {t: min(rows, key=lambda g: res[g][t]) for t in cols}
@@ -142,6 +144,9 @@ def table(res, graphs, cpu: str, args) -> str:
             continue
         if best[t] == own or res[own][t] <= res[best[t]][t]:
             out.append(f"- {t}: its own pick is the fastest on {t}.")
+        elif same.get(own, own) == same.get(best[t], best[t]):
+            out.append(f"- {t}: its own pick is the fastest on {t}: {best[t]} is the same graph, measured "
+                       f"{res[best[t]][t]:.2f} vs {res[own][t]:.2f} ms (the spread of two measurements of one graph).")
         else:
             out.append(f"- {t}: its own pick ({res[own][t]:.2f} ms) is NOT the fastest on {t}: {best[t]} is "
                        f"({res[best[t]][t]:.2f} ms, x{res[own][t] / res[best[t]][t]:.2f}).")
@@ -241,7 +246,7 @@ def main() -> None:
 
     feed = feed_for(CALIB[args.model][1], load_model(ROOT / model).inputs)  # one calibration sample
     res = measure_all(graphs, args, feed)
-    text = table(res, graphs, cpu, args)
+    text = table(res, graphs, cpu, args, same)
     if cand:
         text += "\n\nFeasible candidates of the searches, latency as each search measured it:\n\n" + cand
     if same:
