@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -29,12 +28,11 @@ sys.path.insert(0, str(ROOT / "models"))
 
 from thirdparty import MODELS, fetch_all  # noqa: E402
 
+from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
+
 NOTE_OPS = ("If", "Loop", "Scan", "LSTM", "GRU", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
             "DynamicQuantizeLSTM", "QLinearConv", "QuantizeLinear", "Softmax", "MatMul", "Resize",
             "ConvTranspose", "HardSwish", "HardSigmoid")
-
-
-from graphopt.targets.host import cpu_summary as cpu_model  # noqa: E402 (name, SIMD flags)
 
 
 def describe(path: Path) -> dict:
