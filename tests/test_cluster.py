@@ -146,8 +146,9 @@ def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluste
                 with open(replica / DB_FILES[1], "a") as f:
                     f.write(f"{name}-r{i}\n")
                 time.sleep(0.3)
+            t1 = time.time()  # before the unlock: the next holder may start the moment it returns
             tuning.unlock_db(replica)
-            return seen, t0, time.time()
+            return seen, t0, t1
 
         (seen_a, a0, a1), (seen_b, b0, b1) = ray.get([tune.remote("a", owner, False), tune.remote("b", owner, False)])
         assert a1 <= b0 or b1 <= a0, "two tunes held the database at once"
