@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from conftest import float_init, make_model
+from conftest import float_init, make_model, run_ort_unoptimized
 from graphopt.targets.channel_pad import pad_channels
 
 
@@ -33,9 +32,7 @@ def _net(c: int = 24, out_is_mid: bool = False, dw_consumer: bool = False, clip_
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return run_ort_unoptimized(model, {"x": x})
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from conftest import float_init as _init
 from conftest import make_model as _model
+from conftest import run_ort_unoptimized
 from graphopt.modelio.ir import export_graph, load_proto, node_by_name
 from graphopt.passes.conv_bn import ConvBnFusion
 from graphopt.plugin import MoveContext
@@ -78,11 +78,7 @@ def matmul_model(*, add: str | None, bias_shape=(4,), m=3, k=5, n=4, seed=2):
 
 # ------------------------------------------------------------------------------------- helpers
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no ORT-side fusion
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return run_ort_unoptimized(model, feeds)  # no ORT-side fusion
 
 
 def _feeds(loaded, seed: int = 123) -> dict[str, np.ndarray]:

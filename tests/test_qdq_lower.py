@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import float_init, make_model
+from conftest import float_init, make_model, run_ort_unoptimized
 from onnx import helper
 
 pytest.importorskip("tvm")
@@ -47,11 +47,7 @@ def qdq(request) -> onnx.ModelProto:
 def _ort_reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """ONNX QDQ semantics evaluated exactly: onnxruntime with graph optimizations off (no QLinear
     fusion, so no int16-saturating AVX2 kernels; see passes/int8.py)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return run_ort_unoptimized(model, {"x": x})[0]
 
 
 def _output_scale(model: onnx.ModelProto) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import float_init, make_model, matmul_model
+from conftest import float_init, make_model, matmul_model, run_ort_unoptimized
 from onnx import helper
 
 pytest.importorskip("tvm")
@@ -55,11 +55,7 @@ def _host_target(threads: int = 1):
 
 def _ort_qdq(model: onnx.ModelProto, feed: dict) -> np.ndarray:
     """ONNX QDQ semantics evaluated exactly (graph optimizations off: no QLinear fusion)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return run_ort_unoptimized(model, feed)[0]
 
 
 needs_avx2 = pytest.mark.skipif(not x86_int8.available(_host_target()), reason="this CPU has no AVX2")
