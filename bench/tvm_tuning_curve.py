@@ -69,7 +69,8 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     tgt = X86Target(threads=THREADS, trials=args.warm, tuning_db=str(db_root), tune_time=args.tune_time,
                     tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
                     tune_cache_flush=args.tune_cache_flush, prepack=args.prepack,
-                    wide_vector=args.wide_vector, pad_channels=args.pad_channels, refine=args.refine)
+                    wide_vector=args.wide_vector, pad_channels=args.pad_channels, refine=args.refine,
+                    alloc_in_model=args.alloc_in_model)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -135,7 +136,8 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
     # trials belong to the earlier run (--offset-trials), not to this one
     base_trials[0] = args.warm * sum(1 for t in tasks if tuning.task_best_seconds(db, t) is not None)
     tuning._spend_budget(ms, list(tasks), len(tasks), tgt.budget, target, db, work, None, None, THREADS, 0, None,
-                         stats, on_round=on_round_keep, vector_bits=tgt.vector_bits)
+                         stats, on_round=on_round_keep, vector_bits=tgt.vector_bits, prepared=prepared,
+                         prepack=tgt.prepack)
     states = captured.get("states", [])
     if points and points[-1]["trials"] != sum(s.trials for s in states):
         checkpoint(len(stats.budget.get("per_round", [])), states)
@@ -149,13 +151,14 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         checkpoint(len(stats.budget.get("per_round", [])), states, ex=ex)
     total_s = time.monotonic() - t_start - paused[0]
     log(f"{name}: budget done: {stats.budget.get('rounds')} rounds, {stats.trials} trials, {total_s:.0f} s tuning "
-        f"({stats.budget.get('stopped_because')})")
+        f"({stats.budget.get('stopped_because')}); in-model profiles: {json.dumps(stats.budget.get('profiles'))}")
     keyed = {f"{k}:{t.task_name}": t for k, t in enumerate(tasks)}
     prof = sorted(states, key=lambda s: -s.share_s)
     total = sum(s.share_s for s in prof) or 1.0
     profile = [{"task": s.name.split(":", 1)[1], "calls": float(keyed[s.name].weight), "trials": s.trials,
                 "best_us": None if s.best_s is None else round(s.best_s * 1e6, 1),
-                "share": round(s.share_s / total, 3)} for s in prof[:args.top]]
+                "share": round(s.share_s / total, 3), **({"in_model_x": round(s.scale, 2)} if s.scale != 1.0 else {})}
+               for s in prof[:args.top]]
     out = {"model": name, "quantize": args.quantize, "int8_kernels": tgt.int8_kernels, "workloads": len(tasks), "points": points, "tuning_s": round(total_s, 1), "refine": refine,
            "trials": stats.trials, "budget": {k: v for k, v in stats.budget.items() if k != "per_round"},
            "profile": profile}
@@ -236,6 +239,8 @@ def main() -> None:
                     "padded to the vector width, the default; 0: off)")
     ap.add_argument("--refine", type=int, default=4, help="x86 target option: after the budget, time the top-K "
                     "records of the heavy workloads inside the model and keep the fastest there (0: off)")
+    ap.add_argument("--alloc-in-model", type=int, default=0, help="x86 target option (1: the budget weighs "
+                    "workloads by their kernels' time in the model, profiled after the warm-up and every 300 s)")
     ap.add_argument("--quantize", default="none", choices=("none", "dynamic", "static"),
                     help="tune graphopt's int8 form of the model (see above); default none (fp32)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")

@@ -45,6 +45,7 @@ MIN_SHARE = 0.2  # ...and to this share of the model's kernel time (a mutated ca
 MARGIN = 0.03  # a record replaces the database's best only when this much faster in the model
 SETTLE_S = 1.0  # untimed runs after building, before timing (see _settle)
 RUNS = 100  # instrumented model runs per build (median per kernel), in turns with the other builds
+PROFILE_RUNS = 50  # instrumented runs of the budget's in-model profile (tune_budget: alloc_in_model)
 
 
 def _key(task) -> str:

@@ -16,6 +16,13 @@ and/or seconds) for the workloads its database lacks, spent in rounds:
    tuning calls on top of the persistent database, so a time budget and an incremental database work.
 3. it stops when the trial budget is spent or the next round would likely end after the deadline.
 
+With a `profile` callable (the x86 target's `alloc_in_model`), the share is what the kernel costs
+*inside the model*, not calls x its record: after the warm-up, and then every `profile_every_s`
+seconds, the model is built from the database and each kernel timed per model run
+(in_model.kernel_times); a workload's `scale` is that time over calls x best record. Kernels do
+not inflate alike in the model (weights pushed out of the cache, inputs the other core wrote), so
+the order of the expected gains changes. Its seconds are part of the budget (docs/compiler.md).
+
 `run_budget` drives a `tune(assignments)` callable (name -> trials; it tunes and returns the new best
 seconds per name, None for a workload with no successful trial): the real one is in tuning.py, tests
 pass a fake.
@@ -35,6 +42,8 @@ DEFAULT_STEP = 16
 DEFAULT_PER_ROUND = 4
 DEFAULT_WARM_BATCH = 16
 MIN_GAIN = 0.02
+PROFILE_EVERY_S = 300.0  # seconds of budget between in-model profiles (after the warm-up's)
+SCALE_RANGE = (0.25, 8.0)  # an in-model / record ratio outside this is a mismatch, not a cost
 
 
 @dataclass
@@ -45,11 +54,17 @@ class TaskState:
     trials: int = 0  # trials given in this budget
     gain: float = 1.0  # relative improvement of its last round (1.0: unknown yet, optimistic)
     failed: bool = False  # its warm-up had no successful trial: no more trials for it
+    scale: float = 1.0  # in-model time / (calls x best time) at the last profile (1.0: not profiled)
 
     @property
     def share_s(self) -> float:
-        """Its contribution to the model's latency: calls x best time (0 when unknown)."""
+        """Its contribution to the model's latency by the database: calls x best time (0 when unknown)."""
         return 0.0 if self.best_s is None else float(self.weight) * float(self.best_s)
+
+    @property
+    def in_model_s(self) -> float:
+        """The same, as the last in-model profile saw it (share_s while never profiled)."""
+        return self.share_s * self.scale
 
 
 @dataclass
@@ -61,6 +76,8 @@ class BudgetPlan:
     per_round: int = DEFAULT_PER_ROUND
     warm_batch: int = DEFAULT_WARM_BATCH  # new workloads per warm-up round (so a deadline can cut the warm-up)
     min_gain: float = MIN_GAIN
+    profile_every_s: float = PROFILE_EVERY_S  # with run_budget's `profile`: seconds between profiles
+    in_model: bool = False  # the x86 target's alloc_in_model: the compile passes run_budget a `profile`
 
 
 @dataclass
@@ -68,13 +85,15 @@ class BudgetLog:
     """What a budget run did, round by round (goes into TuningStats)."""
 
     rounds: list[dict] = field(default_factory=list)
+    profiles: list[dict] = field(default_factory=list)  # in-model profiles (run_budget's `profile`)
     trials: int = 0
     seconds: float = 0.0
     stopped_because: str = ""
 
     def summary(self) -> dict:
         return {"rounds": len(self.rounds), "trials": self.trials, "seconds": round(self.seconds, 1),
-                "stopped_because": self.stopped_because, "per_round": self.rounds[-40:]}
+                "stopped_because": self.stopped_because, "per_round": self.rounds[-40:],
+                **({"profiles": self.profiles} if self.profiles else {})}
 
 
 def share_of_budget(total: int | float | None, new_tasks: int, all_tasks: int, warm: int) -> int | float | None:
@@ -115,7 +134,7 @@ def plan_round(states: list[TaskState], remaining: int | None, plan: BudgetPlan)
     live = [s for s in states if not s.failed and s.best_s is not None]
     if not live or plan.step <= 0:
         return {}
-    live.sort(key=lambda s: -(s.share_s * max(s.gain, plan.min_gain)))
+    live.sort(key=lambda s: -(s.in_model_s * max(s.gain, plan.min_gain)))
     out = {}
     left = remaining
     for s in live[:max(1, plan.per_round)]:
@@ -151,6 +170,20 @@ def apply_results(states: Mapping[str, TaskState], given: Mapping[str, int],
             s.gain = max(0.0, (old - s.best_s) / old) if old > 0 else 0.0
 
 
+def apply_profile(states: Iterable[TaskState], times: Mapping[str, float]) -> int:
+    """Set each profiled workload's `scale` from its in-model seconds per model run
+    (`times[name]`), clamped to SCALE_RANGE; returns how many were profiled."""
+    lo, hi = SCALE_RANGE
+    n = 0
+    for s in states:
+        t = times.get(s.name)
+        if t is None or s.share_s <= 0 or not math.isfinite(t):
+            continue
+        s.scale = min(hi, max(lo, float(t) / s.share_s))
+        n += 1
+    return n
+
+
 def run_budget(
     states: Iterable[TaskState],
     tune: Callable[[dict[str, int]], Mapping[str, float | None]],
@@ -159,12 +192,16 @@ def run_budget(
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_round: Callable[[int, list[TaskState]], None] | None = None,
+    profile: Callable[[list[TaskState]], Mapping[str, float]] | None = None,
 ) -> BudgetLog:
     """Spend `plan`'s budget on `states` by rounds (see the module doc); returns what it did.
 
     `deadline` (a clock() value) and `plan.budget_s` both bound the time: no round starts when the
     seconds per trial seen so far say it would end after the earlier of the two. `tune` is called
-    once per round with {name: trials}."""
+    once per round with {name: trials}. `profile(states)` -> {name: in-model seconds per model
+    run}: called once every workload had its warm-up, then every `plan.profile_every_s`, when more
+    workloads are live than a round takes (a candidate with one new workload builds nothing for it);
+    its time counts against the budget."""
     states = list(states)
     by_name = {s.name: s for s in states}
     log = BudgetLog()
@@ -174,7 +211,15 @@ def run_budget(
         end = t0 + float(plan.budget_s) if end is None else min(end, t0 + float(plan.budget_s))
     s_per_trial: float | None = None
     paused = 0.0
+    last_profile: float | None = None
     while True:
+        if profile is not None and log.rounds and all(s.trials or s.failed for s in states) and (
+                sum(1 for s in states if not s.failed) > max(1, plan.per_round)) and (  # else no order to decide
+                last_profile is None or clock() - last_profile >= plan.profile_every_s):
+            tp = clock()
+            if end is None or end - tp > 0:
+                _profile(states, profile, log, clock)
+            last_profile = tp
         remaining = None if plan.budget_trials is None else int(plan.budget_trials) - log.trials
         given = plan_round(states, remaining, plan)
         if not given:
@@ -210,6 +255,19 @@ def run_budget(
                 end += clock() - tc
     log.seconds = clock() - t0 - paused
     return log
+
+
+def _profile(states: list[TaskState], profile, log: BudgetLog, clock: Callable[[], float]) -> None:
+    tp = clock()
+    try:
+        got = profile(states)
+    except Exception as e:  # noqa: BLE001 - an allocation hint: never the reason tuning fails
+        log.profiles.append({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]})
+        return
+    n = apply_profile(states, got)
+    log.profiles.append({"after_round": len(log.rounds), "workloads": n, "s": round(clock() - tp, 1),
+                         "db_ms": round(sum(s.share_s for s in states) * 1e3, 3),
+                         "in_model_ms": round(sum(float(v) for v in got.values()) * 1e3, 3)})
 
 
 def _shrink(given: dict[str, int], fit: int) -> dict[str, int]:

@@ -288,7 +288,8 @@ def _tune_and_build(
     t_tune = time.monotonic()
     if budget is not None and todo:  # a per-model budget, spent where the latency is (tune_budget.py)
         failed, done = _spend_budget(ms, todo, len(tasks), budget, target, db, Path(work_dir), runner, builder,
-                                     num_threads, seed, deadline, stats, vector_bits=vector_bits)
+                                     num_threads, seed, deadline, stats, vector_bits=vector_bits,
+                                     prepared=prepared, prepack=prepack)
         i = len(todo) if done else 0
         todo = todo if done else []
     while budget is None and i < len(todo) and trials_per_task > 0:
@@ -342,9 +343,12 @@ def _tune_and_build(
 
 
 def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, builder, num_threads, seed,
-                  deadline, stats: TuningStats, on_round=None, vector_bits: int = 0) -> tuple[list[str], bool]:
+                  deadline, stats: TuningStats, on_round=None, vector_bits: int = 0, prepared=None,
+                  prepack: bool = False) -> tuple[list[str], bool]:
     """Spend this compile's share of a per-model budget (tune_budget.BudgetPlan) on the new
-    workloads `todo`, by rounds; returns (names of workloads with no successful trial, True)."""
+    workloads `todo`, by rounds; returns (names of workloads with no successful trial, True).
+    With `budget.in_model` and `prepared` (the module build_with_db builds), the rounds weigh each
+    workload by its kernel's time in the model (tune_budget's `profile`)."""
     import dataclasses
 
     from . import tune_budget as tb
@@ -372,7 +376,14 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
         rnd[0] += 1
         return {k: task_best_seconds(db, keyed[k]) for k in given}
 
-    blog = tb.run_budget(states, tune, plan, deadline=deadline, on_round=on_round)
+    profile = None
+    if getattr(plan, "in_model", False) and prepared is not None:
+        def profile(_states) -> dict[str, float]:  # {state name: in-model seconds per model run}
+            ex = build_with_db(db, prepared, target, prepack)
+            times = in_model.kernel_times([ex], in_model._inputs(prepared), runs=in_model.PROFILE_RUNS)[0]
+            return {k: times[t.task_name] for k, t in keyed.items() if t.task_name in times}
+
+    blog = tb.run_budget(states, tune, plan, deadline=deadline, on_round=on_round, profile=profile)
     stats.trials += blog.trials
     stats.budget = dict(blog.summary(), budget_trials=plan.budget_trials, budget_s=plan.budget_s,
                         warm=plan.warm, step=plan.step)

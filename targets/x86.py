@@ -11,8 +11,8 @@ from typing import Any
 from graphopt.errors import UsageError
 from graphopt.plugin import Option
 
-from . import in_model, rpc
-from .llvm_cpu import DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, LlvmCpuTarget, _copy_file  # noqa: F401
+from . import in_model, rpc, tune_budget
+from .llvm_cpu import DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, LlvmCpuTarget, _copy_file, _on  # noqa: F401
 
 
 class X86Target(LlvmCpuTarget):
@@ -24,9 +24,13 @@ class X86Target(LlvmCpuTarget):
                f"compiled model and keep the fastest there (N builds; only when the workloads not yet checked are "
                f">= {in_model.MIN_SHARE:.0%} of the model and >= {in_model.MIN_MS} ms; measured here, not over "
                "RPC; targets/in_model.py); 0: the database's best records", minimum=0),
+        Option("alloc_in_model", bool, False, "with a tune_time/tune_trials budget: weigh each workload by its kernel's "
+               "time inside the compiled model (profiled after the warm-up, then every "
+               "%d s; the builds count against the budget) instead of calls x its record; measured here, "
+               "not over RPC; targets/tune_budget.py; 0: off" % tune_budget.PROFILE_EVERY_S),
     )
 
-    def __init__(self, *args: Any, refine: Any = 4, **options: Any) -> None:
+    def __init__(self, *args: Any, refine: Any = 4, alloc_in_model: Any = 0, **options: Any) -> None:
         super().__init__(*args, **options)
         try:
             self.refine = int(refine)
@@ -35,6 +39,10 @@ class X86Target(LlvmCpuTarget):
         if self.refine < 0:
             raise UsageError(f"x86 target: refine={refine!r}: a count of records (0: off, 4: the default)")
         self.options["refine"] = self.refine
+        self.alloc_in_model = _on(alloc_in_model)
+        self.options["alloc_in_model"] = int(self.alloc_in_model)
+        if self.budget is not None:  # profiled where it measures: not over RPC
+            self.budget.in_model = self.alloc_in_model and self.rpc_config is None
 
     def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:
         """Measure through TVM RPC when tracker/server options are given (x86 ignores the

@@ -1,12 +1,15 @@
 """The per-model tuning budget (targets/tune_budget.py): allocation on a fake tuner (fast), and one
-budgeted tune of a one-workload model on the real x86 target (tvm)."""
+budgeted tune of a two-workload model on the real x86 target (tvm), its in-model profile on."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import matmul_model
+from conftest import float_init, make_model, matmul_model
+from onnx import helper
 
 from graphopt.errors import UsageError
 from graphopt.targets import tune_budget as tb
@@ -109,6 +112,66 @@ def test_a_later_candidate_gets_the_share_of_its_new_workloads():
     assert tb.share_of_budget(None, 1, 47, 8) is None and tb.share_of_budget(1000, 0, 47, 8) == 0
 
 
+def test_an_in_model_profile_moves_the_trials_to_the_kernel_that_is_slow_in_the_model():
+    # "a" and "b" look alike by their records; in the model "b" takes 3x its record (its weights
+    # pushed out of the cache, say), "a" what its record says: the rounds should favour "b"
+    specs = {"a": (1e-3, 1e-4, 8), "b": (1e-3, 1e-4, 8)}
+    plan = tb.BudgetPlan(budget_trials=2 * 8 + 6 * 16, warm=8, step=16, per_round=1, profile_every_s=1e9)
+    seen: list[int] = []
+
+    def profile(states):
+        seen.append(sum(s.trials for s in states))
+        return {s.name: s.share_s * (3.0 if s.name == "b" else 1.0) for s in states}
+
+    tuner = FakeTuner(specs)
+    log = tb.run_budget(states_for({"a": 1.0, "b": 1.0}), tuner, plan, clock=tuner.clock, profile=profile)
+    assert seen == [16]  # once, after the warm-up of both (profile_every_s: not again)
+    assert tuner.given["b"] >= 8 + 4 * 16 and tuner.given["a"] <= 8 + 2 * 16, tuner.given
+    assert log.profiles[0]["workloads"] == 2 and log.profiles[0]["in_model_ms"] > log.profiles[0]["db_ms"]
+    assert "profiles" in log.summary()
+    # when every live workload fits in one round there is no order to decide: no profile (no build)
+    seen.clear()
+    few = FakeTuner(specs)
+    tb.run_budget(states_for({"a": 1.0, "b": 1.0}), few, dataclasses.replace(plan, per_round=2), clock=few.clock,
+                  profile=profile)
+    assert seen == []
+    # without the profile the two take turns
+    plain = FakeTuner(specs)
+    tb.run_budget(states_for({"a": 1.0, "b": 1.0}), plain, plan, clock=plain.clock)
+    assert abs(plain.given["a"] - plain.given["b"]) <= 16
+
+
+def test_profiles_repeat_on_schedule_count_against_the_time_budget_and_may_fail():
+    specs = {f"w{i}": (1e-3, 1e-4, 8) for i in range(3)}
+    tuner = FakeTuner(specs, s_per_trial=1.0)
+    calls: list[float] = []
+
+    def profile(states):  # a build and timed runs: 10 s on the fake clock
+        calls.append(tuner.now)
+        tuner.now += 10.0
+        if len(calls) == 2:
+            raise RuntimeError("build failed\nsecond line")
+        return {s.name: 2 * s.share_s for s in states}
+
+    states = states_for({n: 1.0 for n in specs})
+    log = tb.run_budget(states, tuner, tb.BudgetPlan(budget_s=300.0, warm=8, step=16, per_round=1,
+                                                    profile_every_s=100.0), clock=tuner.clock, profile=profile)
+    assert calls[0] == 24.0  # after the warm-up (3 x 8 trials at 1 s), before any other round
+    assert all(b - a >= 100.0 for a, b in zip(calls, calls[1:])) and len(calls) == 3, calls
+    assert tuner.now <= 300.0  # the profiles' 30 s came out of the budget
+    assert log.profiles[1] == {"error": "RuntimeError: build failed"}  # logged; tuning went on
+    assert all(s.scale == 2.0 for s in states) and log.trials == tuner.now - 30.0
+
+
+def test_a_profile_sets_a_clamped_scale_and_skips_what_it_did_not_see():
+    states = states_for({"a": 2.0, "b": 1.0, "c": 1.0, "d": 1.0})
+    for s in states[:3]:
+        s.best_s = 1e-3
+    n = tb.apply_profile(states, {"a": 3e-3, "b": 1.0, "d": 5e-3, "x": 1.0})
+    assert n == 2 and [s.scale for s in states] == [1.5, tb.SCALE_RANGE[1], 1.0, 1.0]  # d: no record yet
+    assert states[0].in_model_s == pytest.approx(3e-3) and states[0].share_s == pytest.approx(2e-3)
+
+
 def test_budget_options_are_parsed_and_checked():
     pytest.importorskip("tvm")
     from graphopt.targets.x86 import X86Target
@@ -120,6 +183,10 @@ def test_budget_options_are_parsed_and_checked():
         X86Target(threads=1, tune_trials="lots")
     with pytest.raises(UsageError, match="need trials > 0"):
         X86Target(threads=1, trials=0, tune_trials=10)
+    assert X86Target(threads=1, trials=4, tune_trials=10, alloc_in_model="1").budget.in_model is True
+    assert X86Target(threads=1, trials=4, tune_trials=10).budget.in_model is False  # off by default
+    # over RPC the kernels run on the device: a profile on this machine would mislead
+    assert X86Target(threads=1, trials=4, tune_trials=10, alloc_in_model=1, server="127.0.0.1:9").budget.in_model is False
 
 
 @pytest.mark.tvm
@@ -128,14 +195,22 @@ def test_budgeted_tune_of_a_real_model_then_reuse(tmp_path):
     pytest.importorskip("tvm")
     from graphopt.targets.x86 import X86Target
 
-    model = matmul_model()
-    target = X86Target(threads=2, trials=2, tune_trials=6, tuning_db=str(tmp_path / "db"))
-    target.budget.step = 2
+    rng = np.random.default_rng(0)  # two workloads: matmul+add+relu, then a matmul of another shape
+    model = make_model([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
+                        helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])],
+                       {"x": [1, 8, 32]}, ["y"], [float_init("W1", rng.standard_normal((32, 16)) * 0.1),
+                                                  float_init("b", rng.standard_normal(16)),
+                                                  float_init("W2", rng.standard_normal((16, 24)) * 0.1)])
+    target = X86Target(threads=2, trials=2, tune_trials=8, tuning_db=str(tmp_path / "db"), alloc_in_model=1)
+    target.budget.step, target.budget.per_round = 2, 1
     try:
         art = target.compile(model, tmp_path)
         st = art.info["tuning"]
-        assert st["workloads_tuned"] == st["workloads_seen"] >= 1 and not st["partly_untuned"]
-        assert st["trials"] == 6 and st["budget"]["rounds"] >= 2, st  # warm-up 2, then more rounds
+        assert st["workloads_tuned"] == st["workloads_seen"] >= 2 and not st["partly_untuned"]
+        assert st["trials"] == 8 and st["budget"]["rounds"] >= 3, st  # warm-up 2 each, then rounds of 2
+        # after the warm-up, the model was built and its kernels timed (alloc_in_model)
+        prof = st["budget"]["profiles"][0]
+        assert prof["after_round"] == 1 and prof["workloads"] == st["workloads_seen"] and prof["in_model_ms"] > 0, prof
         x = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
         want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
         np.testing.assert_allclose(target.run_once(art, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
