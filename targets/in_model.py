@@ -191,6 +191,17 @@ def kernel_times(exes: list, args, runs: int = RUNS, rounds: int = 5) -> list[di
     return [{k: statistics.median(v) for k, v in a.items()} for a in acc]
 
 
+def profiler(build: Callable[[], Any], prepared, names: dict[str, str]) -> Callable[[Any], dict[str, float]]:
+    """tune_budget's `profile` (the x86 option alloc_in_model): build() the model from the database
+    as it stands and time each kernel in it (PROFILE_RUNS runs); returns {state name: seconds per
+    model run}, `names` mapping each budget state's name to its workload's PrimFunc name."""
+    def profile(_states) -> dict[str, float]:
+        times = kernel_times([build()], _inputs(prepared), runs=PROFILE_RUNS)[0]
+        return {k: times[n] for k, n in names.items() if n in times}
+
+    return profile
+
+
 def model_ms(exes: list, args, rounds: int = 5) -> list[float]:
     """Each executable's median model time (ms), timed alternately `rounds` times; the median round."""
     import statistics

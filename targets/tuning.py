@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -42,9 +41,10 @@ from graphopt.errors import CompileError
 
 from . import in_model, tuning_ms
 from . import tvm_common as tc
-# MetaSchedule plumbing (loggers, strategy, timeouts, builder/runner) lives in tuning_ms (split for size)
+# MetaSchedule plumbing (loggers, strategy, timeouts, builder/runner, database reads) lives in tuning_ms (split for size)
 from .tuning_ms import (RECYCLE_BUILDS, _ms_logger_handlers_fixup, _quiet_meta_schedule,  # noqa: F401
-                        build_with_db, local_builder, local_runner, search_strategy, timeout_s)
+                        build_with_db, estimate_seconds, local_builder, local_runner, search_strategy,
+                        task_best_seconds, timeout_s)
 
 log = logging.getLogger("graphopt.tuning")
 
@@ -142,19 +142,6 @@ def open_db(db_dir: Path):
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
-
-
-def task_best_seconds(db, task) -> float | None:
-    """The database's best measured run time of a task's workload (seconds), or None."""
-    mod = task.dispatched[0]
-    if not db.has_workload(mod):
-        return None
-    top = db.get_top_k(db.commit_workload(mod), 1)
-    if not top or not top[0].run_secs:
-        return None
-    secs = [float(s) for s in top[0].run_secs]
-    mean = sum(secs) / len(secs)
-    return mean if mean < 1e9 else None  # MetaSchedule stores 1e10 s for a failed trial
 
 
 def task_failed_trials(db, task, limit: int) -> int:
@@ -347,8 +334,7 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
                   prepack: bool = False) -> tuple[list[str], bool]:
     """Spend this compile's share of a per-model budget (tune_budget.BudgetPlan) on the new
     workloads `todo`, by rounds; returns (names of workloads with no successful trial, True).
-    With `budget.in_model` and `prepared` (the module build_with_db builds), the rounds weigh each
-    workload by its kernel's time in the model (tune_budget's `profile`)."""
+    `budget.in_model` with `prepared`: rounds weigh workloads by their kernels' time in the model."""
     import dataclasses
 
     from . import tune_budget as tb
@@ -376,12 +362,8 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
         rnd[0] += 1
         return {k: task_best_seconds(db, keyed[k]) for k in given}
 
-    profile = None
-    if getattr(plan, "in_model", False) and prepared is not None:
-        def profile(_states) -> dict[str, float]:  # {state name: in-model seconds per model run}
-            ex = build_with_db(db, prepared, target, prepack)
-            times = in_model.kernel_times([ex], in_model._inputs(prepared), runs=in_model.PROFILE_RUNS)[0]
-            return {k: times[t.task_name] for k, t in keyed.items() if t.task_name in times}
+    profile = None if not (plan.in_model and prepared is not None) else in_model.profiler(  # alloc_in_model
+        lambda: build_with_db(db, prepared, target, prepack), prepared, {k: t.task_name for k, t in keyed.items()})
 
     blog = tb.run_budget(states, tune, plan, deadline=deadline, on_round=on_round, profile=profile)
     stats.trials += blog.trials
@@ -424,20 +406,6 @@ def _tune_tasks(ms, tasks, target, db, work_dir: Path, trials: int, runner, buil
         raise CompileError(f"MetaSchedule tuning failed: {type(e).__name__}: {tc._first_line(e)}") from e
     finally:
         shutil.rmtree(wd, ignore_errors=True)
-
-
-def estimate_seconds(db, tasks) -> tuple[float, int]:
-    """(estimated seconds, tasks without a record): the sum of each known task's best database
-    time times its weight (how often the model calls it); tasks the database lacks are counted."""
-    total = 0.0
-    unknown = 0
-    for t in tasks:
-        s = task_best_seconds(db, t)
-        if s is None or not math.isfinite(s):
-            unknown += 1
-            continue
-        total += s * float(t.weight)
-    return total, unknown
 
 
 # ------------------------------------------------------------------------- the database lock

@@ -1,13 +1,14 @@
 """MetaSchedule plumbing of graphopt.targets.tuning: its loggers, the search strategy sized to the
 trial budget, the schedule space (full-width vectors on x86), the per-trial timeout, the
-per-process builder and runner, and the build with a database (build_with_db, optionally with
-pre-packed weights).
+per-process builder and runner, the build with a database (build_with_db, optionally with
+pre-packed weights), and the reads of a workload's best time (task_best_seconds, estimate_seconds).
 
 Importing this module does not import tvm."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from . import tvm_common as tc
@@ -236,3 +237,30 @@ def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None
 
     with target, db, tvm.transform.PassContext(opt_level=3):
         return relax.build(prepared, target=target, relax_pipeline=_pipeline)
+
+
+def task_best_seconds(db, task) -> float | None:
+    """The database's best measured run time of a task's workload (seconds), or None."""
+    mod = task.dispatched[0]
+    if not db.has_workload(mod):
+        return None
+    top = db.get_top_k(db.commit_workload(mod), 1)
+    if not top or not top[0].run_secs:
+        return None
+    secs = [float(s) for s in top[0].run_secs]
+    mean = sum(secs) / len(secs)
+    return mean if mean < 1e9 else None  # MetaSchedule stores 1e10 s for a failed trial
+
+
+def estimate_seconds(db, tasks) -> tuple[float, int]:
+    """(estimated seconds, tasks without a record): the sum of each known task's best database
+    time times its weight (how often the model calls it); tasks the database lacks are counted."""
+    total = 0.0
+    unknown = 0
+    for t in tasks:
+        s = task_best_seconds(db, t)
+        if s is None or not math.isfinite(s):
+            unknown += 1
+            continue
+        total += s * float(t.weight)
+    return total, unknown
