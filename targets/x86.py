@@ -40,6 +40,9 @@ class X86Target(LlvmCpuTarget):
             raise UsageError(f"x86 target: refine={refine!r}: a count of records (0: off, 4: the default)")
         self.options["refine"] = self.refine
         self.alloc_in_model = _on(alloc_in_model)
+        if self.alloc_in_model and self.budget is None:
+            raise UsageError("x86 target: alloc_in_model=1 weighs a per-model tuning budget; give one too "
+                             "(--target-opt tune_time=20m or tune_trials=N), or drop alloc_in_model")
         self.options["alloc_in_model"] = int(self.alloc_in_model)
         if self.budget is not None:  # profiled where it measures: not over RPC
             self.budget.in_model = self.alloc_in_model and self.rpc_config is None

@@ -187,6 +187,8 @@ def test_budget_options_are_parsed_and_checked():
     assert X86Target(threads=1, trials=4, tune_trials=10).budget.in_model is False  # off by default
     # over RPC the kernels run on the device: a profile on this machine would mislead
     assert X86Target(threads=1, trials=4, tune_trials=10, alloc_in_model=1, server="127.0.0.1:9").budget.in_model is False
+    with pytest.raises(UsageError, match="alloc_in_model=1 weighs a per-model tuning budget"):
+        X86Target(threads=1, trials=4, alloc_in_model=1)  # no budget: it would do nothing, silently
 
 
 @pytest.mark.tvm
