@@ -70,7 +70,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
                     tune_trials=args.tune_trials, canonicalize=args.canonicalize, layout=args.layout,
                     tune_cache_flush=args.tune_cache_flush, prepack=args.prepack,
                     wide_vector=args.wide_vector, pad_channels=args.pad_channels, refine=args.refine,
-                    alloc_in_model=args.alloc_in_model)
+                    alloc_in_model=args.alloc_in_model, vm_exec=args.vm_exec)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
     tc.load_tvm(THREADS)
@@ -96,7 +96,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         tuned_s = tp - t_start - paused[0] + args.offset_s
         trials = sum(s.trials for s in states) - base_trials[0] + args.offset_trials
         ex_given = ex is not None
-        ex = ex if ex_given else tuning.build_with_db(db, prepared, target, prepack=tgt.prepack)
+        ex = ex if ex_given else tuning.build_with_db(db, prepared, target, prepack=tgt.prepack, exec_mode=tgt.vm_exec)
         art = Artifact(target="x86", files=[], handle=ex, info={"inputs": [(n, list(s), d) for n, s, d in specs],
                                                                 "tuned": True})
         tv, orr, orq = [], [], []
@@ -146,7 +146,9 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         from graphopt.targets import in_model
 
         ex, refine = in_model.build(db, db_dir, prepared, tasks, target, k=args.refine,
-                                    build_fn=lambda d: tuning.build_with_db(d, prepared, target, prepack=tgt.prepack))
+                                    build_fn=lambda d: tuning.build_with_db(d, prepared, target, prepack=tgt.prepack),
+                                    final_fn=lambda d: tuning.build_with_db(d, prepared, target, prepack=tgt.prepack,
+                                                                            exec_mode=tgt.vm_exec))
         log(f"{name}: in-model selection: {json.dumps(refine)}")
         checkpoint(len(stats.budget.get("per_round", [])), states, ex=ex)
     total_s = time.monotonic() - t_start - paused[0]
@@ -241,6 +243,8 @@ def main() -> None:
                     "records of the heavy workloads inside the model and keep the fastest there (0: off)")
     ap.add_argument("--alloc-in-model", type=int, default=0, help="x86 target option (1: the budget weighs "
                     "workloads by their kernels' time in the model, profiled after the warm-up and every 300 s)")
+    ap.add_argument("--vm-exec", default="compiled", choices=("compiled", "bytecode"),
+                    help="x86 target option: the Relax VM's form of the checkpoints' builds (compiled: the default)")
     ap.add_argument("--quantize", default="none", choices=("none", "dynamic", "static"),
                     help="tune graphopt's int8 form of the model (see above); default none (fp32)")
     ap.add_argument("--top", type=int, default=10, help="workloads in the profile table")

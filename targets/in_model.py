@@ -227,11 +227,16 @@ def model_ms(exes: list, args, rounds: int = 5) -> list[float]:
 
 
 def build(db, db_dir: Path, prepared, tasks, target, build_fn: Callable, k: int = 0, deadline: float | None = None,
-          min_ms: float | None = None, min_share: float | None = None) -> tuple[Any, dict[str, Any]]:
+          min_ms: float | None = None, min_share: float | None = None,
+          final_fn: Callable | None = None) -> tuple[Any, dict[str, Any]]:
     """(executable, info): the model built with the database's records and its valid in-model
     picks; with k >= 2, first refine the picks of the workloads not yet checked (module doc).
-    `build_fn(database)` builds `prepared` with a database (tuning_ms.build_with_db)."""
+    `build_fn(database)` builds `prepared` with a database (tuning_ms.build_with_db) in a form the
+    VM's instrument hook sees (bytecode); `final_fn(database)`, when given, builds the executable
+    returned (the x86 option vm_exec=compiled: the refine's builds are timed, then the model is
+    built again with the picks)."""
     db_dir = Path(db_dir)
+    final = final_fn or build_fn
     min_ms, min_share = MIN_MS if min_ms is None else min_ms, MIN_SHARE if min_share is None else min_share
     picks = load_picks(db_dir)
     choice = {t.task_name: current_choice(db, t, picks) for t in tasks}
@@ -239,9 +244,9 @@ def build(db, db_dir: Path, prepared, tasks, target, build_fn: Callable, k: int 
     info: dict[str, Any] = {"picks_used": sum(1 for t in tasks if _valid(picks.get(_key(t)), _top1(db, t))
                                               and picks[_key(t)].get("record") is not None)}
     if k == 0:  # refine=0: the database's best records, no picks
-        return build_fn(db), {"picks_used": 0}
+        return final(db), {"picks_used": 0}
     if k < 2:
-        return build_fn(base_db if info["picks_used"] else db), info
+        return final(base_db if info["picks_used"] else db), info
     t_start = time.monotonic()
     recs = {t.task_name: top_records(db, t, k) for t in tasks}
     todo = [t for t in tasks if len(recs[t.task_name]) >= 2 and not _valid(picks.get(_key(t)), _top1(db, t))]
@@ -251,44 +256,50 @@ def build(db, db_dir: Path, prepared, tasks, target, build_fn: Callable, k: int 
     if todo_s * 1e3 < min_ms or todo_s < min_share * all_s:
         ref["skipped"] = f"the unchecked workloads are {todo_s * 1e3:.3f} ms of {all_s * 1e3:.3f} ms " \
                          f"(refine needs >= {min_ms} ms and >= {min_share:.0%})"
-        return build_fn(base_db if info["picks_used"] else db), info
+        return final(base_db if info["picks_used"] else db), info
     try:
-        return _refine(db, db_dir, prepared, tasks, build_fn, k, deadline, picks, choice, recs, todo, info, t_start)
+        ex, info, used = _refine(db, db_dir, prepared, tasks, build_fn, k, deadline, picks, choice, recs, todo, info,
+                                 t_start)
     except Exception as e:  # noqa: BLE001 - an optimization: never the reason a compile fails
         ref["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         log.warning("in-model selection failed (%s); building with the database's best records", ref["error"])
-        return build_fn(base_db if info["picks_used"] else db), info
+        return final(base_db if info["picks_used"] else db), info
+    return (ex if final_fn is None else final_fn(used)), info
 
 
 def _refine(db, db_dir: Path, prepared, tasks, build_fn, k, deadline, picks, choice, recs, todo, info, t_start):
-    """build()'s refine step (module doc): K builds timed in the model, the picks kept or not, stored."""
+    """build()'s refine step (module doc): K builds timed in the model, the picks kept or not, stored.
+    Returns (executable, info, the database it was built with)."""
     ref = info["refine"]
     args = _inputs(prepared)
     names = {t.task_name for t in todo}
     exes: list = []
+    dbs: list = []
     for rank in range(k):
         if rank and deadline is not None and time.monotonic() + (time.monotonic() - t_start) / rank > deadline:
             ref["stopped"] = "deadline"
             break
         log.info("in-model selection: build %d/%d (rank-%d records of %d workloads)", rank + 1, k, rank, len(todo))
-        exes.append(build_fn(choice_db(db, tasks, lambda t, r=rank: recs[t.task_name][min(r, len(recs[t.task_name]) - 1)]
-                                       if t.task_name in names else choice[t.task_name])))
+        dbs.append(choice_db(db, tasks, lambda t, r=rank: recs[t.task_name][min(r, len(recs[t.task_name]) - 1)]
+                             if t.task_name in names else choice[t.task_name]))
+        exes.append(build_fn(dbs[-1]))
     times = kernel_times(exes, args) if len(exes) >= 2 else []
     if len(times) < 2:  # nothing compared: nothing learned
-        return exes[0], info
+        return exes[0], info, dbs[0]
     ranks = pick_fastest(times, {t.task_name: len(recs[t.task_name]) for t in todo})
     ref["timed"] = len(ranks)  # workloads whose kernel the instrumented runs saw (by PrimFunc name)
     switched = {n: r for n, r in ranks.items() if r}
     ref["switched"] = len(switched)
-    ex, kept = exes[0], False
+    ex, used, kept = exes[0], dbs[0], False
     if switched:
-        new = build_fn(choice_db(db, tasks, lambda t: recs[t.task_name][switched[t.task_name]]
-                                 if t.task_name in switched else choice[t.task_name]))
+        new_db = choice_db(db, tasks, lambda t: recs[t.task_name][switched[t.task_name]]
+                           if t.task_name in switched else choice[t.task_name])
+        new = build_fn(new_db)
         base_ms, new_ms = model_ms([exes[0], new], args)
         ref.update(base_ms=round(base_ms, 4), picked_ms=round(new_ms, 4))
         kept = new_ms < base_ms
         if kept:
-            ex = new
+            ex, used = new, new_db
             info["picks_used"] += len(switched)  # the checked workloads had no valid pick before
     ref["kept"] = kept
     for t in todo:  # checked: a kept pick's record, else none (the database's best stays)
@@ -305,7 +316,7 @@ def _refine(db, db_dir: Path, prepared, tasks, build_fn, k, deadline, picks, cho
     ref["seconds"] = round(time.monotonic() - t_start, 1)
     log.info("in-model selection: %d of %d workloads switched records; model %s -> %s ms (%s)", len(switched),
              len(todo), ref.get("base_ms"), ref.get("picked_ms"), "kept" if kept else "not kept")
-    return ex, info
+    return ex, info, used
 
 
 def _top1(db, task):

@@ -27,6 +27,7 @@ from .tune_budget import budget_plan
 
 TRIALS_ENV = "GRAPHOPT_TUNE_TRIALS"
 DEFAULT_TRIALS = 8  # MetaSchedule trials per new workload
+VM_EXEC = ("compiled", "bytecode")  # the Relax VM's forms (tuning_ms.build_with_db); x86's option vm_exec
 
 UNTUNED_NOTE = (
     "untuned TVM CPU code (default Relax pipeline, no schedules: naive single-threaded loops) "
@@ -43,6 +44,7 @@ class LlvmCpuTarget(Target):
     """Base of the TVM LLVM CPU targets (x86, rpi4); not registered itself."""
 
     tunable = True
+    vm_exec = "bytecode"  # rpi4: interpreted (x86: its option vm_exec, compiled by default)
     static_shapes = True  # graphopt.timing: TVM compiles static shapes; value-dependent shapes are not applicable
     OPTIONS = (
         Option("threads", int, None, "TVM worker threads (default: the CPUs here)", minimum=1),
@@ -329,7 +331,7 @@ class LlvmCpuTarget(Target):
         kernel time above 1.1x the best latency so far, it cannot win and none are tuned.
         """
         if self.trials <= 0:  # untuned: no schedules, so no weight layout to pre-pack for
-            return tc.build(mod, self.target), {"tuned": False}
+            return tc.build(mod, self.target, exec_mode=self.vm_exec), {"tuned": False}
         from . import tuning
 
         lower_bound_s = None if self.incumbent_ms is None else 1.1 * self.incumbent_ms / 1000.0
@@ -338,8 +340,7 @@ class LlvmCpuTarget(Target):
             max_new_tasks=self.max_new_tasks, deadline=self.deadline, runner=self.ms_runner(),
             builder=self.ms_builder(), num_threads=self.threads, skip_if_known_exceeds_s=lower_bound_s,
             budget=self.budget, prepack=self.prepack, vector_bits=self.vector_bits,
-            refine=0 if self.rpc_config is not None else getattr(self, "refine", 0),  # x86's option
-        )
+            refine=0 if self.rpc_config is not None else getattr(self, "refine", 0), exec_mode=self.vm_exec)
         info = {"tuned": stats.workloads_seen > 0 and not stats.partly_untuned, "tuning": stats.to_dict()}
         return ex, info
 

@@ -219,6 +219,7 @@ def _tune_and_build(
     prepack: bool = False,
     vector_bits: int = 0,
     refine: int = 0,
+    exec_mode: str = "bytecode",
 ):
     """Tune the workloads of `raw_mod` the database lacks, then build with the database.
 
@@ -230,6 +231,7 @@ def _tune_and_build(
     `prepack`: weights in the layout the schedules chose, transformed at build time (prepare()).
     `vector_bits`: tune in tuning_ms.space's full-width-vector space (0: TVM's default space).
     `refine` >= 2: re-time the top-`refine` records of the heavy workloads in the model (in_model.py).
+    `exec_mode`: the Relax VM form of the executable returned (build_with_db; refine times bytecode).
     """
     tc.load_tvm(num_threads)
     import tvm.s_tir.meta_schedule as ms
@@ -321,7 +323,9 @@ def _tune_and_build(
     try:
         built: dict[str, int] = {}
         ex, stats.in_model = in_model.build(db, db_dir, prepared, tasks, target, k=refine, deadline=deadline,
-                                            build_fn=lambda d: build_with_db(d, prepared, target, prepack, built))
+                                            build_fn=lambda d: build_with_db(d, prepared, target, prepack, built),
+                                            final_fn=None if exec_mode == "bytecode" else
+                                            lambda d: build_with_db(d, prepared, target, prepack, built, exec_mode))
         stats.prepacked = built.get("prepacked", 0)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"TVM build with the tuning database failed: {type(e).__name__}: {tc._first_line(e)}") from e

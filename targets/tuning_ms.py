@@ -204,39 +204,42 @@ def _persistent_builder_class(ms):
     return PersistentLocalBuilder
 
 
-def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None = None):
+def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None = None, exec_mode: str = "bytecode"):
     """Executable of `prepared` (prepare()'s first form) with the database's schedules.
 
-    Without prepack this is MetaSchedule's compile_relax. With prepack, the same pipeline (the
-    fusion extract_tasks saw, then the database, then lowering) plus, between the database and
-    lowering, SplitLayoutRewritePreproc + FoldConstant: each weight's layout transform becomes
+    Without prepack this is MetaSchedule's compile_relax pipeline (its CPU passes: fusion as
+    extract_tasks saw it, the database, lowering). With prepack, the same plus, between the database
+    and lowering, SplitLayoutRewritePreproc + FoldConstant: each weight's layout transform becomes
     a kernel of its own on a constant, folded away at build time, so the model runs on
     pre-packed weights and its interface does not change. `info` (optional) gets "prepacked":
-    how many kernels read pre-packed weights (0 when no tuned schedule chose another layout)."""
+    how many kernels read pre-packed weights (0 when no tuned schedule chose another layout).
+    `exec_mode`: Relax VM "bytecode" (interpreted; the VM's instrument hook sees each kernel, which
+    in_model.py times by) or "compiled" (the model's main compiled to native code: no interpreter
+    between kernels, no instrument hook; the x86 option `vm_exec`)."""
     tvm = tc.load_tvm()
-    if not prepack:
-        import tvm.s_tir.meta_schedule as ms
-
-        return ms.relax_integration.compile_relax(db, prepared, target, params=None)
     from tvm import relax
+
     from tvm.relax.backend.cpu_generic import pipeline as rp  # llvm: x86 and rpi4 (0.27 does not export it)
+
+    # compile_relax's CPU pipeline (it cannot take exec_mode; its own lookup of the dispatch and lowering
+    # passes fails on 0.27's llvm and falls back to these same lists, without dispatch passes)
+    fuse = rp.legalize_passes(target)  # the fusion extract_tasks saw: the database's keys
+    after_db = []
+    if prepack:
+        fuse = [*rp.library_dispatch_passes(target), *fuse, relax.transform.AttachAttrLayoutFreeBuffers()]
+        after_db = [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+    lower = rp.dataflow_lower_passes(target) + rp.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=3)
     def _pipeline(mod, _ctx):
-        mod = tvm.transform.Sequential([
-            *rp.library_dispatch_passes(target),
-            *rp.legalize_passes(target),  # the zero pipeline's fusion: the keys extract_tasks saw
-            relax.transform.AttachAttrLayoutFreeBuffers(),
-            relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
-            relax.transform.SplitLayoutRewritePreproc(),
-            relax.transform.FoldConstant(),
-        ])(mod)
-        if info is not None:
+        mod = tvm.transform.Sequential([*fuse, relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
+                                        *after_db])(mod)
+        if info is not None and prepack:
             info["prepacked"] = sum(1 for gv in mod.get_global_vars() if gv.name_hint.endswith("_prepacked"))
-        return tvm.transform.Sequential(rp.dataflow_lower_passes(target) + rp.finalize_passes(target))(mod)
+        return tvm.transform.Sequential(lower)(mod)
 
     with target, db, tvm.transform.PassContext(opt_level=3):
-        return relax.build(prepared, target=target, relax_pipeline=_pipeline)
+        return relax.build(prepared, target=target, relax_pipeline=_pipeline, exec_mode=exec_mode)
 
 
 def task_best_seconds(db, task) -> float | None:

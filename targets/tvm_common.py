@@ -305,12 +305,17 @@ def import_onnx(
 
 
 # ------------------------------------------------------------------------------------- build
-def build(mod, target, pipeline: Any = None):
+def build(mod, target, pipeline: Any = None, exec_mode: str = "bytecode"):
     """tvm.compile(mod, target) -> Executable; `pipeline` is a relax_pipeline (default: the
-    target's default pipeline, i.e. untuned code on CPU)."""
+    target's default pipeline, i.e. untuned code on CPU); `exec_mode` the Relax VM's form
+    ("bytecode", or "compiled": main compiled to native code, tuning_ms.build_with_db)."""
     tvm = load_tvm()
     try:
         kwargs = {} if pipeline is None else {"relax_pipeline": pipeline}
+        if exec_mode != "bytecode":
+            from tvm import relax
+
+            return relax.build(mod, target=target, exec_mode=exec_mode, **kwargs)
         return tvm.compile(mod, target=target, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"TVM {tvm_version()} build for {target} failed: {type(e).__name__}: {_first_line(e)}") from e

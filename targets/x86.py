@@ -12,7 +12,7 @@ from graphopt.errors import UsageError
 from graphopt.plugin import Option
 
 from . import in_model, rpc, tune_budget
-from .llvm_cpu import DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, LlvmCpuTarget, _copy_file, _on  # noqa: F401
+from .llvm_cpu import DEFAULT_TRIALS, TRIALS_ENV, UNTUNED_NOTE, VM_EXEC, LlvmCpuTarget, _copy_file, _on  # noqa: F401
 
 
 class X86Target(LlvmCpuTarget):
@@ -28,10 +28,19 @@ class X86Target(LlvmCpuTarget):
                "time inside the compiled model (profiled after the warm-up, then every "
                "%d s; the builds count against the budget) instead of calls x its record; measured here, "
                "not over RPC; targets/tune_budget.py; 0: off" % tune_budget.PROFILE_EVERY_S),
+        Option("vm_exec", str, "compiled", "the Relax VM's form of the model: compiled (its main function compiled "
+               "to native code, no interpreter between kernels: 1-2%% on a conv net of ~65 kernel calls) or "
+               "bytecode (interpreted; what refine times by, through the VM's instrument hook)",
+               choices=VM_EXEC),
     )
 
-    def __init__(self, *args: Any, refine: Any = 4, alloc_in_model: Any = 0, **options: Any) -> None:
+    def __init__(self, *args: Any, refine: Any = 4, alloc_in_model: Any = 0, vm_exec: Any = "compiled",
+                 **options: Any) -> None:
         super().__init__(*args, **options)
+        self.vm_exec = str(vm_exec).strip().lower()
+        if self.vm_exec not in VM_EXEC:
+            raise UsageError(f"x86 target: vm_exec={vm_exec!r}: choose {' or '.join(VM_EXEC)}")
+        self.options["vm_exec"] = self.vm_exec
         try:
             self.refine = int(refine)
         except (TypeError, ValueError):

@@ -128,6 +128,27 @@ def test_export_is_loadable(target, compiled, x, tmp_path):
     np.testing.assert_allclose(y[0].numpy(), _ort(model, x)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_vm_exec_compiled_by_default_and_bytecode_on_request(target, compiled, x, tmp_path):
+    """vm_exec: the model's main compiled to native code (the default) or interpreted bytecode; same outputs."""
+    from graphopt.errors import UsageError
+    from graphopt.targets.rpi4 import Rpi4Target
+    from graphopt.targets.x86 import X86Target
+
+    model, art = compiled
+    assert target.options["vm_exec"] == "compiled" and "vm_tir_func" in art.handle.as_text()
+    interp = X86Target(threads=1, vm_exec="bytecode")
+    try:
+        art_b = interp.compile(model, tmp_path)
+        assert "vm_tir_func" not in art_b.handle.as_text() and "vm.builtin.alloc_storage" in art_b.handle.as_text()
+        for a, b in zip(interp.run_once(art_b, x), target.run_once(art, x)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        interp.close()
+    with pytest.raises(UsageError, match="vm_exec='native': choose compiled or bytecode"):
+        X86Target(threads=1, vm_exec="native")
+    assert Rpi4Target.vm_exec == "bytecode"  # a device over RPC: the interpreted form, as before
+
+
 def test_describe(target):
     d = target.describe()
     assert d["name"] == "x86" and d["tuned"] is False and d["threads"] == 1
