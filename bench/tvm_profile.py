@@ -3,7 +3,8 @@
 TVM side: each of the model's kernels as the x86 target builds it with the tuning database
 (canonicalize / layout as its options), built alone and timed with random inputs of its shapes,
 hot and with the CPU cache flushed before each call, x how often the model calls it, summed per
-kind (depthwise conv, 1x1 conv, other conv, matmul/dense, other). ORT side: onnxruntime's per-node
+kind (depthwise conv, 1x1 conv, other conv, matmul/dense, other); and each kernel timed inside the
+built model (the VM's instrument hook), the like of ORT's numbers. ORT side: onnxruntime's per-node
 profile (ORT_ENABLE_ALL, same threads), averaged over runs, summed per kind of the node (a fused
 node counts as its first op). Then both whole models, and what lies outside their kernels.
 
@@ -116,6 +117,28 @@ def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[f
     return out, n, unscheduled
 
 
+def in_model_kinds(tgt, db_root: Path, model, mod, layout: str) -> dict[str, float]:
+    """kind -> ms per model run of its kernels *inside the built model* (database records and in-model
+    picks, as the target builds it), by the Relax VM's instrument hook (targets/in_model.py: median
+    of 200 instrumented runs per kernel); the VM's own builtins (allocations, shape checks) as a kind."""
+    from graphopt.targets import in_model, tuning
+    from graphopt.targets.x86 import X86Target
+
+    bc = X86Target(threads=tgt.threads, tuning_db=str(db_root), trials=tgt.trials,
+                   canonicalize=tgt.canonicalize, layout=tgt.layout,
+                   prepack=tgt.prepack, vm_exec="bytecode")  # the instrument hook sees bytecode's calls only
+    art = bc.compile(model, Path(tempfile.mkdtemp()))
+    prepared, fused = tuning.prepare(mod, tgt.target, prepack=tgt.prepack)
+    heads = {gv.name_hint: next(ln for ln in f.script().splitlines() if "def main(" in ln)
+             for gv, f in fused.functions.items() if "def main(" in f.script()}
+    out: dict[str, float] = {}
+    for name, s in in_model.kernel_times([art.handle], in_model._inputs(prepared), runs=200)[0].items():
+        base = name.removesuffix("_prepacked")
+        k = "VM builtins" if name.startswith("vm.builtin") else kind_of(base, heads.get(base, ""), layout)
+        out[k] = out.get(k, 0.0) + s * 1e3
+    return out
+
+
 def time_kernel(func, target, dev, runs: int) -> tuple[float, float]:
     """(hot s, cache-flushed s) of one PrimFunc built alone, on random inputs of its buffers' shapes:
     hot = best of 5 x 20 back-to-back calls; flushed = median of `runs` calls, each after the CPU
@@ -189,22 +212,26 @@ def main() -> None:
     mod = tgt.relax_module(loaded.proto)
     db = tuning.open_db(tgt.tuning_db_dir)
     tvm_ms, n, unscheduled = tvm_kernels(tgt, mod, db, args.runs, tgt.layout_for(loaded.proto))
+    inm = in_model_kinds(tgt, args.tuning_db, loaded.proto, mod, tgt.layout_for(loaded.proto))
     sess = ort.InferenceSession(str(args.model), OrtTarget(threads=args.threads)._options(),
                                 providers=["CPUExecutionProvider"])
     ort_model = e2e_ms(lambda: sess.run(None, feed))
     tvm_model = float(tgt.measure(art, feed).latency.median_ms)
     print(f"{args.model.name}: {cpu_model()}, {args.threads} threads; TVM: each of the model's {n} kernels "
           f"({unscheduled} without a database schedule) built alone and timed now, hot caches and with the CPU "
-          f"cache flushed before each call; ORT: its profiler, mean of {args.runs} runs")
-    print("\n| kind | TVM ms (hot) | TVM ms (flushed) | ORT ms | TVM/ORT (flushed) |\n|---|---|---|---|---|")
-    kinds = sorted(set(tvm_ms) | set(ort_ms), key=lambda k: -tvm_ms.get(k, (0.0, 0.0))[1])
+          f"cache flushed before each call, and inside the built model (the VM's instrument hook, 200 runs, "
+          f"medians); ORT: its profiler (inside its model), mean of {args.runs} runs")
+    print("\n| kind | TVM ms (hot) | TVM ms (flushed) | TVM ms (in model) | ORT ms (in model) | TVM/ORT (flushed) "
+          "| TVM/ORT (in model) |\n|---|---|---|---|---|---|---|")
+    kinds = sorted(set(tvm_ms) | set(ort_ms) | set(inm), key=lambda k: -inm.get(k, 0.0))
     for k in kinds:
-        (a, c), b = tvm_ms.get(k, (0.0, 0.0)), ort_ms.get(k, 0.0)
-        print(f"| {k} | {a:.2f} | {c:.2f} | {b:.2f} | {'x%.2f' % (c / b) if b else '-'} |")
+        (a, c), b, m = tvm_ms.get(k, (0.0, 0.0)), ort_ms.get(k, 0.0), inm.get(k, 0.0)
+        print(f"| {k} | {a:.2f} | {c:.2f} | {m:.2f} | {b:.2f} | {'x%.2f' % (c / b) if b else '-'} "
+              f"| {'x%.2f' % (m / b) if b else '-'} |")
     ta, tc_ = sum(v[0] for v in tvm_ms.values()), sum(v[1] for v in tvm_ms.values())
-    tb_ = sum(ort_ms.values())
-    print(f"| **kernels** | {ta:.2f} | {tc_:.2f} | {tb_:.2f} | x{tc_ / tb_:.2f} |")
-    print(f"| **whole model** | {tvm_model:.2f} | | {ort_model:.2f} | x{tvm_model / ort_model:.2f} |")
+    tb_, tm_ = sum(ort_ms.values()), sum(inm.values())
+    print(f"| **kernels** | {ta:.2f} | {tc_:.2f} | {tm_:.2f} | {tb_:.2f} | x{tc_ / tb_:.2f} | x{tm_ / tb_:.2f} |")
+    print(f"| **whole model** | {tvm_model:.2f} | | | {ort_model:.2f} | | x{tvm_model / ort_model:.2f} |")
     print(f"\nOutside the kernels: TVM {tvm_model - tc_:.2f} ms (model - flushed kernels), "
           f"ORT {ort_model - tb_:.2f} ms (model - profiled kernels)")
     sys.stdout.flush()

@@ -3,7 +3,8 @@ on the same tuning database, against onnxruntime, timed alternately in one proce
 
     .venv/bin/python bench/tvm_vm_exec.py --tuning-db DB_ROOT [--models efficientnet,minilm] [--rounds 7]
 
-DB_ROOT holds the x86 target's database folders (a tuning curve's --out DIR/tuning-db/MODEL-curve,
+First the VM's cost per kernel call in each form (a chain of 200 tiny kernels). DB_ROOT holds the
+x86 target's database folders (a tuning curve's --out DIR/tuning-db/MODEL-curve,
 or a run's --tuning-db): both forms build from it with its in-model picks (refine=1: no timing, no
 tuning of what it has; a workload it lacks is tuned with 1 trial). Prints per round and the median
 of rounds: TVM compiled, TVM bytecode, onnxruntime (ms), and the ratios. Run it alone.
@@ -27,6 +28,36 @@ from graphopt.targets.ort import OrtTarget  # noqa: E402
 from graphopt.targets.x86 import X86Target  # noqa: E402
 
 
+def per_call_us(calls: int = 200) -> dict[str, float]:
+    """The VM's cost per kernel call in each form: a chain of `calls` tiny elementwise kernels (1x16
+    floats each, so the kernels themselves take almost nothing), timed by the VM's time_evaluator."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets import tvm_common as tc
+
+    tc.load_tvm(THREADS)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 16], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for i in range(calls):
+                c = relax.const(np.full((1, 16), 0.5 if i % 2 else i % 7, "float32"))
+                y = bb.emit(relax.op.multiply(y, c) if i % 2 else relax.op.add(y, c))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    arg = tvm.runtime.tensor(np.random.default_rng(0).random((1, 16)).astype("float32"))
+    got = {}
+    for mode in ("compiled", "bytecode"):
+        vm = relax.VirtualMachine(tc.relax_build(bb.get(), X86Target(threads=THREADS).target, mode), tvm.cpu())
+        vm.set_input("main", arg)
+        res = vm.time_evaluator("invoke_stateful", tvm.cpu(), number=200, repeat=7)("main").results
+        got[mode] = statistics.median(res) * 1e6 / calls
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tuning-db", type=Path, required=True, help="tuning database root (as --tuning-db)")
@@ -37,6 +68,9 @@ def main() -> None:
     print(f"# host: {cpu_summary()}; {THREADS} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     import onnxruntime as ort
 
+    pc = per_call_us()
+    print(f"per kernel call (a chain of 200 tiny kernels): compiled {pc['compiled']:.3f} us, bytecode "
+          f"{pc['bytecode']:.3f} us", flush=True)
     for name in [m.strip() for m in a.models.split(",") if m.strip()]:
         path, calib = MODELS[name]
         loaded = load_model(path)

@@ -239,7 +239,7 @@ def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None
         return tvm.transform.Sequential(lower)(mod)
 
     with target, db, tvm.transform.PassContext(opt_level=3):
-        return relax.build(prepared, target=target, relax_pipeline=_pipeline, exec_mode=exec_mode)
+        return tc.relax_build(prepared, target, exec_mode, relax_pipeline=_pipeline)
 
 
 def task_best_seconds(db, task) -> float | None:

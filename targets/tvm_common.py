@@ -313,12 +313,29 @@ def build(mod, target, pipeline: Any = None, exec_mode: str = "bytecode"):
     try:
         kwargs = {} if pipeline is None else {"relax_pipeline": pipeline}
         if exec_mode != "bytecode":
-            from tvm import relax
-
-            return relax.build(mod, target=target, exec_mode=exec_mode, **kwargs)
+            return relax_build(mod, target, exec_mode, **kwargs)
         return tvm.compile(mod, target=target, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"TVM {tvm_version()} build for {target} failed: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def relax_build(mod, target, exec_mode: str = "bytecode", **kwargs):
+    """relax.build(mod, target, exec_mode=...): a module the compiled form cannot take (the VM's
+    TIR codegen covers less of Relax than its bytecode does) is built as bytecode instead, with a
+    warning, and so computes the same; kwargs as relax.build's (relax_pipeline)."""
+    load_tvm()
+    from tvm import relax
+
+    if exec_mode == "bytecode":
+        return relax.build(mod, target=target, **kwargs)
+    try:
+        return relax.build(mod, target=target, exec_mode=exec_mode, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the bytecode build below raises what is really wrong
+        import logging
+
+        logging.getLogger("graphopt.tvm").warning("vm_exec=%s: the build failed (%s: %s); building bytecode instead",
+                                                  exec_mode, type(e).__name__, _first_line(e))
+        return relax.build(mod, target=target, **kwargs)
 
 
 def export_library(executable, path: Path) -> Path:

@@ -149,6 +149,32 @@ def test_vm_exec_compiled_by_default_and_bytecode_on_request(target, compiled, x
     assert Rpi4Target.vm_exec == "bytecode"  # a device over RPC: the interpreted form, as before
 
 
+def test_a_model_the_compiled_form_cannot_take_is_built_as_bytecode(monkeypatch, caplog):
+    import logging
+
+    from tvm import relax
+
+    from graphopt.targets import tvm_common as tc
+
+    real = relax.build
+
+    def build(mod, target=None, *args, exec_mode="bytecode", **kw):
+        if exec_mode == "compiled":
+            raise RuntimeError("VMTIRCodegen: not supported here")
+        return real(mod, target, *args, exec_mode=exec_mode, **kw)
+
+    monkeypatch.setattr(relax, "build", build)
+    bb = relax.BlockBuilder()
+    v = relax.Var("v", relax.TensorType([2, 3], "float32"))
+    with bb.function("main", [v]):
+        bb.emit_func_output(bb.emit(relax.op.add(v, v)))
+    with caplog.at_level(logging.WARNING, logger="graphopt.tvm"):
+        ex = tc.build(bb.get(), "llvm", exec_mode="compiled")
+    assert "vm_tir_func" not in ex.as_text()
+    assert "vm_exec=compiled: the build failed (RuntimeError: VMTIRCodegen: not supported here); building " \
+           "bytecode instead" in caplog.text
+
+
 def test_describe(target):
     d = target.describe()
     assert d["name"] == "x86" and d["tuned"] is False and d["threads"] == 1
