@@ -97,7 +97,7 @@ def tvm_kernels(tgt, mod, db, runs: int, layout: str) -> tuple[dict[str, tuple[f
         if tgt.prepack:  # as tuning_ms.build_with_db: the weight transforms fold away at build time
             sched = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
                                               relax.transform.FoldConstant()])(sched)
-    calls = collections.Counter(re.findall(r"call_tir\(\w+\.(\w+)", sched["main"].script()))
+    calls = collections.Counter(re.findall(r"call_tir\((?:\w+\.)?(\w+)", sched["main"].script()))  # "cls." or none
     dev = tvm.cpu()
     out: dict[str, tuple[float, float]] = {}
     n = unscheduled = 0

@@ -73,6 +73,7 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
                     alloc_in_model=args.alloc_in_model, vm_exec=args.vm_exec)
     db_dir = tgt.tuning_db_dir  # the folder graphopt's x86 target uses too (the mutated compile below)
     tgt.budget.step, tgt.budget.per_round, tgt.budget.warm_batch = args.step, args.per_round, args.warm_batch
+    tgt.budget.gain_window = args.gain_window
     tc.load_tvm(THREADS)
     import tvm.s_tir.meta_schedule as ms
 
@@ -243,6 +244,8 @@ def main() -> None:
                     "records of the heavy workloads inside the model and keep the fastest there (0: off)")
     ap.add_argument("--alloc-in-model", type=int, default=0, help="x86 target option (1: the budget weighs "
                     "workloads by their kernels' time in the model, profiled after the warm-up and every 300 s)")
+    ap.add_argument("--gain-window", type=int, default=3, help="rounds a workload's expected improvement is "
+                    "averaged over (targets/tune_budget.py GAIN_WINDOW; 1: its last round alone, as before 2026-11-29)")
     ap.add_argument("--vm-exec", default="compiled", choices=("compiled", "bytecode"),
                     help="x86 target option: the Relax VM's form of the checkpoints' builds (compiled: the default)")
     ap.add_argument("--quantize", default="none", choices=("none", "dynamic", "static"),

@@ -10,10 +10,14 @@ and/or seconds) for the workloads its database lacks, spent in rounds:
 2. then, round after round, the `per_round` workloads with the largest *expected gain* get `step`
    more trials each (one batched tuning call per round). The expected gain of a workload is
    `weight x best_seconds x improvement`: its share of the model's latency (calls x best measured
-   time) times how much its last round improved it (relative; optimistic 1.0 before it has had a
-   second round, floored at `min_gain` so a big workload that stalled once still gets picked). This
-   is the gradient idea of MetaSchedule's task scheduler (Zheng et al., Ansor), applied across
-   tuning calls on top of the persistent database, so a time budget and an incremental database work.
+   time) times how much its recent rounds improved it (relative, per round, averaged over its last
+   GAIN_WINDOW rounds as MetaSchedule's gradient scheduler's backward window; optimistic 1.0 before
+   it has had a second round; floored at `min_gain`). One flat round of 16 trials is no evidence a
+   workload is done (MetaSchedule's evolutionary search improves in jumps): with the last round
+   alone, EfficientNet-Lite0's stem-side 1x1 conv (6% of the model) stopped at 20 trials and 126 us
+   in one 20-minute run, and got 100 trials and 93.5 us in another. This is the gradient idea of
+   MetaSchedule's task scheduler (Zheng et al., Ansor), applied across tuning calls on top of the
+   persistent database, so a time budget and an incremental database work.
 3. it stops when the trial budget is spent or the next round would likely end after the deadline.
 
 With a `profile` callable (the x86 target's `alloc_in_model`), the share is what the kernel costs
@@ -42,6 +46,7 @@ DEFAULT_STEP = 16
 DEFAULT_PER_ROUND = 4
 DEFAULT_WARM_BATCH = 16
 MIN_GAIN = 0.02
+GAIN_WINDOW = 3  # rounds a workload's expected improvement is averaged over (MetaSchedule's window_size)
 PROFILE_EVERY_S = 300.0  # seconds of budget between in-model profiles (after the warm-up's)
 SCALE_RANGE = (0.25, 8.0)  # an in-model / record ratio outside this is a mismatch, not a cost
 
@@ -52,9 +57,10 @@ class TaskState:
     weight: float  # how often the model calls the workload
     best_s: float | None = None  # best measured seconds per call; None: no successful trial yet
     trials: int = 0  # trials given in this budget
-    gain: float = 1.0  # relative improvement of its last round (1.0: unknown yet, optimistic)
+    gain: float = 1.0  # relative improvement per round, its last GAIN_WINDOW rounds (1.0: unknown yet, optimistic)
     failed: bool = False  # its warm-up had no successful trial: no more trials for it
     scale: float = 1.0  # in-model time / (calls x best time) at the last profile (1.0: not profiled)
+    history: list = field(default_factory=list)  # best seconds after each of its rounds (warm-up first)
 
     @property
     def share_s(self) -> float:
@@ -76,6 +82,7 @@ class BudgetPlan:
     per_round: int = DEFAULT_PER_ROUND
     warm_batch: int = DEFAULT_WARM_BATCH  # new workloads per warm-up round (so a deadline can cut the warm-up)
     min_gain: float = MIN_GAIN
+    gain_window: int = GAIN_WINDOW  # rounds each workload's expected improvement is averaged over (1: the last)
     profile_every_s: float = PROFILE_EVERY_S  # with run_budget's `profile`: seconds between profiles
     in_model: bool = False  # the x86 target's alloc_in_model: the compile passes run_budget a `profile`
 
@@ -148,8 +155,9 @@ def plan_round(states: list[TaskState], remaining: int | None, plan: BudgetPlan)
 
 
 def apply_results(states: Mapping[str, TaskState], given: Mapping[str, int],
-                  results: Mapping[str, float | None]) -> None:
-    """Update the states after a round: trials, best time, last relative improvement."""
+                  results: Mapping[str, float | None], window: int = GAIN_WINDOW) -> None:
+    """Update the states after a round: trials, best time, and the expected improvement: relative,
+    per round, over its last `window` rounds (1: the last round alone)."""
     for name, n in given.items():
         s = states[name]
         first = s.trials == 0
@@ -158,16 +166,20 @@ def apply_results(states: Mapping[str, TaskState], given: Mapping[str, int],
         if new is None or not math.isfinite(new):
             if first and s.best_s is None:
                 s.failed = True
-            else:
-                s.gain = 0.0
-            continue
-        if s.best_s is None:
+                continue
+        elif s.best_s is None:
             s.best_s = float(new)
-            s.gain = 1.0
         else:
-            old = s.best_s
-            s.best_s = min(old, float(new))
-            s.gain = max(0.0, (old - s.best_s) / old) if old > 0 else 0.0
+            s.best_s = min(s.best_s, float(new))
+        if s.best_s is None:
+            continue
+        s.history.append(s.best_s)
+        k = min(max(1, int(window)), len(s.history) - 1)
+        if k == 0:  # its first measured round: nothing to compare yet (optimistic)
+            s.gain = 1.0
+            continue
+        old = s.history[-1 - k]
+        s.gain = max(0.0, (old - s.best_s) / old / k) if old > 0 else 0.0
 
 
 def apply_profile(states: Iterable[TaskState], times: Mapping[str, float]) -> int:
@@ -240,7 +252,7 @@ def run_budget(
         tr = clock()
         results = tune(dict(given))
         spent = clock() - tr
-        apply_results(by_name, given, results)
+        apply_results(by_name, given, results, plan.gain_window)
         n = sum(given.values())
         log.trials += n
         rate = spent / max(n, 1)

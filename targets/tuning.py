@@ -354,6 +354,7 @@ def _spend_budget(ms, todo, n_all, budget, target, db, work_dir: Path, runner, b
     for st in states:  # a workload the database knows (a resumed budget) counts as warmed up
         st.best_s = task_best_seconds(db, keyed[st.name])
         st.trials = int(plan.warm) if st.best_s is not None else 0
+        st.history = [] if st.best_s is None else [st.best_s]  # its next round is compared with that
     rnd = [0]
 
     def tune(given: dict[str, int]) -> dict[str, float | None]:

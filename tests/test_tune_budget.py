@@ -77,6 +77,47 @@ def test_calls_weigh_in_and_a_stalled_workload_gives_way():
     assert tuner.given["b"] > tuner.given["a"]
 
 
+def test_one_flat_round_does_not_end_a_workload_that_was_improving():
+    """The expected gain is the improvement per round over the last GAIN_WINDOW rounds, not the last
+    round alone: "big" (3.3x each other's time) improves 30% in its first round, is flat in its second
+    (the evolutionary search improves in jumps), then would improve again. With the last round alone
+    it gets no round after the flat one while the others, improving 10% a round, take the rest."""
+    def stepwise(history_s):
+        class Tuner:
+            def __init__(self):
+                self.given, self.rounds = {}, {}
+
+            def __call__(self, given):
+                out = {}
+                for n, k in given.items():
+                    self.given[n] = self.given.get(n, 0) + k
+                    r = self.rounds[n] = self.rounds.get(n, 0) + 1
+                    out[n] = history_s[n][min(r, len(history_s[n])) - 1]
+                return out
+        return Tuner()
+
+    times = {"big": [1e-3, 7e-4, 7e-4, 5e-4, 4e-4]} | {f"s{i}": [3e-4 * 0.9 ** r for r in range(12)] for i in range(3)}
+    plan = tb.BudgetPlan(budget_trials=4 * 4 + 8 * 16, warm=4, step=16, per_round=1)
+    got = {}
+    for window in (1, tb.GAIN_WINDOW):
+        tuner = stepwise(times)
+        states = states_for({n: 1.0 for n in times})
+        tb.run_budget(states, tuner, dataclasses.replace(plan, gain_window=window))
+        got[window] = (tuner.rounds["big"], states[0].best_s)
+    assert got[1] == (3, 7e-4)  # warm-up, +30%, flat: then never again (gain 0 -> the floor, below the others')
+    assert got[tb.GAIN_WINDOW][0] >= 5 and got[tb.GAIN_WINDOW][1] == 4e-4  # the window's average kept it going
+
+
+def test_the_gain_is_averaged_over_the_window():
+    s = tb.TaskState(name="w", weight=1.0)
+    for t, want in ((1.0, 1.0), (0.8, 0.2), (0.8, 0.1), (0.8, 0.2 / 3), (0.8, 0.0)):
+        tb.apply_results({"w": s}, {"w": 4}, {"w": t})
+        assert s.gain == pytest.approx(want), (t, s.history)
+    r = tb.TaskState(name="r", weight=1.0, best_s=1.0, trials=8, history=[1.0])  # known to the database
+    tb.apply_results({"r": r}, {"r": 16}, {"r": 0.9})
+    assert r.gain == pytest.approx(0.1)  # compared with its database record, not optimistic
+
+
 def test_warm_up_first_most_called_first_and_cut_by_the_budget():
     states = states_for({"x": 1.0, "y": 5.0, "z": 2.0})
     plan = tb.BudgetPlan(budget_trials=None, warm=8)
