@@ -207,8 +207,8 @@ def _persistent_builder_class(ms):
 def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None = None, exec_mode: str = "bytecode"):
     """Executable of `prepared` (prepare()'s first form) with the database's schedules.
 
-    Without prepack this is MetaSchedule's compile_relax pipeline (its CPU passes: fusion as
-    extract_tasks saw it, the database, lowering). With prepack, the same plus, between the database
+    Without prepack this is MetaSchedule's compile_relax (with exec_mode="compiled", its CPU pipeline:
+    fusion as extract_tasks saw it, the database, lowering). With prepack, the same plus, between the database
     and lowering, SplitLayoutRewritePreproc + FoldConstant: each weight's layout transform becomes
     a kernel of its own on a constant, folded away at build time, so the model runs on
     pre-packed weights and its interface does not change. `info` (optional) gets "prepacked":
@@ -217,12 +217,16 @@ def build_with_db(db, prepared, target, prepack: bool = False, info: dict | None
     in_model.py times by) or "compiled" (the model's main compiled to native code: no interpreter
     between kernels, no instrument hook; the x86 option `vm_exec`)."""
     tvm = tc.load_tvm()
-    from tvm import relax
+    if not prepack and exec_mode == "bytecode":  # any target (cuda: its GPU lowering, dlight for the rest)
+        import tvm.s_tir.meta_schedule as ms
 
+        return ms.relax_integration.compile_relax(db, prepared, target, params=None)
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as rp  # llvm: x86 and rpi4 (0.27 does not export it)
 
-    # compile_relax's CPU pipeline (it cannot take exec_mode; its own lookup of the dispatch and lowering
-    # passes fails on 0.27's llvm and falls back to these same lists, without dispatch passes)
+    # prepack or vm_exec=compiled (x86/rpi4 options): compile_relax's CPU pipeline, which it cannot take
+    # exec_mode for (its own lookup of the lowering passes fails on 0.27's llvm and falls back to these
+    # same lists, without dispatch passes)
     fuse = rp.legalize_passes(target)  # the fusion extract_tasks saw: the database's keys
     after_db = []
     if prepack:

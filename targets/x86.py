@@ -29,9 +29,9 @@ class X86Target(LlvmCpuTarget):
                "%d s; the builds count against the budget) instead of calls x its record; measured here, "
                "not over RPC; targets/tune_budget.py; 0: off" % tune_budget.PROFILE_EVERY_S),
         Option("vm_exec", str, "compiled", "the Relax VM's form of the model: compiled (its main function compiled "
-               "to native code, no interpreter between kernels: 1-2%% on a conv net of ~65 kernel calls) or "
-               "bytecode (interpreted; what refine times by, through the VM's instrument hook)",
-               choices=VM_EXEC),
+               "to native code: ~0.1 us less per kernel call, within the noise on the bundled models; a model it "
+               "cannot take is built as bytecode, with a warning) or bytecode (interpreted; what refine times by, "
+               "through the VM's instrument hook)", choices=VM_EXEC),
     )
 
     def __init__(self, *args: Any, refine: Any = 4, alloc_in_model: Any = 0, vm_exec: Any = "compiled",

@@ -97,6 +97,7 @@ def test_refine_times_the_records_in_the_model_and_its_picks_hold_until_the_best
         assert entry["displaced_s"] == pytest.approx(tuning.task_best_seconds(db, task), rel=1e-6)
         assert (entry["record"] is not None) == ref["kept"]
         np.testing.assert_allclose(target.run_once(art, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+        assert "vm_tir_func" in art.handle.as_text()  # timed as bytecode, built with the picks compiled (vm_exec)
 
         # checked: the next compile does not time it again
         again = target.compile(model, tmp_path).info["tuning"]["in_model"]
