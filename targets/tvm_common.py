@@ -17,10 +17,12 @@ The compile flow a TVM target follows:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import platform
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -338,6 +340,28 @@ def relax_build(mod, target, exec_mode: str = "bytecode", **kwargs):
         return relax.build(mod, target=target, **kwargs)
 
 
+@contextlib.contextmanager
+def _stderr_without(marker: str):
+    """Run the body with file descriptor 2 (where TVM's C++ logging writes) sent to a temporary file;
+    then write its lines back to stderr, except those containing `marker`."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            kept = [ln for ln in buf.read().decode(errors="replace").splitlines(keepends=True) if marker not in ln]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def export_library(executable, path: Path) -> Path:
     """Write the executable as a shared library at `path`, atomically (temp name + os.replace).
 
@@ -356,7 +380,8 @@ def export_library(executable, path: Path) -> Path:
                 f"exporting {path.name} needs a C compiler to link it: install g++ (or set CXX)"
             )
     try:
-        executable.export_library(str(tmp))
+        with _stderr_without("Scope Saving:"):  # TVM 0.27 logs one per constant of an executable that has run
+            executable.export_library(str(tmp))
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001
         raise CompileError(f"TVM export_library({path.name}) failed: {type(e).__name__}: {_first_line(e)}") from e
