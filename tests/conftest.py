@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,10 +22,14 @@ EXAMPLE = ROOT / "models" / "efficientnet_lite0.onnx"
 EXAMPLE_CALIB = ROOT / "models" / "efficientnet_lite0_calib.npz"
 
 # TVM targets tune by default (minutes per model on 2 cores). Tests compile untuned unless a test
-# asks for trials itself, and never touch the user's ~/.cache tuning databases. Subprocesses
-# (run_cli) inherit both.
+# asks for trials itself, and never touch the user's ~/.cache tuning databases. One database per
+# pytest run, removed when it exits: subprocesses (run_cli), Ray workers and spawned children that
+# import this module inherit it rather than each leaving a folder in /tmp (340 after a few runs).
 os.environ["GRAPHOPT_TUNE_TRIALS"] = "0"
-os.environ["GRAPHOPT_TUNING_DB"] = tempfile.mkdtemp(prefix="graphopt-test-tuning-")
+if "GRAPHOPT_TEST_TUNING_DB" not in os.environ:
+    os.environ["GRAPHOPT_TEST_TUNING_DB"] = tempfile.mkdtemp(prefix="graphopt-test-tuning-")
+    atexit.register(shutil.rmtree, os.environ["GRAPHOPT_TEST_TUNING_DB"], True)
+os.environ["GRAPHOPT_TUNING_DB"] = os.environ["GRAPHOPT_TEST_TUNING_DB"]
 
 
 def _const(name: str, arr: np.ndarray):

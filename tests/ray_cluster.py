@@ -46,6 +46,9 @@ class RayCluster(ProcessFixture):
     def _env(self) -> dict[str, str]:
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DISABLE_IMPORT_WARNING="1")
         env.pop("RAY_ADDRESS", None)
+        if self.temp:  # the nodes' temp files (a killed node's compile folder) go when stop() removes it
+            env["TMPDIR"] = os.path.join(self.temp, "tmp")
+            os.makedirs(env["TMPDIR"], exist_ok=True)
         return env
 
     def _start(self, args: list[str], name: str) -> None:

@@ -123,6 +123,7 @@ def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluste
     master = tmp_path / "master"
     (master / "llvm-x").mkdir(parents=True)
     (master / "llvm-x" / DB_FILES[0]).write_text("w0\n")
+    replicas = str(tmp_path)  # the local cluster's workers share this file system
     cluster_pool.connect(cluster.address)
     try:
         owner = ray.remote(num_cpus=0, max_concurrency=8)(TuningDbOwner).remote(str(master), 5.0)
@@ -134,7 +135,7 @@ def test_tuning_lease_serializes_tuning_and_merges_every_record(tmp_path, cluste
             from graphopt.targets import tuning
 
             tuning.REMOTE_DB = _LeaseClient(owner)
-            replica = Path(tempfile.mkdtemp()) / "llvm-x"
+            replica = Path(tempfile.mkdtemp(dir=replicas)) / "llvm-x"
             db = tuning.open_db_locked(replica, and_open=False)  # noqa: F841 - takes the lease
             t0 = time.time()
             seen = (replica / DB_FILES[0]).read_text().splitlines()
