@@ -50,16 +50,17 @@ def main() -> None:
 
     path, calib = MODELS[a.model]
     loaded = load_model(path)
+    work = tempfile.TemporaryDirectory(prefix="db-compare-")  # the builds' files, removed at the end
     runs = {}
-    for label, db in zip(labels, a.dbs):
+    for i, (label, db) in enumerate(zip(labels, a.dbs)):
         tgt = X86Target(threads=THREADS, trials=1, refine=1, repeat=a.repeat, tuning_db=str(db))
-        art = tgt.compile(loaded.proto, Path(tempfile.mkdtemp(prefix="db-compare-")))
+        art = tgt.compile(loaded.proto, Path(work.name) / f"db{i}")
         info = art.info.get("tuning", {})
         print(f"{label}: built; {info.get('workloads_reused')} of {info.get('workloads_seen')} workloads from the "
               f"database, picks used {info.get('in_model', {}).get('picks_used')}", flush=True)
         runs[label] = (tgt, art)
     ot = OrtTarget(threads=THREADS, repeat=a.repeat)
-    runs["onnxruntime"] = (ot, ot.compile(loaded.proto, Path(tempfile.mkdtemp(prefix="db-compare-"))))
+    runs["onnxruntime"] = (ot, ot.compile(loaded.proto, Path(work.name) / "ort"))
     feed = feed_for(calib, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs())
     rows = []
     keys = list(runs)
@@ -81,6 +82,7 @@ def main() -> None:
     print(f"| onnxruntime | {med['onnxruntime']:.3f} | | | |")
     for tgt, _ in runs.values():
         tgt.close()
+    work.cleanup()
 
 
 if __name__ == "__main__":

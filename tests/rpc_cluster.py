@@ -15,10 +15,12 @@ left behind; `leftover_processes()` says what would have been.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +76,7 @@ class RpcCluster(ProcessFixture):
         self.tracker_proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
         self.all_pgids: list[int] = []
+        self.temp: str | None = None
 
     @property
     def tracker(self) -> str:
@@ -81,7 +84,9 @@ class RpcCluster(ProcessFixture):
 
     # ------------------------------------------------------------------------- processes
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
-        env = dict(os.environ, TVM_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
+        if self.temp is None:  # the servers' upload folders (a SIGTERM'd server keeps its model.so)
+            self.temp = tempfile.mkdtemp(prefix="graphopt-rpc-cluster-")
+        env = dict(os.environ, TVM_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1", TMPDIR=self.temp)
         out = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,9 @@ class RpcCluster(ProcessFixture):
             self._end_group(p)
         if self.tracker_proc is not None:
             self._end_group(self.tracker_proc)
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp = None
 
     def leftover_processes(self) -> list[int]:
         return [pid for g in self.all_pgids for pid in group_members(g)]
