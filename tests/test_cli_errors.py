@@ -91,6 +91,8 @@ def test_shape_conflicting_with_static_dim(convbn_path, tmp_path):
     ({"wrong_name": np.zeros((2, 1, 3, 16, 16), np.float32)}, "do not match the model's inputs ['x']"),
     ({"x": np.zeros((2, 1, 3, 8, 8), np.float32)}, "expected [samples, 1, 3, 16, 16]"),
     ({"x": np.zeros((1, 3, 16, 16), np.float32)}, "no sample axis"),
+    ({"x": np.zeros((8, 3, 16, 16), np.float32)}, "for 8 samples of batch 1 add the sample axis: "
+                                                  "numpy.savez(path, x=array[:, None])"),
 ])
 def test_data_mismatch(convbn_path, tmp_path, arrays, needle):
     data = tmp_path / "calib.npz"

@@ -386,6 +386,9 @@ def load_data(path: str | Path, inputs: "list[InputSpec]") -> CalibrationData:
             hint = ""
             if a.shape == spec.shape:
                 hint = "; it has no sample axis: stack samples as array[None] for one sample"
+            elif len(spec.shape) > 1 and spec.shape[0] == 1 and a.shape[1:] == spec.shape[1:]:
+                hint = (f"; for {a.shape[0]} samples of batch 1 add the sample axis: "
+                        f"numpy.savez(path, {spec.name}=array[:, None])")
             raise DataError(f"--data {path}: {spec.name!r} has shape {list(a.shape)}, expected "
                             f"[samples, {', '.join(map(str, spec.shape))}]{hint}")
         if n is None:
