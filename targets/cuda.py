@@ -37,6 +37,7 @@ from graphopt.plugin import Artifact, LatencyStats, Measurement, Option, Target
 from . import rpc as rpc_mod
 from . import tvm_common as tc
 from .cuda_lower import _guarded, bn_to_affine, default_pipeline  # noqa: F401 - split for size; re-exported
+from .tune_budget import DEFAULT_WARM, budget_plan
 
 NO_DEVICE = (
     "no CUDA device here: run on a machine with an NVIDIA GPU or give "
@@ -44,7 +45,8 @@ NO_DEVICE = (
 )
 ARCH_HELP = ("e.g. --target-opt arch=sm_90 (H100), sm_80 (A100), sm_86 (RTX 30xx), sm_89 (RTX 40xx, L4), "
              "sm_87 (Jetson Orin)")
-OWN_OPTIONS = ("arch", "number", "repeat", "warmup", "trials", "max_new_tasks", "tuning_db", "compiler")
+OWN_OPTIONS = ("arch", "number", "repeat", "warmup", "trials", "max_new_tasks", "tuning_db", "compiler",
+               "tune_trials", "tune_time")
 _ARCH_RE = re.compile(r"^(?:sm_?)?(\d{2,3})([a-z]?)$")
 # Per-block limits every NVIDIA GPU since Maxwell shares (TVM's own nvidia/* tags carry the same
 # values). A target built from {"kind": "cuda", "arch": ...} lacks them, and MetaSchedule's CUDA
@@ -52,6 +54,12 @@ _ARCH_RE = re.compile(r"^(?:sm_?)?(\d{2,3})([a-z]?)$")
 # an H200, 2026-11-26). Added to the TVM target only: target_json() stays the user-facing identity.
 CUDA_BLOCK_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
                      "registers_per_block": 65536}
+
+
+def _budget_text(b) -> str:
+    parts = ([f"{b.budget_trials} trials"] if b.budget_trials is not None else []) + (
+        [f"{b.budget_s:g} s"] if b.budget_s is not None else [])
+    return " and ".join(parts)
 
 
 def parse_arch(value: Any) -> str:
@@ -129,6 +137,9 @@ class CudaTarget(Target):
         Option("max_new_tasks", int, None, "tune at most this many new tasks per candidate", minimum=1),
         Option("tuning_db", str, None, "tuning database directory"),
         Option("compiler", str, None, "CUDA compiler", choices=("nvrtc", "nvcc")),
+        Option("tune_trials", int, None, "per-model tuning budget in trials, spent where the latency is "
+               "(trials is then each new workload's warm-up, default 8)", minimum=0),
+        Option("tune_time", str, None, "per-model tuning budget in time (seconds, or 90s / 20m / 1h)"),
     ) + rpc_mod.rpc_options()
 
     def __init__(
@@ -141,6 +152,8 @@ class CudaTarget(Target):
         max_new_tasks: int | None = None,
         tuning_db: str | None = None,
         compiler: str | None = None,
+        tune_trials: int | None = None,
+        tune_time: Any = None,
         **options: Any,
     ) -> None:
         unknown = sorted(k for k in options if k not in rpc_mod.OPTION_NAMES)
@@ -148,7 +161,8 @@ class CudaTarget(Target):
             raise UsageError(f"unknown cuda target option(s) {unknown}; valid: "
                              f"{', '.join(OWN_OPTIONS + rpc_mod.OPTION_NAMES)}")
         super().__init__(arch=arch, number=number, repeat=repeat, warmup=warmup, trials=trials,
-                         max_new_tasks=max_new_tasks, tuning_db=tuning_db, compiler=compiler, **options)
+                         max_new_tasks=max_new_tasks, tuning_db=tuning_db, compiler=compiler,
+                         tune_trials=tune_trials, tune_time=tune_time, **options)
         self._arch = parse_arch(arch) if arch is not None else None
         for key, v, lo in (("number", number, 1), ("repeat", repeat, 1), ("warmup", warmup, 0),
                            ("trials", trials, 0), ("max_new_tasks", max_new_tasks, 1)):
@@ -164,6 +178,11 @@ class CudaTarget(Target):
         self.repeat, self.warmup, self.trials = int(repeat), int(warmup), int(trials)
         self.max_new_tasks = None if max_new_tasks is None else int(max_new_tasks)
         self.tuning_db = tuning_db
+        # tune_trials / tune_time: a per-model MetaSchedule budget spent where the latency is
+        # (tune_budget.py, as x86); `trials` is then each new workload's warm-up (DEFAULT_WARM when 0)
+        if (tune_trials is not None or tune_time is not None) and self.trials == 0:
+            self.trials = DEFAULT_WARM
+        self.budget = budget_plan(self.name, tune_trials, tune_time, self.trials)
         if compiler is not None and str(compiler) not in ("nvrtc", "nvcc"):
             raise UsageError(f"cuda target: compiler={compiler!r}: expected nvrtc or nvcc")
         self.compiler = None if compiler is None else str(compiler)
@@ -255,8 +274,10 @@ class CudaTarget(Target):
             "device": device,
             "threads": None,
             "tuned": self.trials > 0,
-            "schedules": (f"MetaSchedule, {self.trials} trials per task, dlight for the rest" if self.trials > 0
-                          else "dlight default GPU schedules (untuned)"),
+            "schedules": ("dlight default GPU schedules (untuned)" if self.trials <= 0 else
+                          f"MetaSchedule, {self.trials} trials per task, dlight for the rest" if self.budget is None else
+                          f"MetaSchedule, a per-model budget ({_budget_text(self.budget)}; {self.trials} warm-up "
+                          "trials per new workload), dlight for the rest"),
             "measured": {"local": "on the local GPU", "rpc": "over RPC", "": "nowhere (no GPU)"}[where],
         }
         if self.rpc is not None:
@@ -325,7 +346,8 @@ class CudaTarget(Target):
         with self.target:
             try:
                 ex, stats = tuning.tune_and_build(mod, self.target, db_dir=db_dir, trials_per_task=trials,
-                                                  work_dir=workdir, max_new_tasks=self.max_new_tasks, runner=runner)
+                                                  work_dir=workdir, max_new_tasks=self.max_new_tasks, runner=runner,
+                                                  budget=self.budget if trials else None)
                 info: dict[str, Any] = {}
             except CompileError as e:
                 # compile_relax's dlight step has no guard: a rule that raises (gpu.Matmul on a conv fused with

@@ -221,16 +221,10 @@ def test_tuning_without_gpu_applies_database_only(model, tmp_path, monkeypatch):
     assert "__global__" in _embedded_cuda_source(art)
 
 
-def test_cuda_tuning_fills_database_and_next_compile_reuses_it(tmp_path):
-    """MetaSchedule for cuda end to end on a CPU host: TVM's CUDA schedule rules, the builder and the
-    database are real; only the runner is a stand-in (it returns made-up times: there is no GPU).
-    Without the per-block limits in the target, every cuda tuning run failed with "missing attribute
-    `max_threads_per_block`" (found on an H200, 2026-11-26)."""
+def _fake_runner_class():
+    """A MetaSchedule runner that measures nothing (no GPU here): made-up times, counted."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
-
-    from graphopt.targets import tuning
-    from graphopt.targets import tvm_common as tc
 
     @derived_object
     class Done(PyRunnerFuture):
@@ -254,6 +248,57 @@ def test_cuda_tuning_fills_database_and_next_compile_reuses_it(tmp_path):
             self.runs += len(inputs)
             return [Done(1e-5 * (1 + (self.runs + i) % 5)) for i in range(len(inputs))]
 
+    return FakeRunner
+
+
+def test_cuda_tuning_budget_options():
+    """tune_trials / tune_time: a per-model budget as on x86; with trials=0 (cuda's default) each new
+    workload's warm-up is tune_budget.DEFAULT_WARM."""
+    from graphopt.targets.tune_budget import DEFAULT_WARM
+
+    t = cuda.CudaTarget(arch="sm_90", tune_time="2m")
+    assert (t.budget.budget_s, t.budget.budget_trials, t.trials) == (120.0, None, DEFAULT_WARM)
+    assert "a per-model budget (120 s; 8 warm-up trials per new workload)" in t.describe()["schedules"]
+    t = cuda.CudaTarget(arch="sm_90", trials=2, tune_trials="40")
+    assert (t.budget.budget_trials, t.budget.warm, t.trials) == (40, 2, 2)
+    assert cuda.CudaTarget(arch="sm_90").budget is None
+    with pytest.raises(UsageError, match="cuda target: tune_trials must be an integer and tune_time seconds"):
+        cuda.CudaTarget(arch="sm_90", tune_time="soon")
+
+
+def test_cuda_tuning_budget_is_spent_and_reused(tmp_path, monkeypatch):
+    """A tune_trials budget on sm_90 with the stand-in runner (as RPC would measure): the first compile
+    spends at most the budget, every workload gets its warm-up, and then rounds go to the heaviest;
+    the second compile of the model finds every tuned workload in the database and tunes nothing."""
+    FakeRunner = _fake_runner_class()
+    runners = []
+    monkeypatch.setattr(cuda.rpc_mod, "ms_runner", lambda rpc: runners.append(FakeRunner()) or runners[-1])
+    t = cuda.CudaTarget(arch="sm_90", trials=1, tune_trials=12, tuning_db=str(tmp_path / "db"))
+    monkeypatch.setattr(t, "_where", lambda: "rpc")
+    model = conv_bn_model(channels=8, size=8, blocks=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = t.compile(model, tmp_path / "a").info["tuning"]
+    second = t.compile(model, tmp_path / "b").info["tuning"]
+    n = first["workloads_seen"]
+    assert n >= 3 and first["budget"]["budget_trials"] == 12 and first["budget"]["warm"] == 1
+    assert n <= first["trials"] <= 12 and first["budget"]["rounds"] >= 2  # warm-up, then rounds
+    assert first["budget"]["stopped_because"] in ("trial budget spent", "nothing left to tune")
+    assert runners[0].runs >= first["workloads_tuned"]
+    # a workload whose sampled schedules were all rejected before building is recorded as failed, not retried
+    assert second["workloads_reused"] == first["workloads_tuned"] >= n - 1
+    assert second["trials"] == 0 and runners[1].runs == 0
+
+
+def test_cuda_tuning_fills_database_and_next_compile_reuses_it(tmp_path):
+    """MetaSchedule for cuda end to end on a CPU host: TVM's CUDA schedule rules, the builder and the
+    database are real; only the runner is a stand-in (it returns made-up times: there is no GPU).
+    Without the per-block limits in the target, every cuda tuning run failed with "missing attribute
+    `max_threads_per_block`" (found on an H200, 2026-11-26)."""
+    from graphopt.targets import tuning
+    from graphopt.targets import tvm_common as tc
+
+    FakeRunner = _fake_runner_class()
     t = cuda.CudaTarget(arch="sm_90", trials=1)
     assert t.target.attrs["max_threads_per_block"] == 1024 and t.target_json() == {"kind": "cuda", "arch": "sm_90"}
     mod = tc.import_onnx(cuda.bn_to_affine(tc.fold_constants(conv_bn_model(channels=8, size=8, blocks=1))), fold=False)
