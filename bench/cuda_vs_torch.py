@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,8 +138,11 @@ def bench_model(model_name: str, onnx_path: Path, args, timing: dict) -> dict:
     d = target.describe()
     sched = d.get("schedules") or json.dumps(d.get("tuning", {}).get("budget") or d.get("tuning"))
     log(f"{model_name}: TVM compiling for {target.target_json()} ({sched})")
+    work = Path(tempfile.mkdtemp(prefix="cuda-vs-torch-"))  # both compiles' files; removed before returning
+    (work / "first").mkdir()
+    (work / "second").mkdir()
     t0 = time.perf_counter()
-    art = target.compile(model, Path(tempfile.mkdtemp(prefix="cuda-vs-torch-")))
+    art = target.compile(model, work / "first")
     compile_s = time.perf_counter() - t0
     out = target.run_once(art, feed)[0]
     tvm = tc.load_tvm()
@@ -150,9 +154,9 @@ def bench_model(model_name: str, onnx_path: Path, args, timing: dict) -> dict:
     tuning = art.info.get("tuning", {})
     key = f"tvm {target.name}"  # "tvm cuda"; "tvm x86" in a rehearsal
     rows[key] = {"ms": statistics.median(samples), "max_abs_err": float(np.abs(out - ref).max()),
-                        "compile_s": compile_s, "time_evaluator_ms": m.latency.median_ms, "tuned": m.tuned,
-                        "device": m.device, "tuning": {k: tuning.get(k) for k in (
-                            "workloads_seen", "workloads_tuned", "trials", "tuning_s", "stopped_because")}}
+                 "compile_s": compile_s, "time_evaluator_ms": m.latency.median_ms, "tuned": m.tuned,
+                 "device": m.device, "tuning": {k: tuning.get(k) for k in (
+                     "workloads_seen", "workloads_tuned", "trials", "tuning_s", "stopped_because")}}
     log(f"{model_name}: TVM {rows[key]['ms']:.3f} ms, compile {compile_s:.1f} s")
 
     # ---- the second compile against the same database: a mutated model (one conv's kernel grown), or
@@ -164,8 +168,7 @@ def bench_model(model_name: str, onnx_path: Path, args, timing: dict) -> dict:
 
         mut, desc = mutated(load_model(onnx_path))
         t0 = time.perf_counter()
-        info = target.compile(mut if mut is not None else model,
-                              Path(tempfile.mkdtemp(prefix="cuda-vs-torch-"))).info.get("tuning", {})
+        info = target.compile(mut if mut is not None else model, work / "second").info.get("tuning", {})
         second = {"model": desc if mut is not None else "the same model again", "compile_s": time.perf_counter() - t0,
                   **{k: info.get(k) for k in ("workloads_seen", "workloads_reused", "workloads_tuned", "trials")}}
         log(f"{model_name}: second compile {json.dumps(second, default=str)}")
@@ -193,6 +196,8 @@ def bench_model(model_name: str, onnx_path: Path, args, timing: dict) -> dict:
         log(f"{model_name}: no torch rows ({why})")
     if onnx_path != MODELS[model_name] and net is not None:
         log("note: torch runs the bundled model's weights, not --onnx; the ratios compare different models")
+    target.close()
+    shutil.rmtree(work, ignore_errors=True)
     return {"model": str(onnx_path), "schedules": sched, "rows": rows, "tvm_key": key, "second_compile": second,
             "torch_missing": why or None}
 
