@@ -110,7 +110,8 @@ def curve(name: str, args, work: Path, db_root: Path) -> dict:
         row = {"round": rnd, "tuning_s": round(tuned_s, 1), "trials": trials, "tvm_ms": statistics.median(tv),
                "ort_ms": statistics.median(orr), "db_estimate_ms": round(est, 3),
                "untuned": sum(1 for s in states if s.best_s is None), "in_model": ex_given}
-        row["tvm_over_ort"] = row["tvm_ms"] / row["ort_ms"]
+        # the median of per-round ratios: this host's speed can change between rounds (tvm_db_compare.py)
+        row["tvm_over_ort"] = statistics.median(a / b for a, b in zip(tv, orr))
         if orq:
             row["ort_int8_ms"] = statistics.median(orq)
             row["max_diff_vs_ort_int8"] = max(float(abs(a - b).max()) for a, b in
