@@ -21,7 +21,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              cluster: str | None = None,
              eval_data: Any = None, allow_synthetic: bool = False,
              max_drop: float | None = None, task_metric: Any = None, select_samples: int | None = None,
-             eval_samples: int | None = None, calib_samples: int | None = None) -> SearchResult:
+             eval_samples: int | None = None, calib_samples: int | None = None,
+             ort_reference: bool = True, confirm_rounds: int = 3) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -40,6 +41,10 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     Data and quality (graphopt.evaluation.data, graphopt.evaluation.metrics): `data` / `eval_data`
     take what --data takes (or a graphopt.evaluation.data.Dataset); `metric` / `task_metric` a name,
     module:function or a function;
+    `ort_reference` (a target timed on this CPU, x86: onnxruntime timed next to the kept graph at the
+    end, report["ort_reference"], graphopt.reference; `--no-ort-reference` turns it off).
+    `confirm_rounds` (`--confirm-rounds`, 3; 0: off): the end of the run re-measures the best graphs
+    alternately with the original; the report's speedup is the confirmed one.
     `min_fidelity` (absolute; default 0.99 for a similarity metric) and/or `max_drop` (relative to
     the original's score); `allow_synthetic` lets data-dependent moves fit to random inputs.
     """
@@ -61,5 +66,6 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         cluster=cluster,
         eval_data=eval_data, allow_synthetic=allow_synthetic, max_drop=max_drop,
         task_metric=task_metric, select_samples=select_samples, eval_samples=eval_samples,
-        calib_samples=calib_samples)
+        calib_samples=calib_samples, ort_reference=bool(ort_reference),
+        confirm_rounds=confirm_rounds)
     return run_search(cfg)

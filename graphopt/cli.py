@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (default: graphopt-out); reused = resumed")
     run.add_argument("--no-repair", action="store_true",
                      help="do not refit weights after approximate moves (default: least-squares repair on the calibration inputs)")
+    run.add_argument("--confirm-rounds", type=int, default=3, metavar="N",
+                     help="at the end, re-measure the best (and up to 2 runners-up) alternately with the original for "
+                          "N rounds and keep only a graph faster in every round; the report's speedup is that "
+                          "confirmed one (default 3; 0: off)")
+    run.add_argument("--no-ort-reference", action="store_true",
+                     help="x86 timed here: do not time onnxruntime on the kept graph and the original at the end "
+                          "(default: it does, so the report says whether the compiled build beat onnxruntime)")
     run.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                      help="after the moves (and repair), train each candidate's changed weights for STEPS Adam steps "
                           "so its outputs match the original's on the calibration data (distillation; needs torch; "
@@ -272,7 +279,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     jobs=args.jobs, compile_workers=args.compile_workers, search_exact=args.search_exact,
                     strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,
                     recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train,
-                    cluster=args.cluster,
+                    cluster=args.cluster, ort_reference=not args.no_ort_reference,
+                    confirm_rounds=args.confirm_rounds,
                     eval_data=args.eval_data,
                     allow_synthetic=args.allow_synthetic, max_drop=args.max_drop, task_metric=args.task_metric,
                     select_samples=args.select_samples, eval_samples=args.eval_samples,
@@ -334,6 +342,9 @@ def summary(rep: dict[str, Any]) -> str:
         what = "the original model" if best["is_original"] else f"{len(best['moves'])} moves"
         speedup = f"speedup x{rep['speedup']:.3f}" if rep.get("speedup") is not None else \
             "speedup unknown (the original was not measured)"
+        if rep.get("search_speedup") is not None:
+            speedup += (f" (confirmed in {rep['confirmed']['rounds']} alternating rounds; "
+                        f"the search's one measurement each: x{rep['search_speedup']:.3f})")
         lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, {speedup}, "
                      f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
@@ -347,8 +358,9 @@ def summary(rep: dict[str, Any]) -> str:
                      f"{conf['rounds']} alternating rounds (x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
     from graphopt.targets.device_check import summary_line
 
-    if summary_line(rep):
-        lines.append(summary_line(rep))
+    from .reference import summary_line as reference_line
+
+    lines.extend(line for line in (summary_line(rep), reference_line(rep)) if line)
     for r in rep.get("recovery") or []:  # graphopt.recovery.recover: quality before and after distillation
         after = r.get("fidelity_after")
         lines.append(f"recover: candidate {r['parent_id']} {rep['fidelity']['metric']} {r['fidelity_before']:.6f} -> "

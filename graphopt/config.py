@@ -67,6 +67,7 @@ class RunConfig:
     pass_options: dict[str, Any] = field(default_factory=dict)
     synthetic_samples: int = 8
     confirm_rounds: int = 3
+    ort_reference: bool = True  # time onnxruntime next to a target that times on this CPU (graphopt.reference)
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
     progress: bool = True  # a progress bar on stderr when it is a terminal
@@ -123,6 +124,9 @@ class RunConfig:
                 or self.compile_workers < 1:
             raise UsageError(f"--compile-workers {self.compile_workers}: must be a positive number of worker "
                              "processes (1 = compile in the search's own process)")
+        if isinstance(self.confirm_rounds, bool) or not isinstance(self.confirm_rounds, int) or self.confirm_rounds < 0:
+            raise UsageError(f"--confirm-rounds {self.confirm_rounds}: must be a whole number >= 0 (0: no "
+                             "confirmation; the report's speedup is then the search's one measurement each)")
         if self.finetune_steps < 0:
             raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
         if self.finetune_steps > 0:

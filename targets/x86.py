@@ -56,6 +56,12 @@ class X86Target(LlvmCpuTarget):
         if self.budget is not None:  # profiled where it measures: not over RPC
             self.budget.in_model = self.alloc_in_model and self.rpc_config is None
 
+    @property
+    def ort_comparable(self) -> bool:
+        """Timed on this host's CPU (not over RPC): onnxruntime here is the fair comparison
+        (graphopt.reference times it next to the kept graph at the end of a run)."""
+        return self.rpc_config is None
+
     def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:
         """Measure through TVM RPC when tracker/server options are given (x86 ignores the
         GRAPHOPT_RPC_* environment: it means this machine unless told otherwise)."""

@@ -46,10 +46,15 @@ def test_run_writes_best_report_and_store(convbn_path, tmp_path):
     assert rep["best"]["median_ms"] > 0 and rep["best"]["fidelity"] >= 0.9999
     assert rep["fidelity"]["metric"] == "channel" and rep["fidelity"]["synthetic"] is True
     assert "SYNTHETIC" in rep["fidelity"]["how"]
-    # a runner-up that won the alternating re-measurement is reported with its confirmed speedup
+    # a kept candidate is reported with its speedup confirmed in alternating rounds, the search's beside it
+    single = rep["baseline"]["median_ms"] / rep["best"]["median_ms"]
     runner_up = bool(rep["confirmed"]) and "the search had measured it once" in rep["confirmed"]["verdict"]
-    assert rep["speedup"] == pytest.approx(rep["confirmed"]["speedup"] if runner_up
-                                           else rep["baseline"]["median_ms"] / rep["best"]["median_ms"])
+    if rep["best"]["is_original"]:
+        assert rep["speedup"] == 1.0 and "search_speedup" not in rep
+    else:
+        assert rep["confirmed"]["candidate_id"] == rep["best"]["candidate_id"]
+        assert rep["speedup"] == pytest.approx(rep["confirmed"]["speedup"])
+        assert rep["search_speedup"] == pytest.approx(single)
     assert rep["search"]["space"]["sites_per_pass"] == {"conv_bn": 2}
     # 2 binary sites -> 3 non-original genotypes, all tried, then the space is exhausted
     assert rep["search"]["candidates"]["new"] == 4
@@ -317,7 +322,7 @@ def test_confirm_re_measures_runners_up_when_the_search_kept_the_original(convbn
     conf = res.report["confirmed"]
     assert res.report["best"]["is_original"] is False and res.report["best"]["median_ms"] == 93.0  # as searched
     assert conf["best_ms"] == 7.0 and conf["original_ms"] == 9.0 and conf["wins"] == conf["rounds"] == 3
-    assert res.report["speedup"] == pytest.approx(9 / 7)
+    assert res.report["speedup"] == pytest.approx(9 / 7) and res.report["search_speedup"] == pytest.approx(91 / 93)
     assert "confirmed faster than the original in every round (the search had measured it once at 93.000 ms, " \
            "behind the original at 91.000 ms)" in conf["verdict"]
     assert [(c["candidate_id"], c["search_ms"], c["wins"]) for c in conf["contenders"]] == [(2, 93.0, 3)]
@@ -338,6 +343,27 @@ def test_confirm_step_keeps_only_a_winner_that_holds_up(convbn_path, tmp_path, f
     if kept == "candidate":
         assert "confirmed faster" in conf["verdict"] and res.report["best"]["is_original"] is False
         assert res.report["best"]["median_ms"] == 7.0  # 9 nodes - 2 fused BNs
+        assert res.report["speedup"] == pytest.approx(conf["speedup"]) == pytest.approx(9 / 7)
     else:
         assert "keeping the original" in conf["verdict"] and res.report["best"]["is_original"] is True
         assert (tmp_path / "o" / "best.onnx").read_bytes() == convbn_path.read_bytes()
+
+
+def test_confirm_rounds_zero_reports_the_search_measurement(convbn_path, tmp_path):
+    from graphopt.registry import TARGETS
+
+    TARGETS.register("node_count", _node_count_target(None))
+    try:
+        res = optimize(convbn_path, "node_count", budget=3, out=tmp_path / "o", confirm_rounds=0)
+    finally:
+        TARGETS.unregister("node_count")
+    rep = res.report
+    assert rep["confirmed"] is None and "search_speedup" not in rep
+    assert rep["speedup"] == pytest.approx(9 / 7) and rep["best"]["is_original"] is False
+
+
+def test_bad_confirm_rounds(convbn_path, tmp_path):
+    r = run_cli("run", convbn_path, "--target", "ort", "--confirm-rounds", "-1", "--out", tmp_path / "o")
+    assert r.returncode == 2
+    assert "--confirm-rounds -1: must be a whole number >= 0" in r.stderr
+    assert not (tmp_path / "o").exists()

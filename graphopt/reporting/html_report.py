@@ -267,13 +267,18 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
              card("best", _ms(best.get("median_ms")) if best else DASH,
                   (f"candidate #{_e(best_id)}, {len(best.get('moves') or [])} moves" if best else "none feasible"),
                   "card-best"),
-             card("speedup", f"\u00d7{speed:.3f}" if speed else DASH, "original / best, one measurement each",
-                  "card-speedup")]
+             card("speedup", f"\u00d7{speed:.3f}" if speed else DASH,
+                  "original / best, confirmed in alternating rounds" if report.get("search_speedup") is not None
+                  else "original / best, one measurement each", "card-speedup")]
     if confirmed:
         cs = _num(confirmed.get("speedup"))
         cards.append(card("confirmed speedup", f"\u00d7{cs:.3f}" if cs else DASH,
                           f"{_ms(confirmed.get('original_ms'))} vs {_ms(confirmed.get('best_ms'))}, "
                           f"{_e(confirmed.get('rounds'))} alternating rounds", "card-confirmed"))
+    ref = _d(report.get("ort_reference"))
+    if ref and _num(ref.get("same_graph")):  # graphopt.reference: onnxruntime on the kept graph / the target's build
+        cards.append(card("vs onnxruntime", f"\u00d7{_num(ref['same_graph']):.2f}", _e(ref.get("verdict") or ""),
+                          "card-ort-reference"))
     cards.append(card(f"fidelity ({metric})", _fid(fidelity.get("best") if best else None),
                       f"required \u2265 {_e(fidelity.get('min_required'))}" if min_fid is not None else "",
                       "card-fidelity"))
@@ -337,7 +342,8 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
         ("device", _e(target.get("device") or DASH)),
         ("threads", _e(threads) if threads is not None else DASH),
         ("tuning", _e(_tuned_words(report.get("tuned")))),
-        ("speedup", "original median / best median, each from its one measurement during the search"),
+        ("speedup", "the confirmed speedup (below)" if report.get("search_speedup") is not None else
+         "original median / best median, each from its one measurement during the search"),
     ]
     if confirmed:
         how.append(("confirmed speedup", _e(confirmed.get("how") or "re-measured after the search")
