@@ -22,7 +22,7 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
              eval_data: Any = None, allow_synthetic: bool = False,
              max_drop: float | None = None, task_metric: Any = None, select_samples: int | None = None,
              eval_samples: int | None = None, calib_samples: int | None = None,
-             ort_reference: bool = True, confirm_rounds: int = 3) -> SearchResult:
+             ort_reference: bool = True, confirm_rounds: int = 3, paired_timing: bool = True) -> SearchResult:
     """Search for the fastest graph that stays within `min_fidelity` of `model` on `target`.
 
     Writes best.onnx, report.json and runs.sqlite to `out` and returns a SearchResult whose
@@ -43,6 +43,8 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     module:function or a function;
     `ort_reference` (a target timed on this CPU, x86: onnxruntime timed next to the kept graph at the
     end, report["ort_reference"], graphopt.reference; `--no-ort-reference` turns it off).
+    `paired_timing` (`--no-paired-timing`: off): each candidate is ranked by its ratio to the original
+    timed again right after it (graphopt.timing).
     `confirm_rounds` (`--confirm-rounds`, 3; 0: off): the end of the run re-measures the best graphs
     alternately with the original; the report's speedup is the confirmed one.
     `min_fidelity` (absolute; default 0.99 for a similarity metric) and/or `max_drop` (relative to
@@ -67,5 +69,5 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
         eval_data=eval_data, allow_synthetic=allow_synthetic, max_drop=max_drop,
         task_metric=task_metric, select_samples=select_samples, eval_samples=eval_samples,
         calib_samples=calib_samples, ort_reference=bool(ort_reference),
-        confirm_rounds=confirm_rounds)
+        confirm_rounds=confirm_rounds, paired_timing=bool(paired_timing))
     return run_search(cfg)

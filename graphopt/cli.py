@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="at the end, re-measure the best (and up to 2 runners-up) alternately with the original for "
                           "N rounds and keep only a graph faster in every round; the report's speedup is that "
                           "confirmed one (default 3; 0: off)")
+    run.add_argument("--no-paired-timing", action="store_true",
+                     help="do not time the original again right after each candidate (default: it does, and ranks "
+                          "each candidate by its ratio to the original in the same window of the host's load; "
+                          "one device at a time, not for a cost model)")
     run.add_argument("--no-ort-reference", action="store_true",
                      help="x86 timed here: do not time onnxruntime on the kept graph and the original at the end "
                           "(default: it does, so the report says whether the compiled build beat onnxruntime)")
@@ -280,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     strategy_options=_parse_kv(args.strategy_opt, "--strategy-opt"), recover_top=args.recover_top,
                     recover_seconds=_recover_seconds(args.recover_time), recover_train=args.recover_train,
                     cluster=args.cluster, ort_reference=not args.no_ort_reference,
-                    confirm_rounds=args.confirm_rounds,
+                    confirm_rounds=args.confirm_rounds, paired_timing=not args.no_paired_timing,
                     eval_data=args.eval_data,
                     allow_synthetic=args.allow_synthetic, max_drop=args.max_drop, task_metric=args.task_metric,
                     select_samples=args.select_samples, eval_samples=args.eval_samples,

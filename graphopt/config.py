@@ -67,6 +67,7 @@ class RunConfig:
     pass_options: dict[str, Any] = field(default_factory=dict)
     synthetic_samples: int = 8
     confirm_rounds: int = 3
+    paired_timing: bool = True  # time the original again right after each candidate (graphopt.timing)
     ort_reference: bool = True  # time onnxruntime next to a target that times on this CPU (graphopt.reference)
     max_size_mb: float | None = None
     max_latency_ms: float | None = None

@@ -258,7 +258,32 @@ class Search(PipelinedSearch, ConcludeSearch):
         from .timing import measure_feeds
 
         m = measure_feeds(self.target, p.artifact, self.timing_feeds, self.value_dependent)
+        self._pair(p.rec, m)
         return m, time.monotonic() - t
+
+    def _pair(self, rec: Record, m: Measurement) -> None:
+        """Paired timing (graphopt.timing, `--no-paired-timing` turns it off): right after a candidate,
+        time the original again, in the same window of the host's load, and put the candidate's
+        latency in the original's terms: latency = candidate x original's search latency / original now.
+        One device measured at a time only (--jobs 1); not for a cost model."""
+        base = getattr(self, "baseline", None)
+        if not (self.cfg.paired_timing and self.cfg.jobs == 1 and rec.genotype and base is not None
+                and base.status == "ok" and base.latency_ms and m.method != "estimated"):
+            return
+        from .timing import measure_feeds
+
+        try:
+            now = measure_feeds(self.target, self.artifact_for(base), self.timing_feeds,
+                                self.value_dependent).latency.median_ms
+        except TargetUnreachable:
+            raise
+        except Exception as e:  # noqa: BLE001 - the candidate's own measurement stands, unpaired
+            log.warning("paired timing: could not time the original again (%s: %s); this candidate is ranked "
+                        "on its own measurement", type(e).__name__, _one_line(e))
+            return
+        m.extra["paired"] = {"original_ms": now, "raw_ms": m.latency.median_ms, "factor": base.latency_ms / now,
+                             "how": "the original timed again right after the candidate; latency = candidate x "
+                                    "the original's search latency / the original now"}
 
     def _finish(self, p: "_Pending", result: Any) -> Record:
         """Record the outcome (a (Measurement, seconds), an exception from measuring, or None
@@ -272,6 +297,8 @@ class Search(PipelinedSearch, ConcludeSearch):
             m, secs = result
             timings["measure"] = secs
             rec.status, rec.latency_ms, rec.measurement = "ok", m.latency.median_ms, m.to_dict()
+            if m.extra.get("paired"):  # in the original's window of the host's load (_pair)
+                rec.latency_ms = m.latency.median_ms * m.extra["paired"]["factor"]
             where = artifact.info.get("compiled_in") if artifact is not None else None
             if where:  # --compile-workers: which worker process compiled it, and when (wall clock)
                 rec.measurement["compiled_in"] = dict(where, process="compile worker")

@@ -69,7 +69,9 @@ def _latency_block(rec: "Record | None") -> dict[str, Any] | None:
         return None
     m = rec.measurement
     lat = m["latency"]
-    return {"median_ms": lat["median_ms"], "spread": {k: lat[k] for k in ("min_ms", "max_ms", "mean_ms", "stdev_ms")},
+    f = ((m.get("extra") or {}).get("paired") or {}).get("factor", 1.0)  # paired timing: in the original's window
+    return {"median_ms": lat["median_ms"] * f,
+            "spread": {k: lat[k] * f for k in ("min_ms", "max_ms", "mean_ms", "stdev_ms")},
             "repeats": lat["repeats"], "runs_per_repeat": lat["runs_per_repeat"], "method": m["method"],
             "tuned": m["tuned"], "threads": m.get("threads"), "device": m.get("device"),
             "notes": m.get("extra", {})}
