@@ -63,6 +63,9 @@ def test_the_kept_graph_is_timed_on_onnxruntime_next_to_the_target(nodeclock, co
     assert b["runtime"].startswith("onnxruntime ")
     on_disk = json.loads((tmp_path / "o" / "report.json").read_text())
     assert on_disk["ort_reference"]["target_ms"] == b["target_ms"]
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert 'id="card-ort-reference"' in html and f"\u00d7{b['same_graph']:.2f}" in html
+    assert "deploy best.onnx with onnxruntime" in html
 
 
 def test_no_ort_reference_and_targets_that_are_not_comparable(nodeclock, convbn_path, tmp_path):
