@@ -207,6 +207,10 @@ class ConcludeSearch:
             # the kept graph's speedup is the alternating rounds', not the search's one measurement each (which
             # a 1-2 s slow window on a shared host moves by 50%: EfficientNet-Lite0 on x86, x1.55 vs x1.02)
             report["search_speedup"], report["speedup"] = report["speedup"], confirmed["speedup"]
+        if confirmed is not None and report.get("baseline") and report.get("best"):  # medians of the rounds
+            report["baseline"]["confirmed_ms"] = confirmed["original_ms"]
+            kept = best is not None and confirmed.get("candidate_id") == best.id
+            report["best"]["confirmed_ms"] = confirmed["best_ms"] if kept else confirmed["original_ms"]
         if getattr(self, "recovery", None) is not None:
             report["recovery"] = self.recovery
         from .evaluation.quality import report_blocks

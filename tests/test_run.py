@@ -323,6 +323,7 @@ def test_confirm_re_measures_runners_up_when_the_search_kept_the_original(convbn
     assert res.report["best"]["is_original"] is False and res.report["best"]["median_ms"] == 93.0  # as searched
     assert conf["best_ms"] == 7.0 and conf["original_ms"] == 9.0 and conf["wins"] == conf["rounds"] == 3
     assert res.report["speedup"] == pytest.approx(9 / 7) and res.report["search_speedup"] == pytest.approx(91 / 93)
+    assert res.report["best"]["confirmed_ms"] == 7.0 and res.report["baseline"]["confirmed_ms"] == 9.0
     assert "confirmed faster than the original in every round (the search had measured it once at 93.000 ms, " \
            "behind the original at 91.000 ms)" in conf["verdict"]
     assert [(c["candidate_id"], c["search_ms"], c["wins"]) for c in conf["contenders"]] == [(2, 93.0, 3)]
@@ -346,6 +347,7 @@ def test_confirm_step_keeps_only_a_winner_that_holds_up(convbn_path, tmp_path, f
         assert res.report["speedup"] == pytest.approx(conf["speedup"]) == pytest.approx(9 / 7)
     else:
         assert "keeping the original" in conf["verdict"] and res.report["best"]["is_original"] is True
+        assert res.report["best"]["confirmed_ms"] == res.report["baseline"]["confirmed_ms"] == conf["original_ms"]
         assert (tmp_path / "o" / "best.onnx").read_bytes() == convbn_path.read_bytes()
 
 
