@@ -383,5 +383,7 @@ def ms_runner(cfg: RpcConfig, number: int = 3, repeat: int = 1, min_repeat_ms: i
                                      session_priority=cfg.priority, session_timeout_sec=int(cfg.session_timeout))
     evaluator = ms.runner.EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                           enable_cpu_cache_flush=False)
+    from .tuning_ms import rpc_alloc_in_bounds  # indices in bounds: a gather's trials can succeed
+
     return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator,
-                               max_workers=max_workers or max(1, devices))
+                               max_workers=max_workers or max(1, devices), f_alloc_argument=rpc_alloc_in_bounds)

@@ -149,6 +149,41 @@ def local_builder(ms):
     return _BUILDER
 
 
+def alloc_in_bounds(device, args_info, alloc_repeat: int) -> list:
+    """MetaSchedule's argument allocation for a trial, run in the runner's worker process: int32 and
+    int64 tensors zero, the rest random as MetaSchedule fills them. Random integers are out of bounds as
+    indices: every trial of a gather (MiniLM's three embedding `take`s) failed, so those workloads
+    ran TVM's default schedules and a compile spent ~40 s on trials that could not succeed. Zero is
+    in bounds for any table; a gather then reads one row (cache-hot), which flatters it a little."""
+    import tvm
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    random_fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+    return alloc_argument_common(_in_bounds(random_fill), device, args_info, alloc_repeat)
+
+
+def rpc_alloc_in_bounds(session, device, args_info, alloc_repeat: int) -> list:
+    """The same for MetaSchedule's RPCRunner (rpc.ms_runner): the tensors live on the remote device."""
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import get_global_func_on_rpc_session
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    random_fill = get_global_func_on_rpc_session(session, "tvm.contrib.random.random_fill_for_measure",
+                                                 "the RPC server's TVM runtime lacks random_fill (USE_RANDOM)")
+    return alloc_argument_common(_in_bounds(random_fill), device, args_info, alloc_repeat)
+
+
+def _in_bounds(random_fill):
+    import numpy as np
+
+    def fill(arg) -> None:
+        if str(arg.dtype) in ("int32", "int64"):  # index types; 8-bit integer data stays random
+            arg.copyfrom(np.zeros(tuple(int(d) for d in arg.shape), dtype=str(arg.dtype)))
+        else:
+            random_fill(arg)
+
+    return fill
+
+
 def local_runner(ms, cache_flush: bool = False):
     """One LocalRunner per process and cache-flush setting (its single worker process is kept by
     TVM itself). `cache_flush`: flush the CPU caches before each timed call of a candidate, so a
@@ -160,7 +195,8 @@ def local_runner(ms, cache_flush: bool = False):
     if cache_flush not in _RUNNER:
         ev = ms.runner.EvaluatorConfig(number=1 if cache_flush else 3, repeat=5 if cache_flush else 1,
                                        min_repeat_ms=0 if cache_flush else 100, enable_cpu_cache_flush=cache_flush)
-        _RUNNER[cache_flush] = ms.runner.LocalRunner(timeout_sec=timeout_s(), evaluator_config=ev)
+        _RUNNER[cache_flush] = ms.runner.LocalRunner(timeout_sec=timeout_s(), evaluator_config=ev,
+                                                     f_alloc_argument=alloc_in_bounds)
     return _RUNNER[cache_flush]
 
 

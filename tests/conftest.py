@@ -163,6 +163,18 @@ def random_feeds(loaded, seed: int = 123) -> dict[str, np.ndarray]:
     return {i.name: rng.normal(0, 1, i.shape).astype(i.dtype) for i in loaded.inputs}
 
 
+def embedding_model(vocab: int = 1000, dim: int = 64, seq: int = 16):
+    """ids [1, seq] int64 -> Gather(table [vocab, dim]) -> [1, seq, dim]: an embedding lookup."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((vocab, dim)).astype(np.float32), "table")
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)], "emb",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])], [table])
+    return onnx.helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def matmul_model(k: int = 32, n: int = 16, rows: int = 8, seed: int = 0) -> onnx.ModelProto:
     """x[1,rows,k] @ W[k,n] + b: one TVM tuning workload (fused matmul+add)."""
     rng = np.random.default_rng(seed)

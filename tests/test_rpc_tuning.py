@@ -14,7 +14,7 @@ import math
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import matmul_model
+from conftest import embedding_model, matmul_model
 from rpc_cluster import RpcCluster
 
 pytestmark = [pytest.mark.tvm,
@@ -65,5 +65,22 @@ def test_tuning_through_rpc_measures_on_the_device(cluster, tmp_path):
         got = target.run_once(art, {"x": x})[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         assert art.info["tuned"] is True
+    finally:
+        target.close()
+
+
+def test_a_gather_tunes_through_rpc_with_in_bounds_indices(cluster, tmp_path):
+    """The RPCRunner's trials get int64 indices in bounds too (tuning_ms.rpc_alloc_in_bounds): with
+    MetaSchedule's random fill every trial of a gather failed on the device."""
+    from graphopt.targets.x86 import X86Target
+
+    target = X86Target(threads=2, trials=1, tuning_db=str(tmp_path / "db"), tracker=cluster.tracker, key="local")
+    try:
+        art = target.compile(embedding_model(), tmp_path)
+        stats = art.info["tuning"]
+        assert stats["workloads_untuned"] == 0 and stats["workloads_tuned"] >= 1, stats
+        ids = np.array([[999, 0, 5, 77] * 4], dtype=np.int64)
+        want = ort.InferenceSession(embedding_model().SerializeToString()).run(None, {"ids": ids})[0]
+        np.testing.assert_allclose(target.run_once(art, {"ids": ids})[0], want)
     finally:
         target.close()

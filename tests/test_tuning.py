@@ -12,7 +12,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import matmul_model, run_cli
+from conftest import embedding_model, matmul_model, run_cli
 
 pytest.importorskip("tvm")
 
@@ -215,3 +215,21 @@ def test_foreign_handlers_on_the_meta_schedule_logger_do_not_crash_tuning():
     finally:
         lg.removeHandler(own)
         lg.removeHandler(foreign)
+
+
+def test_a_gather_is_tuned_with_in_bounds_indices(tmp_path):
+    """MetaSchedule fills a trial's inputs at random; as indices, random int64 values are out of
+    bounds and every trial of a gather failed (MiniLM's embedding takes ran untuned). The runner
+    graphopt gives MetaSchedule fills int32/int64 tensors with zeros (tuning_ms.alloc_in_bounds)."""
+    model = embedding_model()
+    target = X86Target(threads=2, trials=2, tuning_db=str(tmp_path / "db"), refine=0)
+    try:
+        art = target.compile(model, tmp_path)
+        stats = art.info["tuning"]
+        assert stats["workloads_untuned"] == 0 and stats["workloads_tuned"] >= 1, stats
+        assert art.info["tuned"] is True
+        ids = np.array([[3, 999, 0, 512] * 4], dtype=np.int64)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(target.run_once(art, {"ids": ids})[0], sess.run(None, {"ids": ids})[0])
+    finally:
+        target.close()
