@@ -330,12 +330,22 @@ def _estimate_option(target: str, value: Any) -> Any:
     return 1
 
 
+def _untuned(rep: dict[str, Any]) -> str:
+    """The summary's tag for code not fully tuned: how much of it, when the best's tuning stats say."""
+    t = ((rep.get("best") or {}).get("notes") or {}).get("tuning") or {}
+    n, seen = t.get("workloads_untuned") or 0, t.get("workloads_seen") or 0
+    if 0 < n < seen:
+        return f", PARTLY UNTUNED ({n} of {seen} workloads on TVM's default schedules: {t.get('stopped_because', '')})"
+    return ", UNTUNED"
+
+
 def summary(rep: dict[str, Any]) -> str:
     lines = [f"status: {rep['status']} ({rep['search']['stopped_because']})"]
     base, best = rep.get("baseline"), rep.get("best")
     how = rep.get("latency_method")
     tuned = rep.get("tuned")
-    tag = f"{how}" + ("" if tuned is None else (", tuned" if tuned is True else ", UNTUNED" if tuned is False else ", partly tuned"))
+    tag = f"{how}" + ("" if tuned is None else (", tuned" if tuned is True else _untuned(rep) if tuned is False
+                                                 else ", partly tuned"))
     tag += f", {rep['latency_over'].removeprefix('latency: ')}" if rep.get("latency_over") else ""
     if base and base.get("median_ms") is not None:
         lines.append(f"original: {base['median_ms']:.3f} ms ({tag}, spread {base['spread']['min_ms']:.3f}-"

@@ -103,6 +103,13 @@ def test_x86_run_reports_onnxruntime_on_the_same_host(convbn_path, tmp_path):
     assert b["is_original"] is True and b["threads"] == 2 and b["target_ms"] > 0 and b["ort_kept_ms"] > 0
     assert b["ort_original_ms"] == b["ort_kept_ms"] and b["vs_original"] == b["same_graph"]
     assert ("this build is untuned" in b["verdict"]) == (b["same_graph"] < 1)
+    assert "(measured, UNTUNED, " in r.stdout  # --tune-trials 0: every workload on TVM's default schedules
+    from graphopt.cli import summary  # a build with some workloads untuned says how many
+
+    rep["best"]["notes"]["tuning"] = {"workloads_untuned": 3, "workloads_seen": 25,
+                                      "stopped_because": "3 task(s) had no successful trial"}
+    assert ("(measured, PARTLY UNTUNED (3 of 25 workloads on TVM's default schedules: 3 task(s) had no "
+            "successful trial), ") in summary(rep)
     r = run_cli("run", convbn_path, "--target", "x86", "--tune-trials", "0", "--threads", "2", "--budget", "1",
                 "--out", tmp_path / "p", "--no-ort-reference")
     assert r.returncode == 0, r.stderr
