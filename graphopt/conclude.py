@@ -190,7 +190,6 @@ class ConcludeSearch:
 
         records = self.store.records()
         best = self.best_record()
-        searched = best
         confirmed = None
         if self.stopped_because != "interrupted" and not self.stopped_because.startswith("target unreachable"):
             try:

@@ -49,17 +49,19 @@ def ort_reference(search: Any, chosen: Any) -> dict[str, Any] | None:
     ort = OrtTarget(threads=threads)
     work = Path(tempfile.mkdtemp(prefix="ortref-", dir=search.workdir))
     mine = search.artifact_for(chosen)
-    ort_kept = ort.compile(search.model_for(chosen), work / "kept")
-    ort_orig = ort_kept if not chosen.genotype else ort.compile(search.model_for(search.baseline), work / "orig")
     rounds = max(1, int(search.cfg.confirm_rounds))
     feeds, dep = search.timing_feeds, search.value_dependent
     t_mine, t_kept, t_orig = [], [], []
-    for _ in range(rounds):  # interleaved: the host's drift reaches all three alike
-        t_mine.append(measure_feeds(target, mine, feeds, dep).latency.median_ms)
-        t_kept.append(measure_feeds(ort, ort_kept, feeds, dep).latency.median_ms)
-        if ort_orig is not ort_kept:
-            t_orig.append(measure_feeds(ort, ort_orig, feeds, dep).latency.median_ms)
-    ort.close()
+    try:
+        ort_kept = ort.compile(search.model_for(chosen), work / "kept")
+        ort_orig = ort_kept if not chosen.genotype else ort.compile(search.model_for(search.baseline), work / "orig")
+        for _ in range(rounds):  # interleaved: the host's drift reaches all three alike
+            t_mine.append(measure_feeds(target, mine, feeds, dep).latency.median_ms)
+            t_kept.append(measure_feeds(ort, ort_kept, feeds, dep).latency.median_ms)
+            if ort_orig is not ort_kept:
+                t_orig.append(measure_feeds(ort, ort_orig, feeds, dep).latency.median_ms)
+    finally:
+        ort.close()
     mine_ms, kept_ms = statistics.median(t_mine), statistics.median(t_kept)
     orig_ms = statistics.median(t_orig) if t_orig else kept_ms
     block = {
