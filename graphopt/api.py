@@ -42,7 +42,7 @@ def optimize(model: str | Path, target: str = "ort", *, passes: Sequence[str] | 
     take what --data takes (or a graphopt.evaluation.data.Dataset); `metric` / `task_metric` a name,
     module:function or a function;
     `ort_reference` (a target timed on this CPU, x86: onnxruntime timed next to the kept graph at the
-    end, report["ort_reference"], graphopt.reference; `--no-ort-reference` turns it off).
+    end, report["ort_reference"], graphopt.reporting.ort_reference; `--no-ort-reference` turns it off).
     `paired_timing` (`--no-paired-timing`: off): each candidate is ranked by its ratio to the original
     timed again right after it (graphopt.timing).
     `confirm_rounds` (`--confirm-rounds`, 3; 0: off): the end of the run re-measures the best graphs

@@ -372,7 +372,7 @@ def summary(rep: dict[str, Any]) -> str:
                      f"{conf['rounds']} alternating rounds (x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
     from graphopt.targets.device_check import summary_line
 
-    from .reference import summary_line as reference_line
+    from .reporting.ort_reference import summary_line as reference_line
 
     lines.extend(line for line in (summary_line(rep), reference_line(rep)) if line)
     for r in rep.get("recovery") or []:  # graphopt.recovery.recover: quality before and after distillation

@@ -131,8 +131,8 @@ class ConcludeSearch:
 
     def _ort_reference(self, report: dict[str, Any], best: Record | None) -> None:
         """report["ort_reference"]: onnxruntime next to the target's build of the kept graph, where the
-        target times on this CPU (graphopt.reference); a failure is a warning."""
-        from .reference import applies, ort_reference
+        target times on this CPU (graphopt.reporting.ort_reference); a failure is a warning."""
+        from .reporting.ort_reference import applies, ort_reference
 
         if not applies(self) or self.stopped_because == "interrupted" or self.stopped_because.startswith("target unr"):
             return

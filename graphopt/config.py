@@ -68,7 +68,7 @@ class RunConfig:
     synthetic_samples: int = 8
     confirm_rounds: int = 3
     paired_timing: bool = True  # time the original again right after each candidate (graphopt.timing)
-    ort_reference: bool = True  # time onnxruntime next to a target that times on this CPU (graphopt.reference)
+    ort_reference: bool = True  # time onnxruntime next to a target that times on this CPU (graphopt.reporting.ort_reference)
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
     progress: bool = True  # a progress bar on stderr when it is a terminal

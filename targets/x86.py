@@ -59,7 +59,7 @@ class X86Target(LlvmCpuTarget):
     @property
     def ort_comparable(self) -> bool:
         """Timed on this host's CPU (not over RPC): onnxruntime here is the fair comparison
-        (graphopt.reference times it next to the kept graph at the end of a run)."""
+        (graphopt.reporting.ort_reference times it next to the kept graph at the end of a run)."""
         return self.rpc_config is None
 
     def _rpc_config(self, rpc_options: dict[str, Any]) -> rpc.RpcConfig | None:

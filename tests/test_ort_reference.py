@@ -1,4 +1,4 @@
-"""onnxruntime timed next to a target that times on this CPU (graphopt.reference): report.json's
+"""onnxruntime timed next to a target that times on this CPU (graphopt.reporting.ort_reference): report.json's
 "ort_reference", its ratios, its verdict and the CLI line; off over RPC, for onnxruntime itself
 and with --no-ort-reference."""
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from graphopt.api import optimize
 from graphopt.plugin import LatencyStats, Measurement
-from graphopt.reference import verdict
+from graphopt.reporting.ort_reference import verdict
 from graphopt.registry import TARGETS
 from graphopt.targets.ort import OrtTarget
 

@@ -276,7 +276,7 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
                           f"{_ms(confirmed.get('original_ms'))} vs {_ms(confirmed.get('best_ms'))}, "
                           f"{_e(confirmed.get('rounds'))} alternating rounds", "card-confirmed"))
     ref = _d(report.get("ort_reference"))
-    if ref and _num(ref.get("same_graph")):  # graphopt.reference: onnxruntime on the kept graph / the target's build
+    if ref and _num(ref.get("same_graph")):  # graphopt.reporting.ort_reference: onnxruntime on the kept graph / the target's build
         cards.append(card("vs onnxruntime", f"\u00d7{_num(ref['same_graph']):.2f}", _e(ref.get("verdict") or ""),
                           "card-ort-reference"))
     cards.append(card(f"fidelity ({metric})", _fid(fidelity.get("best") if best else None),

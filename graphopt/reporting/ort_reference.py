@@ -41,7 +41,7 @@ def ort_reference(search: Any, chosen: Any) -> dict[str, Any] | None:
 
     from graphopt.targets.ort import OrtTarget
 
-    from .timing import measure_feeds
+    from ..timing import measure_feeds
 
     t0 = time.monotonic()
     target = search.target
