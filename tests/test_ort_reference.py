@@ -100,8 +100,12 @@ def test_x86_run_reports_onnxruntime_on_the_same_host(convbn_path, tmp_path):
     assert len(line) == 1, r.stdout
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     b = rep["ort_reference"]
-    assert b["is_original"] is True and b["threads"] == 2 and b["target_ms"] > 0 and b["ort_kept_ms"] > 0
-    assert b["ort_original_ms"] == b["ort_kept_ms"] and b["vs_original"] == b["same_graph"]
+    assert b["threads"] == 2 and b["target_ms"] > 0 and b["ort_kept_ms"] > 0
+    assert b["candidate_id"] == rep["best"]["candidate_id"] and b["is_original"] == rep["best"]["is_original"]
+    if b["is_original"]:  # the usual outcome: BN fused is no faster on x86, which folds BN itself
+        assert b["ort_original_ms"] == b["ort_kept_ms"] and b["vs_original"] == b["same_graph"]
+    else:  # the confirmation kept the fused graph (3 wins of 3 by chance): the original timed apart
+        assert len(b["ort_original_rounds_ms"]) == 3 and b["ort_original_ms"] > 0
     assert ("this build is untuned" in b["verdict"]) == (b["same_graph"] < 1)
     assert "(measured, UNTUNED, " in r.stdout  # --tune-trials 0: every workload on TVM's default schedules
     from graphopt.cli import summary  # a build with some workloads untuned says how many
