@@ -66,6 +66,7 @@ def test_the_kept_graph_is_timed_on_onnxruntime_next_to_the_target(nodeclock, co
     html = (tmp_path / "o" / "report.html").read_text()
     assert 'id="card-ort-reference"' in html and f"\u00d7{b['same_graph']:.2f}" in html
     assert "deploy best.onnx with onnxruntime" in html
+    assert f"{b['runtime']}, 1 threads:" in html  # the how-table row
 
 
 def test_no_ort_reference_and_targets_that_are_not_comparable(nodeclock, convbn_path, tmp_path):

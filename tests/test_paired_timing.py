@@ -56,6 +56,9 @@ def test_each_candidate_is_ranked_in_the_original_s_window(drifting, convbn_path
     rep = res.report
     assert rep["best"]["median_ms"] == pytest.approx(7.0) and rep["speedup"] == pytest.approx(9 / 7)
     assert rep["best"]["spread"]["min_ms"] == pytest.approx(7.0 * 0.9)
+    html = (tmp_path / "o" / "report.html").read_text()  # the page says how the best's latency was obtained
+    raw = rep["best"]["notes"]["paired"]["raw_ms"]
+    assert "paired timing" in html and f"{raw:.3f} ms" in html
 
 
 def test_without_paired_timing_the_drift_decides(drifting, convbn_path, tmp_path):

@@ -348,6 +348,13 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
     if confirmed:
         how.append(("confirmed speedup", _e(confirmed.get("how") or "re-measured after the search")
                     + f" ({_e(confirmed.get('rounds'))} rounds)"))
+    paired = _d(_d(_d(best).get("notes")).get("paired"))
+    if paired:  # graphopt/timing.py: the best's latency in the original's window of the host's load
+        how.append(("paired timing", _e(paired.get("how") or "") + f" (the best: {_ms(paired.get('raw_ms'))} "
+                    f"measured, the original {_ms(paired.get('original_ms'))} right after it)"))
+    ref = _d(report.get("ort_reference"))
+    if ref:
+        how.append(("vs onnxruntime", _e(f"{ref.get('runtime', '')}, {ref.get('threads')} threads: {ref.get('how', '')}")))
     how += [
         ("fidelity metric", f"<code>{_e(metric)}</code>: "
                             f"{_e(fidelity.get('definition') or _METRIC_WORDS.get(metric, metric))}"
