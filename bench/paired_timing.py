@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,8 +66,7 @@ def check(out: Path, ids: list[int], target: str, threads: int, rounds: int = 5,
     tgt = TARGETS.get(target)(threads=threads, **opts)
     work = Path(tempfile.mkdtemp(prefix="paired-check-"))
     x = load_model(ROOT / "models" / "efficientnet_lite0.onnx")
-    feed = {x.inputs[0].name: __import__("numpy").random.default_rng(0).standard_normal(
-        x.inputs[0].shape).astype("float32")}
+    feed = {x.inputs[0].name: np.random.default_rng(0).standard_normal(x.inputs[0].shape).astype(np.float32)}
     orig = tgt.compile(x.proto, work / "orig")
     out_rows = []
     for cid in ids:
