@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-paired-timing", action="store_true",
                      help="do not time the original again right after each candidate (default: it does, and ranks "
                           "each candidate by its ratio to the original in the same window of the host's load; "
-                          "one device at a time, not for a cost model)")
+                          "one local device at a time: not over RPC, not for a cost model)")
     run.add_argument("--no-ort-reference", action="store_true",
                      help="x86 timed here: do not time onnxruntime on the kept graph and the original at the end "
                           "(default: it does, so the report says whether the compiled build beat onnxruntime)")
@@ -330,25 +330,28 @@ def _estimate_option(target: str, value: Any) -> Any:
     return 1
 
 
-def _untuned(rep: dict[str, Any]) -> str:
-    """The summary's tag for code not fully tuned: how much of it, when the best's tuning stats say."""
-    t = ((rep.get("best") or {}).get("notes") or {}).get("tuning") or {}
+def _untuned(block: dict[str, Any]) -> str:
+    """The summary's tag for code not fully tuned: how much of it, when the build's tuning stats say."""
+    t = (block.get("notes") or {}).get("tuning") or {}
     n, seen = t.get("workloads_untuned") or 0, t.get("workloads_seen") or 0
     if 0 < n < seen:
         return f", PARTLY UNTUNED ({n} of {seen} workloads on TVM's default schedules: {t.get('stopped_because', '')})"
     return ", UNTUNED"
 
 
+def _tag(rep: dict[str, Any], block: dict[str, Any]) -> str:
+    """How a line's latency was obtained: the method, and whether that build (original or best) was tuned."""
+    tuned = block.get("tuned", rep.get("tuned"))
+    tag = f"{rep.get('latency_method')}" + ("" if tuned is None else (
+        ", tuned" if tuned is True else _untuned(block) if tuned is False else ", partly tuned"))
+    return tag + (f", {rep['latency_over'].removeprefix('latency: ')}" if rep.get("latency_over") else "")
+
+
 def summary(rep: dict[str, Any]) -> str:
     lines = [f"status: {rep['status']} ({rep['search']['stopped_because']})"]
     base, best = rep.get("baseline"), rep.get("best")
-    how = rep.get("latency_method")
-    tuned = rep.get("tuned")
-    tag = f"{how}" + ("" if tuned is None else (", tuned" if tuned is True else _untuned(rep) if tuned is False
-                                                 else ", partly tuned"))
-    tag += f", {rep['latency_over'].removeprefix('latency: ')}" if rep.get("latency_over") else ""
     if base and base.get("median_ms") is not None:
-        lines.append(f"original: {base['median_ms']:.3f} ms ({tag}, spread {base['spread']['min_ms']:.3f}-"
+        lines.append(f"original: {base['median_ms']:.3f} ms ({_tag(rep, base)}, spread {base['spread']['min_ms']:.3f}-"
                      f"{base['spread']['max_ms']:.3f} ms)")
     elif base:
         lines.append(f"original: {base['status']}: {base.get('error')}")
@@ -358,8 +361,8 @@ def summary(rep: dict[str, Any]) -> str:
             "speedup unknown (the original was not measured)"
         if rep.get("search_speedup") is not None:
             speedup += (f" (confirmed in {rep['confirmed']['rounds']} alternating rounds; "
-                        f"the search's one measurement each: x{rep['search_speedup']:.3f})")
-        lines.append(f"best: {best['median_ms']:.3f} ms ({tag}), {what}, {speedup}, "
+                        f"the search's: x{rep['search_speedup']:.3f})")
+        lines.append(f"best: {best['median_ms']:.3f} ms ({_tag(rep, best)}), {what}, {speedup}, "
                      f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
                      + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
     from .evaluation.quality import summary_lines

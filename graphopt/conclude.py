@@ -44,20 +44,33 @@ class SearchResult:
 class ConcludeSearch:
     """Confirm / profile / report of a Search (graphopt.driver.Search inherits it)."""
 
-    def model_for(self, rec: Record) -> Any:
+    def model_for(self, rec: Record, keep: bool = True) -> Any:
         """The candidate's graph, materialized once per record at the end of a run (confirm, the
-        held-out check, the per-layer profile, best.onnx and the artifact all use it)."""
+        held-out check, the per-layer profile, best.onnx and the artifact all use it). keep=False:
+        a graph wanted once (the onnxruntime reference's original), not displacing the one held."""
         models = self.__dict__.setdefault("_models", {})
-        if rec.id not in models:
+        if rec.id in models:
+            return models[rec.id]
+        model, _ = materialize(self.base, self.space, rec.genotype, self.passes, self.ctx)
+        if keep:
             models.clear()  # one candidate's graph held at a time (the best, or the original)
-            models[rec.id], _ = materialize(self.base, self.space, rec.genotype, self.passes, self.ctx)
-        return models[rec.id]
+            models[rec.id] = model
+        return model
 
     def artifact_for(self, rec: Record) -> Artifact:
         """The compiled candidate: kept in memory when compiled in this run, else compiled again."""
         if rec.id in self.artifacts:
             return self.artifacts[rec.id]
-        art = self.target.compile(self.model_for(rec), Path(tempfile.mkdtemp(prefix="cand-", dir=self.workdir)))
+        from dataclasses import replace
+
+        from .plugin import current_context, inform_target
+
+        told = current_context(self.target)  # built in full: no "cannot beat the best so far" shortcut
+        inform_target(self.target, replace(told, incumbent_ms=None))
+        try:
+            art = self.target.compile(self.model_for(rec), Path(tempfile.mkdtemp(prefix="cand-", dir=self.workdir)))
+        finally:
+            inform_target(self.target, told)
         self.artifacts[rec.id] = art
         return art
 
@@ -137,7 +150,9 @@ class ConcludeSearch:
         if not applies(self) or self.stopped_because == "interrupted" or self.stopped_because.startswith("target unr"):
             return
         try:
-            report["ort_reference"] = ort_reference(self, best)
+            block = ort_reference(self, best)
+            if block is not None:  # absent, as with --no-ort-reference, when nothing was kept
+                report["ort_reference"] = block
         except KeyboardInterrupt:  # the run's result is complete: write it, without this block
             log.warning("interrupted: onnxruntime not timed next to the target")
         except Exception as e:  # noqa: BLE001 - the run's result stands without it

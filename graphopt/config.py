@@ -127,7 +127,7 @@ class RunConfig:
                              "processes (1 = compile in the search's own process)")
         if isinstance(self.confirm_rounds, bool) or not isinstance(self.confirm_rounds, int) or self.confirm_rounds < 0:
             raise UsageError(f"--confirm-rounds {self.confirm_rounds}: must be a whole number >= 0 (0: no "
-                             "confirmation; the report's speedup is then the search's one measurement each)")
+                             "confirmation; the report's speedup is then the search's)")
         if self.finetune_steps < 0:
             raise UsageError(f"--finetune {self.finetune_steps}: must be 0 or a positive number of steps")
         if self.finetune_steps > 0:

@@ -265,16 +265,19 @@ class Search(PipelinedSearch, ConcludeSearch):
         """Paired timing (graphopt.timing, `--no-paired-timing` turns it off): right after a candidate,
         time the original again, in the same window of the host's load, and put the candidate's
         latency in the original's terms: latency = candidate x original's search latency / original now.
-        One device measured at a time only (--jobs 1); not for a cost model."""
+        One device on this host measured at a time only (--jobs 1, not over RPC, where the next session
+        may reach another device); not for a cost model. The original's build is the one made before
+        the search (_pairs_with), never compiled here, in a measuring thread."""
         base = getattr(self, "baseline", None)
-        if not (self.cfg.paired_timing and self.cfg.jobs == 1 and rec.genotype and base is not None
-                and base.status == "ok" and base.latency_ms and m.method != "estimated"):
+        art = self.artifacts.get(base.id) if self._pairs_with(base) else None
+        if art is None or not rec.genotype or m.method == "estimated" or not m.latency.median_ms > 0:
             return
         from .timing import measure_feeds
 
         try:
-            now = measure_feeds(self.target, self.artifact_for(base), self.timing_feeds,
-                                self.value_dependent).latency.median_ms
+            now = measure_feeds(self.target, art, self.timing_feeds, self.value_dependent).latency.median_ms
+            if not (math.isfinite(now) and now > 0):
+                raise ValueError(f"the original measured {now} ms")
         except TargetUnreachable:
             raise
         except Exception as e:  # noqa: BLE001 - the candidate's own measurement stands, unpaired
@@ -319,6 +322,11 @@ class Search(PipelinedSearch, ConcludeSearch):
                 self.artifacts[rec.id] = artifact
             self.artifacts = {k: v for k, v in self.artifacts.items() if k in keep}
         return rec
+
+    def _pairs_with(self, base: Record | None) -> bool:
+        """Whether candidates are paired with the original `base` (_pair): on, one device on this host."""
+        return bool(self.cfg.paired_timing and self.cfg.jobs == 1 and not self.target.concurrent_measure
+                    and base is not None and base.status == "ok" and base.latency_ms)
 
     def _baseline_id(self) -> int | None:
         base = getattr(self, "baseline", None)
@@ -391,6 +399,8 @@ class Search(PipelinedSearch, ConcludeSearch):
         try:
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)
+            if cached and self._pairs_with(self.baseline):  # resumed: build the original to pair with, here
+                self.artifact_for(self.baseline)  # (_pair runs in the measuring thread and compiles nothing)
             pipelined = self.cfg.jobs > 1 or self.cfg.compile_workers > 1 or bool(self.cfg.cluster)
             if pipelined:
                 self._run_pipelined(budget, done)

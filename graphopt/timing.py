@@ -18,8 +18,9 @@ Paired timing (the driver's `_pair`; `--no-paired-timing` turns it off): this ho
 by 30-50% over seconds (other tenants), longer than one measurement (0.1-0.5 s) and shorter than a
 search. So right after each candidate the original is timed again, and the candidate's latency is
 put in the original's terms: candidate x (the original's search latency / the original now). The
-ranking is then by a ratio measured in one window. Only with one device measured at a time
-(--jobs 1), and not for cost models (method "estimated"). On EfficientNet-Lite0 / x86 the search
+ranking is then by a ratio measured in one window. Only with one device on this host measured at a
+time (--jobs 1; not over RPC, where the next session may reach another device of the key), and
+not for cost models (method "estimated"). On EfficientNet-Lite0 / x86 the search
 had read x1.55 for an exact move the alternating rounds confirmed at x1.02 (2026-11-29).
 Passes whose rewritten graphs have value-dependent shapes (`dynamic_shapes`, trim_padding) are
 not applicable to static-shape targets: `static_shape_conflicts` names them for the driver.

@@ -58,7 +58,10 @@ def test_each_candidate_is_ranked_in_the_original_s_window(drifting, convbn_path
     assert rep["best"]["spread"]["min_ms"] == pytest.approx(7.0 * 0.9)
     html = (tmp_path / "o" / "report.html").read_text()  # the page says how the best's latency was obtained
     raw = rep["best"]["notes"]["paired"]["raw_ms"]
-    assert "paired timing" in html and f"{raw:.3f} ms" in html
+    assert f"(the best: {raw:.3f} ms measured, the original " in html
+    # and its candidate table shows the paired latencies report.json has, tagged with what was measured
+    row = html.split(f'data-id="{res.best.id}">', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num">7.000 ms</td>' in row and f"paired (measured {raw:.3f} ms)" in row
 
 
 def test_without_paired_timing_the_drift_decides(drifting, convbn_path, tmp_path):
@@ -91,3 +94,56 @@ def test_an_original_that_fails_to_time_again_leaves_the_candidate_unpaired(drif
     assert cand.status == "ok" and "paired" not in cand.measurement["extra"]
     assert cand.latency_ms == cand.measurement["latency"]["median_ms"]
     assert "paired timing: could not time the original again (RuntimeError: device busy)" in caplog.text
+
+
+def test_no_pairing_over_devices_that_may_differ(drifting, convbn_path, tmp_path):
+    """A target whose measurements go to separate devices (concurrent_measure: RPC) is not paired even
+    with --jobs 1: the original timed again could land on another device."""
+    class Remote(Drifting):
+        name = "remote"
+        concurrent_measure = True
+
+    TARGETS.register("remote", Remote)
+    try:
+        res = optimize(convbn_path, "remote", passes="conv_bn", search_exact=True, budget=3, out=tmp_path / "o",
+                       confirm_rounds=0)
+    finally:
+        TARGETS.unregister("remote")
+    cands = [r for r in res.records if r.genotype and r.status == "ok"]
+    assert len(cands) == 3 and Remote.calls == 4  # no second measurement of the original
+    assert all("paired" not in r.measurement["extra"] for r in cands)
+
+
+def test_a_resumed_run_builds_the_original_in_full_before_pairing(drifting, convbn_path, tmp_path):
+    """Resumed, the original comes from the store without a build: it is compiled once, before the
+    search, and the new candidates are paired with it. A build of a stored record at the end (here the
+    confirmation's, unpaired) is made without the best-so-far shortcut (incumbent_ms)."""
+    class Counting(Drifting):
+        name = "counting"
+        incumbent_ms = None
+        originals: list = []
+
+        def compile(self, model, workdir):
+            if len(model.graph.node) == 9:
+                type(self).originals.append(self.incumbent_ms)
+            return super().compile(model, workdir)
+
+    TARGETS.register("counting", Counting)
+    kw = dict(passes="conv_bn", search_exact=True, out=tmp_path / "o", confirm_rounds=0)
+    try:
+        first = optimize(convbn_path, "counting", budget=1, **kw)
+        assert Counting.originals == [None] and first.best.latency_ms in (7.0, 8.0)
+        Counting.originals = []
+        second = optimize(convbn_path, "counting", budget=3, **kw)
+        assert second.report["search"]["resumed"] is True
+        assert Counting.originals == [None]  # built once, for pairing
+        new = [r for r in second.records if r.genotype and r.status == "ok" and r.id > first.records[-1].id]
+        assert len(new) == 2 and all(r.measurement["extra"]["paired"]["factor"] < 1 for r in new)
+        assert all(r.latency_ms in (pytest.approx(7.0), pytest.approx(8.0)) for r in new)  # the window cancels
+        Counting.originals = []
+        kw.update(confirm_rounds=3, paired_timing=False)
+        third = optimize(convbn_path, "counting", budget=4, **kw)
+    finally:
+        TARGETS.unregister("counting")
+    assert third.report["confirmed"] is not None
+    assert Counting.originals == [None]  # built at the end for the confirmation, in full

@@ -48,7 +48,12 @@ def _d(obj: Any) -> dict:
 
 
 def _lat(rec: "Record") -> dict:
-    return _d(_d(rec.measurement).get("latency"))
+    """The record's latency stats in the terms of rec.latency_ms: paired timing (graphopt.timing) scaled."""
+    m = _d(rec.measurement)
+    lat, f = _d(m.get("latency")), _num(_d(_d(m.get("extra")).get("paired")).get("factor"))
+    if not lat or f is None:
+        return lat
+    return {k: (v * f if k.endswith("_ms") and _num(v) is not None else v) for k, v in lat.items()}
 
 
 def _nice_step(span: float, count: int) -> float:

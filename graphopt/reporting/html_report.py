@@ -108,6 +108,9 @@ def _candidates_table(records: list["Record"], front: set[int], best_id: Any, ba
             tags.append("front")
         if r.duplicate_of is not None:
             tags.append(f"same graph as #{_e(r.duplicate_of)}")
+        paired = _d(_d(_d(r.measurement).get("extra")).get("paired"))
+        if paired.get("raw_ms") is not None:  # the latency columns are in the original's window (graphopt.timing)
+            tags.append(f"paired (measured {_ms(paired.get('raw_ms'))})")
         cls = f"st-{_e(r.status)}" + (" best" if best_id is not None and r.id == best_id else "")
         rows.append(f'<tr class="{cls}" data-id="{_e(r.id)}"><td class="num">{_e(r.id)}</td>'
                     f"<td>{_e(r.status)}</td><td class=\"num\">{len(r.genotype)}</td>"
@@ -269,7 +272,7 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
                   "card-best"),
              card("speedup", f"\u00d7{speed:.3f}" if speed else DASH,
                   "original / best, confirmed in alternating rounds" if report.get("search_speedup") is not None
-                  else "original / best, one measurement each", "card-speedup")]
+                  else "original / best, as the search measured them", "card-speedup")]
     if confirmed:
         cs = _num(confirmed.get("speedup"))
         cards.append(card("confirmed speedup", f"\u00d7{cs:.3f}" if cs else DASH,
@@ -343,7 +346,7 @@ def render_html(report: dict, records: list["Record"], front_ids: set[int], *,
         ("threads", _e(threads) if threads is not None else DASH),
         ("tuning", _e(_tuned_words(report.get("tuned")))),
         ("speedup", "the confirmed speedup (below)" if report.get("search_speedup") is not None else
-         "original median / best median, each from its one measurement during the search"),
+         "original median / best median, as the search measured them (paired: in the original's window)"),
     ]
     if confirmed:
         how.append(("confirmed speedup", _e(confirmed.get("how") or "re-measured after the search")

@@ -54,7 +54,8 @@ def ort_reference(search: Any, chosen: Any) -> dict[str, Any] | None:
     t_mine, t_kept, t_orig = [], [], []
     try:
         ort_kept = ort.compile(search.model_for(chosen), work / "kept")
-        ort_orig = ort_kept if not chosen.genotype else ort.compile(search.model_for(search.baseline), work / "orig")
+        ort_orig = ort_kept if not chosen.genotype else \
+            ort.compile(search.model_for(search.baseline, keep=False), work / "orig")  # the kept graph stays held
         for _ in range(rounds):  # interleaved: the host's drift reaches all three alike
             t_mine.append(measure_feeds(target, mine, feeds, dep).latency.median_ms)
             t_kept.append(measure_feeds(ort, ort_kept, feeds, dep).latency.median_ms)
