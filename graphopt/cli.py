@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not refit weights after approximate moves (default: least-squares repair on the calibration inputs)")
     run.add_argument("--confirm-rounds", type=int, default=3, metavar="N",
                      help="at the end, re-measure the best (and up to 2 runners-up) alternately with the original for "
-                          "N rounds and keep only a graph faster in every round; the report's speedup is that "
-                          "confirmed one (default 3; 0: off)")
+                          "N rounds; the one faster in every round by the most is measured in N fresh rounds and kept if "
+                          "faster in most; the report's speedup is the fresh rounds' (default 3; 0: off)")
     run.add_argument("--no-paired-timing", action="store_true",
                      help="do not time the original again right after each candidate (default: it does, and ranks "
                           "each candidate by its ratio to the original in the same window of the host's load; "

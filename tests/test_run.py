@@ -351,6 +351,34 @@ def test_confirm_step_keeps_only_a_winner_that_holds_up(convbn_path, tmp_path, f
         assert (tmp_path / "o" / "best.onnx").read_bytes() == convbn_path.read_bytes()
 
 
+def test_the_chosen_contender_is_measured_again_on_fresh_rounds(convbn_path, tmp_path):
+    """The contender that won every first round is measured in fresh rounds: their speedup is the one
+    reported, and a winner the fresh rounds do not bear out is not kept (here the truth flips right
+    after the first rounds)."""
+    from graphopt.registry import TARGETS
+
+    TARGETS.register("node_count", steady := _node_count_target(None))
+    try:
+        res = optimize(convbn_path, "node_count", budget=3, out=tmp_path / "a")
+    finally:
+        TARGETS.unregister("node_count")
+    conf = res.report["confirmed"]
+    assert res.report["best"]["is_original"] is False and res.report["speedup"] == pytest.approx(9 / 7)
+    assert conf["selection"]["wins"] == conf["wins"] == 3 and conf["selection"]["speedup"] == pytest.approx(9 / 7)
+    assert conf["verdict"].endswith("and faster in 3 of 3 fresh alternating rounds (x1.286), the speedup reported")
+    TARGETS.register("node_count", _node_count_target(steady.calls - 2 * 3))  # the fresh rounds: 100 - nodes
+    try:
+        res = optimize(convbn_path, "node_count", budget=3, out=tmp_path / "b")
+    finally:
+        TARGETS.unregister("node_count")
+    conf = res.report["confirmed"]
+    assert res.report["best"]["is_original"] is True and res.report["speedup"] == 1.0
+    assert conf["selection"]["wins"] == 3 and conf["wins"] == 0 and conf["speedup"] == pytest.approx(91 / 93)
+    assert ("alternating rounds, then in 0 of 3 fresh alternating rounds (x0.978): not distinguishable from "
+            "noise, keeping the original") in conf["verdict"]
+    assert (tmp_path / "b" / "best.onnx").read_bytes() == convbn_path.read_bytes()
+
+
 def test_confirm_rounds_zero_reports_the_search_measurement(convbn_path, tmp_path):
     from graphopt.registry import TARGETS
 
