@@ -372,7 +372,8 @@ def summary(rep: dict[str, Any]) -> str:
     if conf:
         lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs candidate {conf.get('candidate_id', '?')} "
                      f"{conf['best_ms']:.3f} ms over "
-                     f"{conf['rounds']} alternating rounds (x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
+                     f"{conf['rounds']} {'fresh ' if conf.get('selection') else ''}alternating rounds "
+                     f"(x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
     from graphopt.targets.device_check import summary_line
 
     from .reporting.ort_reference import summary_line as reference_line

@@ -141,18 +141,19 @@ class ConcludeSearch:
         conf = dict(self.confirm(chosen))
         conf["selection"] = {k: first[k] for k in ("rounds", "wins", "speedup", "original_ms", "best_ms")}
         conf["contenders"] = summary
-        fresh = f"{conf['wins']} of {conf['rounds']} fresh alternating rounds (x{conf['speedup']:.3f})"
+        first_words = f"every one of {first['rounds']} alternating rounds (x{first['speedup']:.3f}"
         if not (conf["speedup"] > 1.0 and 2 * conf["wins"] > conf["rounds"]):
-            conf["verdict"] = (f"candidate {chosen.id} was faster than the original in every one of {first['rounds']} "
-                               f"alternating rounds, then in {fresh}: not distinguishable from noise, keeping the original")
+            conf["verdict"] = (f"candidate {chosen.id} was faster than the original in {first_words}), then in only "
+                               f"{conf['wins']} of {conf['rounds']} fresh ones (x{conf['speedup']:.3f}): not "
+                               "distinguishable from noise, keeping the original")
             log.warning("confirm: %s", conf["verdict"])
             return self.baseline, conf
-        conf["verdict"] = f"candidate {chosen.id} confirmed faster than the original in every round"
+        conf["verdict"] = f"candidate {chosen.id} confirmed faster than the original in {first_words}"
         if best is not None and chosen.id != best.id:
-            conf["verdict"] += (f" (the search had measured it once at {chosen.latency_ms:.3f} ms, behind "
+            conf["verdict"] += (f"; the search had measured it once at {chosen.latency_ms:.3f} ms, behind "
                                 + ("the original" if not best.genotype else f"candidate {best.id}")
-                                + f" at {best.latency_ms:.3f} ms)")
-        conf["verdict"] += f", and faster in {fresh}, the speedup reported"
+                                + f" at {best.latency_ms:.3f} ms")
+        conf["verdict"] += f"), then in {conf['wins']} of {conf['rounds']} fresh ones (the speedup reported)"
         return chosen, conf
 
     def _ort_reference(self, report: dict[str, Any], best: Record | None) -> None:

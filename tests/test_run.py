@@ -324,8 +324,9 @@ def test_confirm_re_measures_runners_up_when_the_search_kept_the_original(convbn
     assert conf["best_ms"] == 7.0 and conf["original_ms"] == 9.0 and conf["wins"] == conf["rounds"] == 3
     assert res.report["speedup"] == pytest.approx(9 / 7) and res.report["search_speedup"] == pytest.approx(91 / 93)
     assert res.report["best"]["confirmed_ms"] == 7.0 and res.report["baseline"]["confirmed_ms"] == 9.0
-    assert "confirmed faster than the original in every round (the search had measured it once at 93.000 ms, " \
-           "behind the original at 91.000 ms)" in conf["verdict"]
+    assert ("confirmed faster than the original in every one of 3 alternating rounds (x1.286; the search had "
+            "measured it once at 93.000 ms, behind the original at 91.000 ms), then in 3 of 3 fresh ones (the "
+            "speedup reported)") in conf["verdict"]
     assert [(c["candidate_id"], c["search_ms"], c["wins"]) for c in conf["contenders"]] == [(2, 93.0, 3)]
     assert onnx.load(str(tmp_path / "o" / "best.onnx")).SerializeToString() != convbn_path.read_bytes()
 
@@ -365,7 +366,8 @@ def test_the_chosen_contender_is_measured_again_on_fresh_rounds(convbn_path, tmp
     conf = res.report["confirmed"]
     assert res.report["best"]["is_original"] is False and res.report["speedup"] == pytest.approx(9 / 7)
     assert conf["selection"]["wins"] == conf["wins"] == 3 and conf["selection"]["speedup"] == pytest.approx(9 / 7)
-    assert conf["verdict"].endswith("and faster in 3 of 3 fresh alternating rounds (x1.286), the speedup reported")
+    assert conf["verdict"] == ("candidate 2 confirmed faster than the original in every one of 3 alternating "
+                               "rounds (x1.286), then in 3 of 3 fresh ones (the speedup reported)")
     TARGETS.register("node_count", _node_count_target(steady.calls - 2 * 3))  # the fresh rounds: 100 - nodes
     try:
         res = optimize(convbn_path, "node_count", budget=3, out=tmp_path / "b")
@@ -374,8 +376,9 @@ def test_the_chosen_contender_is_measured_again_on_fresh_rounds(convbn_path, tmp
     conf = res.report["confirmed"]
     assert res.report["best"]["is_original"] is True and res.report["speedup"] == 1.0
     assert conf["selection"]["wins"] == 3 and conf["wins"] == 0 and conf["speedup"] == pytest.approx(91 / 93)
-    assert ("alternating rounds, then in 0 of 3 fresh alternating rounds (x0.978): not distinguishable from "
-            "noise, keeping the original") in conf["verdict"]
+    assert conf["verdict"] == ("candidate 2 was faster than the original in every one of 3 alternating rounds "
+                               "(x1.286), then in only 0 of 3 fresh ones (x0.978): not distinguishable from noise, "
+                               "keeping the original")
     assert (tmp_path / "b" / "best.onnx").read_bytes() == convbn_path.read_bytes()
 
 
