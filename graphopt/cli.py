@@ -42,10 +42,25 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    json_errors = False  # --json was given: errors also go to stdout as JSON (_error)
+
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump on stderr noise
         self.print_usage(sys.stderr)
-        sys.stderr.write(f"graphopt: error: {message}\n")
-        sys.exit(EXIT_USAGE)
+        sys.exit(_error(EXIT_USAGE, message, _Parser.json_errors))
+
+
+_ERROR_STATUS = {EXIT_USAGE: "usage error", EXIT_INTERNAL: "internal error", EXIT_INTERRUPTED: "interrupted"}
+
+
+def _error(code: int, message: str, as_json: bool, prefix: str | None = "error") -> int:
+    """An error that ends a command: one line on stderr; with --json also one object on stdout, so a
+    build system reading stdout always gets JSON: {"status", "exit_code", "error"}."""
+    sys.stderr.write(f"graphopt: {prefix}: {message}\n" if prefix else f"graphopt: {message}\n")
+    if as_json:
+        json.dump({"status": _ERROR_STATUS.get(code, "unreachable" if code == 4 else "error"), "exit_code": code,
+                   "error": message}, sys.stdout)
+        sys.stdout.write("\n")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,30 +199,45 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=_Formatter,
                          description="Describe MODEL: inputs and shapes, op histogram, parameters and FLOPs per "
                                      "node and in total, and for each pass the sites it would act on.")
-    ins.add_argument("model")
+    ins.add_argument("model", help="the .onnx model to describe (read only)")
     ins.add_argument("--passes", default=None, metavar="P1,P2", help="passes to ask for sites (default: all)")
-    ins.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...")
-    ins.add_argument("--top", type=int, default=15, help="most expensive nodes to show (default: 15)")
+    ins.add_argument("--shape", action="append", default=[], metavar="NAME=D1xD2...",
+                     help="fix a symbolic input dimension, as for run")
+    ins.add_argument("--top", type=_positive_int, default=15, help="most expensive nodes to show (default: 15)")
     ins.add_argument("--json", action="store_true", help="print the description as JSON")
-    ins.add_argument("--debug", action="store_true")
+    ins.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
     runs = sub.add_parser("runs", help="list the candidates of a run (from its runs.sqlite)",
                           description="List the candidates in OUT_DIR/runs.sqlite; * marks the Pareto front "
                                       "(latency, fidelity, size).")
-    runs.add_argument("out_dir")
-    runs.add_argument("--sort", default="latency", choices=["id", "latency", "fidelity", "size"])
-    runs.add_argument("--json", action="store_true")
+    runs.add_argument("out_dir", help="a run's --out folder")
+    runs.add_argument("--sort", default="latency", choices=["id", "latency", "fidelity", "size"],
+                      help="order of the rows (default: latency)")
+    runs.add_argument("--json", action="store_true", help="print the candidates as JSON")
 
     exp = sub.add_parser("export", help="write one candidate of a run as an ONNX model",
                          description="Rebuild candidate ID of the run in OUT_DIR (its moves on the original model) "
                                      "and write it to -o, e.g. another point on the Pareto front.")
-    exp.add_argument("out_dir")
-    exp.add_argument("--candidate", type=int, required=True, metavar="ID")
-    exp.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    exp.add_argument("out_dir", help="a run's --out folder")
+    exp.add_argument("--candidate", type=int, required=True, metavar="ID", help="its id (`graphopt runs OUT_DIR`)")
+    exp.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
+                     help="where to write it (never the run's own files or the input model)")
 
-    rep = sub.add_parser("report", help="re-render report.html of a run from report.json and runs.sqlite")
-    rep.add_argument("out_dir")
+    rep = sub.add_parser("report", help="re-render report.html of a run from report.json and runs.sqlite",
+                         description="Write OUT_DIR/report.html again from OUT_DIR/report.json and runs.sqlite "
+                                     "(e.g. after a graphopt upgrade); nothing is measured.")
+    rep.add_argument("out_dir", help="a run's --out folder")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive whole number")
+    return v
 
 
 def _setup_logging(quiet: bool = False, debug: bool = False) -> None:
@@ -301,6 +331,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(rep, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
+        if rep.get("why"):  # exit 3: the reason on stderr too
+            sys.stderr.write(f"graphopt: {rep['why']}\n")
     else:
         print(summary(rep))
     return EXIT_TERMINATED if term.received and result.exit_code == EXIT_INTERRUPTED else result.exit_code
@@ -330,67 +362,11 @@ def _estimate_option(target: str, value: Any) -> Any:
     return 1
 
 
-def _untuned(block: dict[str, Any]) -> str:
-    """The summary's tag for code not fully tuned: how much of it, when the build's tuning stats say."""
-    t = (block.get("notes") or {}).get("tuning") or {}
-    n, seen = t.get("workloads_untuned") or 0, t.get("workloads_seen") or 0
-    if 0 < n < seen:
-        return f", PARTLY UNTUNED ({n} of {seen} workloads on TVM's default schedules: {t.get('stopped_because', '')})"
-    return ", UNTUNED"
-
-
-def _tag(rep: dict[str, Any], block: dict[str, Any]) -> str:
-    """How a line's latency was obtained: the method, and whether that build (original or best) was tuned."""
-    tuned = block.get("tuned", rep.get("tuned"))
-    tag = f"{rep.get('latency_method')}" + ("" if tuned is None else (
-        ", tuned" if tuned is True else _untuned(block) if tuned is False else ", partly tuned"))
-    return tag + (f", {rep['latency_over'].removeprefix('latency: ')}" if rep.get("latency_over") else "")
-
-
 def summary(rep: dict[str, Any]) -> str:
-    lines = [f"status: {rep['status']} ({rep['search']['stopped_because']})"]
-    base, best = rep.get("baseline"), rep.get("best")
-    if base and base.get("median_ms") is not None:
-        lines.append(f"original: {base['median_ms']:.3f} ms ({_tag(rep, base)}, spread {base['spread']['min_ms']:.3f}-"
-                     f"{base['spread']['max_ms']:.3f} ms)")
-    elif base:
-        lines.append(f"original: {base['status']}: {base.get('error')}")
-    if best:
-        what = "the original model" if best["is_original"] else f"{len(best['moves'])} moves"
-        speedup = f"speedup x{rep['speedup']:.3f}" if rep.get("speedup") is not None else \
-            "speedup unknown (the original was not measured)"
-        if rep.get("search_speedup") is not None:
-            speedup += (f" (confirmed in {rep['confirmed']['rounds']} alternating rounds; "
-                        f"the search's: x{rep['search_speedup']:.3f})")
-        lines.append(f"best: {best['median_ms']:.3f} ms ({_tag(rep, best)}), {what}, {speedup}, "
-                     f"fidelity {rep['fidelity']['metric']} {best['fidelity']:.6f}"
-                     + (" (synthetic data)" if rep["fidelity"]["synthetic"] else ""))
-    from .evaluation.quality import summary_lines
+    """The lines `graphopt run` prints for report.json (graphopt.reporting.summary)."""
+    from .reporting.summary import summary as lines
 
-    lines.extend(summary_lines(rep))
-    conf = rep.get("confirmed")
-    if conf:
-        lines.append(f"confirm: original {conf['original_ms']:.3f} ms vs candidate {conf.get('candidate_id', '?')} "
-                     f"{conf['best_ms']:.3f} ms over "
-                     f"{conf['rounds']} {'fresh ' if conf.get('selection') else ''}alternating rounds "
-                     f"(x{conf['speedup']:.3f}): {conf.get('verdict', '')}")
-    from graphopt.targets.device_check import summary_line
-
-    from .reporting.ort_reference import summary_line as reference_line
-
-    lines.extend(line for line in (summary_line(rep), reference_line(rep)) if line)
-    for r in rep.get("recovery") or []:  # graphopt.recovery.recover: quality before and after distillation
-        after = r.get("fidelity_after")
-        lines.append(f"recover: candidate {r['parent_id']} {rep['fidelity']['metric']} {r['fidelity_before']:.6f} -> "
-                     + (f"{after:.6f} (candidate {r['candidate_id']}, {r.get('status_after')})" if after is not None
-                        else r.get("error") or r.get("note", "-")))
-    c = rep["search"]["candidates"]
-    lines.append(f"candidates: {c['tried_this_run']} this run ({c['new']} new, {c['cached']} from the store), "
-                 f"{c['failed']} failed, {c['infeasible']} below --min-fidelity; {c['total_in_store']} in the store")
-    for k in ("best_onnx", "artifact", "report"):
-        if rep["outputs"].get(k):
-            lines.append(f"{k}: {rep['outputs'][k]}")
-    return "\n".join(lines)
+    return lines(rep)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -454,11 +430,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else [str(a) for a in argv])
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
+    as_json = bool(getattr(args, "json", False))
     _setup_logging(quiet=getattr(args, "quiet", False), debug=debug)
     try:
         return {"run": cmd_run, "list": cmd_list, "inspect": cmd_inspect, "runs": cmd_runs, "export": cmd_export,
@@ -466,32 +444,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraphoptError as e:
         if debug:
             logging.getLogger("graphopt").exception("error")
-        sys.stderr.write(f"graphopt: error: {e}\n")
-        return e.exit_code
+        return _error(e.exit_code, str(e), as_json)
     except KeyboardInterrupt:
-        sys.stderr.write("graphopt: interrupted\n")
-        return EXIT_INTERRUPTED
+        return _error(EXIT_INTERRUPTED, "interrupted", as_json, prefix=None)
     except sqlite3.DatabaseError as e:  # a run store found broken after it was opened (truncated mid-file)
         from .runstore.rundir import is_corrupt
 
         if not is_corrupt(e):
             if debug:
                 raise
-            sys.stderr.write(f"graphopt: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-                             "traceback)\n")
-            return EXIT_INTERNAL
+            return _error(EXIT_INTERNAL, f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", as_json,
+                          prefix="internal error")
         if debug:
             logging.getLogger("graphopt").exception("error")
-        sys.stderr.write(f"graphopt: error: the run store is not readable ({e}); move runs.sqlite away "
-                         "(the run starts over) or choose another --out\n")
-        return EXIT_USAGE
+        return _error(EXIT_USAGE, f"the run store is not readable ({e}); move runs.sqlite away (the run starts "
+                      "over) or choose another --out", as_json)
     except BrokenPipeError:  # `graphopt run ... --json | head`
         return 0
     except Exception as e:  # a bug: one line unless --debug
         if debug:
             raise
-        sys.stderr.write(f"graphopt: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
-        return EXIT_INTERNAL
+        return _error(EXIT_INTERNAL, f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", as_json,
+                      prefix="internal error")
 
 
 if __name__ == "__main__":

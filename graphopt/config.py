@@ -91,6 +91,12 @@ class RunConfig:
     calib_samples: int | None = None
 
     def validate(self) -> None:
+        for flag, v in (("the model path", self.model), ("--out", self.out), ("--data", self.data),
+                        ("--eval-data", self.eval_data)):
+            if isinstance(v, str) and not v.strip():  # `--out "$OUT"` with OUT unset: not the current folder
+                raise UsageError(f"{flag}: an empty path (an unset shell variable?); give a path"
+                                 + ("" if flag == "the model path" else " or leave the flag out"))
+        _check_held_out_apart(self.data, self.eval_data)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"--seed {self.seed}: must be a whole number >= 0")
         from .evaluation.metrics import resolve_metric
@@ -104,6 +110,10 @@ class RunConfig:
                              + ("" if gate.similarity else " (or a finite value of the metric)"))
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise UsageError(f"--max-drop {self.max_drop}: must be a number >= 0 (points of the metric)")
+        if self.max_drop is not None and gate.similarity and self.max_drop >= 1.0:
+            raise UsageError(f"--max-drop {self.max_drop}: the gate's metric {self.metric} runs from 0 to 1, so this "
+                             "leaves no gate; give a drop in its units (e.g. 0.01), or a task metric in points "
+                             "(--metric imagenet_top1 --max-drop 1.0)")
         for flag, v in (("--select-samples", self.select_samples), ("--eval-samples", self.eval_samples),
                         ("--calib-samples", self.calib_samples)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -138,6 +148,33 @@ class RunConfig:
             from .recovery.recover import check_config
 
             check_config(self)
+
+
+def _check_held_out_apart(data: Any, eval_data: Any) -> None:
+    """--eval-data must not be --data itself (the same path, link, copy or loader): the held-out split
+    would then be data that fed the choices, while the report calls it held out."""
+    if data is None or eval_data is None or not all(isinstance(v, (str, Path)) for v in (data, eval_data)):
+        return
+    a, b = Path(data), Path(eval_data)
+    same = str(data) == str(eval_data)
+    if not same and a.is_file() and b.is_file():
+        same = a.samefile(b) or (a.stat().st_size == b.stat().st_size and _digest(a) == _digest(b))
+    elif not same and a.is_dir() and b.is_dir():
+        same = a.samefile(b)
+    if same:
+        raise UsageError(f"--eval-data {eval_data} is the same data as --data {data}: held-out data must feed no "
+                         "choice; give a separate held-out set, or leave --eval-data out (--data is then split "
+                         "into fit, select and held-out)")
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 __all__ = ["Budget", "RunConfig"]

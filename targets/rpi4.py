@@ -6,7 +6,7 @@ Latency comes from one of two places, and the report says which:
     `python -m tvm.exec.rpc_server --tracker HOST:PORT --key NAME`;
   - with `--target-opt estimate=1`, a cost model of the Cortex-A72 (COST_MODEL below;
     Measurement.method = "estimated": no device timed it).
-With neither, the target refuses to start (TargetUnreachable, exit 4) instead of pretending.
+With neither, the target refuses to start (UsageError, exit 2: no device was named) instead of pretending.
 
 Whenever a device is given, each candidate's outputs from one run on the device are compared with
 onnxruntime's on this host for the same graph and inputs (Measurement.extra["device_check"]); a
@@ -343,8 +343,8 @@ class Rpi4Target(LlvmCpuTarget):
                     f"rpi4: the device under {self.rpc_config.where()} is an emulator ({self.emulated}); its timings "
                     f"are not a Pi's latencies: add --target-opt estimate=1 (the cost model ranks the candidates, "
                     f"the emulator runs each one and checks its outputs against onnxruntime)")
-        elif not self.estimate:
-            raise TargetUnreachable(
+        elif not self.estimate:  # nothing to reach was named: a usage error (2), not an unreachable device (4)
+            raise UsageError(
                 "rpi4 needs a Raspberry Pi to measure on: give a TVM RPC tracker (--target-opt tracker=HOST:PORT "
                 "--target-opt key=NAME, or $GRAPHOPT_RPC_TRACKER and $GRAPHOPT_RPC_KEY; on the Pi run `python -m "
                 "tvm.exec.rpc_server --tracker HOST:PORT --key NAME`), or ask for a cost-model estimate with "

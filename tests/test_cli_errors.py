@@ -183,3 +183,89 @@ def test_help_documents_exit_codes():
         assert codes[errors.TargetUnreachable.exit_code].startswith("target unreachable")
         assert codes[errors.EXIT_INTERRUPTED].startswith("interrupted (Ctrl-C)")
         assert codes[EXIT_TERMINATED].startswith("terminated (SIGTERM")
+
+
+def test_json_errors_are_json_on_stdout(convbn_path, tmp_path):
+    """A build system reading `--json` gets one JSON object on every exit, errors included."""
+    import json
+
+    for args, code, needle in (
+        (("run", tmp_path / "nope.onnx", "--target", "ort", "--json"), 2, "model file not found"),
+        (("run", convbn_path, "--target", "ort", "--jobs", "x", "--json"), 2, "argument --jobs"),  # argparse's own
+        (("runs", tmp_path / "nodir", "--json"), 2, "nodir"),
+    ):
+        res = run_cli(*args)
+        assert res.returncode == code, res.stderr
+        obj = json.loads(res.stdout)
+        assert obj["status"] == "usage error" and obj["exit_code"] == code and needle in obj["error"], obj
+        assert needle in res.stderr  # and the same line on stderr
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--max-latency-ms", "0.0001",
+                  "--out", tmp_path / "o", "--json")  # exit 3: the report, with why
+    assert res.returncode == 3, res.stderr
+    why = json.loads(res.stdout)["why"]
+    assert why.startswith("no candidate met every constraint: 2 of 2 over --max-latency-ms 0.0001 (the fastest: ")
+    assert why in res.stderr
+
+
+def test_infeasible_summary_says_why(convbn_path, tmp_path):
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--max-size-mb", "0.000001",
+                  "--out", tmp_path / "o")
+    assert res.returncode == 3, res.stderr
+    assert "why: no candidate met every constraint: 2 of 2 over --max-size-mb 1e-06 (the smallest: " in res.stdout
+
+
+def test_held_out_data_must_not_be_the_select_data(convbn_path, tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((6, 1, 3, 16, 16)).astype(np.float32))
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(data.read_bytes())
+    for other in (data, copy):
+        res = run_cli("run", convbn_path, "--target", "ort", "--data", data, "--eval-data", other,
+                      "--out", tmp_path / "o")
+        _assert_clean_failure(res, 2, f"--eval-data {other} is the same data as --data {data}", out=tmp_path / "o")
+    res = run_cli("run", convbn_path, "--target", "ort", "--data", data, "--eval-data", tmp_path / "nope.npz",
+                  "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, f"--eval-data {tmp_path / 'nope.npz'}: file not found")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--data", "--eval-data"])
+def test_an_empty_path_is_refused(convbn_path, tmp_path, flag):
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", flag, "")
+    _assert_clean_failure(res, 2, f"{flag}: an empty path (an unset shell variable?)")
+    assert not (Path(__file__).parent.parent / "best.onnx").exists()  # nothing written into the current folder
+
+
+def test_max_drop_that_leaves_no_gate(convbn_path, tmp_path):
+    res = run_cli("run", convbn_path, "--target", "ort", "--max-drop", "1", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "--max-drop 1.0: the gate's metric channel runs from 0 to 1", out=tmp_path / "o")
+
+
+def test_a_loader_that_fails_is_the_user_s_error(convbn_path, tmp_path):
+    mod = tmp_path / "loaders.py"
+    mod.write_text("import numpy as np\n\n"
+                   "class Broken:\n"
+                   "    def __len__(self):\n        return 8\n\n"
+                   "    def __getitem__(self, i):\n"
+                   "        if i >= 2:\n            raise RuntimeError('disk went away')\n"
+                   "        return {'x': np.zeros((1, 3, 16, 16), np.float32)}\n\n"
+                   "def broken():\n    return Broken()\n\n"
+                   "def gen():\n"
+                   "    yield {'x': np.zeros((1, 3, 16, 16), np.float32)}\n"
+                   "    raise OSError('stream closed')\n")
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--data", f"{mod}:broken",
+                  "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, f"loader:{mod}:broken: the loader failed at item ", "(RuntimeError: disk went away)",
+                          out=tmp_path / "o")
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--data", f"{mod}:gen",
+                  "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "the loader failed after 1 samples (OSError: stream closed)", out=tmp_path / "o")
+
+
+def test_checker_message_whole(tmp_path):
+    g = helper.make_graph([helper.make_node("Relu", ["nowhere"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    bad = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(g), bad)
+    res = run_cli("run", bad, "--target", "ort", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "fails onnx.checker", "is not output of any previous nodes", "fix the exporter")

@@ -84,7 +84,17 @@ def _spill(items: Iterable[Any], source: str, inputs: "Sequence[InputSpec]", sha
         buf.clear()
 
     n = 0
-    for item in items:
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        except (DataError, UsageError):
+            raise
+        except Exception as e:  # the user's code: exit 2 naming it, not an internal error of graphopt's
+            raise DataError(f"{source}: the loader failed after {n} samples ({type(e).__name__}: {e}); fix the "
+                            "loader, or pass an .npz or a folder of shards") from None
         feed, lab, grp = _unpack(item, f"{source} item {n}")
         buf.append(check_feed(feed, inputs, f"{source} sample {n}"))
         labels.append(lab)
@@ -178,7 +188,7 @@ def open_data(spec: str | Path | Dataset, inputs: "Sequence[InputSpec]", flag: s
     path = Path(text)
     if path.is_dir():
         return _open_folder(path, inputs, flag)
-    return load_data(path, inputs)
+    return load_data(path, inputs, flag)
 
 
 def _open_folder(path: Path, inputs: "Sequence[InputSpec]", flag: str) -> ShardData:
@@ -358,16 +368,16 @@ def require_real_data(moves: list[str], allow_synthetic: bool) -> str | None:
 
 
 # ------------------------------------------------------------------------------ .npz files
-def load_data(path: str | Path, inputs: "list[InputSpec]") -> CalibrationData:
+def load_data(path: str | Path, inputs: "list[InputSpec]", flag: str = "--data") -> CalibrationData:
     """Read an .npz keyed by input name with a leading sample axis; check it against the model."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--data {path}: file not found")
+        raise DataError(f"{flag} {path}: file not found")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise DataError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e}); "
+        raise DataError(f"{flag} {path}: not a readable .npz file ({type(e).__name__}: {e}); "
                         "write one with numpy.savez(path, **{input_name: array})") from None
     names = [s.name for s in inputs]
     labels = arrays.pop("labels", None) if "labels" not in names else None
@@ -375,7 +385,7 @@ def load_data(path: str | Path, inputs: "list[InputSpec]") -> CalibrationData:
     missing = [n for n in names if n not in arrays]
     extra = [k for k in arrays if k not in names]
     if missing or extra:
-        raise DataError(f"--data {path}: keys {sorted(arrays)} do not match the model's inputs {names}"
+        raise DataError(f"{flag} {path}: keys {sorted(arrays)} do not match the model's inputs {names}"
                         + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra}; per-sample "
                            "labels go under 'labels', dataset-level extras under 'extra_<name>')" if extra else ""))
     n = None
@@ -389,22 +399,22 @@ def load_data(path: str | Path, inputs: "list[InputSpec]") -> CalibrationData:
             elif len(spec.shape) > 1 and spec.shape[0] == 1 and a.shape[1:] == spec.shape[1:]:
                 hint = (f"; for {a.shape[0]} samples of batch 1 add the sample axis: "
                         f"numpy.savez(path, {spec.name}=array[:, None])")
-            raise DataError(f"--data {path}: {spec.name!r} has shape {list(a.shape)}, expected "
+            raise DataError(f"{flag} {path}: {spec.name!r} has shape {list(a.shape)}, expected "
                             f"[samples, {', '.join(map(str, spec.shape))}]{hint}")
         if n is None:
             n = a.shape[0]
         elif a.shape[0] != n:
-            raise DataError(f"--data {path}: inputs have different sample counts ({n} vs {a.shape[0]} for {spec.name!r})")
+            raise DataError(f"{flag} {path}: inputs have different sample counts ({n} vs {a.shape[0]} for {spec.name!r})")
         if a.dtype != spec.dtype:
             if np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
                 a = a.astype(spec.dtype)
             else:
-                raise DataError(f"--data {path}: {spec.name!r} has dtype {a.dtype}, the model expects {spec.dtype}")
+                raise DataError(f"{flag} {path}: {spec.name!r} has dtype {a.dtype}, the model expects {spec.dtype}")
         out[spec.name] = a
     if not n:
-        raise DataError(f"--data {path}: no samples (leading axis is 0)")
+        raise DataError(f"{flag} {path}: no samples (leading axis is 0)")
     if labels is not None and len(labels) != n:
-        raise DataError(f"--data {path}: 'labels' has {len(labels)} entries for {n} samples")
+        raise DataError(f"{flag} {path}: 'labels' has {len(labels)} entries for {n} samples")
     return CalibrationData(out, f"file:{path}", labels=labels, extras=extras)
 
 

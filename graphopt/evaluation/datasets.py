@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 
 if TYPE_CHECKING:
     from ..modelio.ir import InputSpec
@@ -303,7 +303,14 @@ class LoaderData(Dataset):
         return self.n
 
     def _item(self, i: int) -> tuple[dict[str, Any], Any, Any]:
-        return _unpack(self.obj[i], f"{self.source} item {i}")
+        try:
+            item = self.obj[i]
+        except (DataError, UsageError):
+            raise
+        except Exception as e:  # the user's code: exit 2 naming it, not an internal error of graphopt's
+            raise DataError(f"{self.source}: the loader failed at item {i} ({type(e).__name__}: {e}); fix the "
+                            "loader, or pass an .npz or a folder of shards") from None
+        return _unpack(item, f"{self.source} item {i}")
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
         feed, lab, _ = self._item(i)

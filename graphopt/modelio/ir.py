@@ -117,7 +117,9 @@ def load_proto(proto: "onnx.ModelProto", shapes: Mapping[str, tuple[int, ...]] |
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
-        raise ModelError(f"{where} fails onnx.checker: {_first_line(e)}") from None
+        why = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:600] or type(e).__name__
+        raise ModelError(f"{where} fails onnx.checker: {why} (fix the exporter's output, or check it with "
+                         "onnx.checker.check_model(onnx.load(path), full_check=True))") from None
 
     notes: list[str] = []
     for d in defaulted:

@@ -117,6 +117,37 @@ def _device_check(records: list["Record"]) -> dict[str, Any]:
     return {"device_check": d} if d else {}
 
 
+def why_infeasible(run: RunSummary, records: list["Record"]) -> str:
+    """Exit 3 in words: which constraint left no candidate, the original included."""
+    cfg, n = run.config, len(records)
+    why: dict[str, int] = {}
+    for r in records:  # each candidate's first reason
+        if r.status == "failed":
+            k = "failed"
+        elif r.status == "infeasible":
+            k = "size" if (r.error or "").startswith("size") else "gate"
+        elif r.fidelity is None or r.fidelity < run.min_required:
+            k = "gate"
+        elif cfg.max_latency_ms is not None and r.latency_ms is not None and r.latency_ms > cfg.max_latency_ms:
+            k = "latency"
+        else:
+            k = "size"
+        why[k] = why.get(k, 0) + 1
+    ok = [r.latency_ms for r in records if r.status == "ok" and r.latency_ms is not None]
+    sizes = [r.size_bytes for r in records if r.size_bytes is not None]
+    base = next((r for r in records if not r.genotype), None)
+    words = {
+        "gate": f"below the gate {run.metric} >= {run.min_required:.6g}",
+        "latency": f"over --max-latency-ms {cfg.max_latency_ms:g} (the fastest: {min(ok):.3f} ms)" if ok else "",
+        "size": f"over --max-size-mb {cfg.max_size_mb:g} (the smallest: {min(sizes) / 1e6:.3f} MB)"
+        if sizes and cfg.max_size_mb is not None else "over --max-size-mb",
+        "failed": "failed to build or run" + (f" (the original: {base.error})" if base is not None
+                                                and base.status == "failed" and base.error else ""),
+    }
+    return ("no candidate met every constraint: " + "; ".join(f"{c} of {n} {words[k]}" for k, c in why.items())
+            + "; loosen the constraint or pass other --passes")
+
+
 def build_report(run: RunSummary, records: list["Record"], best: "Record | None") -> dict[str, Any]:
     cfg = run.config
     base = next((r for r in records if not r.genotype), None)
@@ -137,6 +168,7 @@ def build_report(run: RunSummary, records: list["Record"], best: "Record | None"
     return {
         "report_version": REPORT_VERSION,
         "status": status,
+        **({"why": why_infeasible(run, records)} if status == "infeasible" else {}),
         "model": {"path": str(cfg.model), "sha256": run.base.sha256,
                   "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in run.base.inputs],
                   "outputs": run.base.output_names, "nodes": len(run.base.proto.graph.node),
