@@ -250,9 +250,9 @@ class ConcludeSearch:
             export = ((lambda: self.target.export(self.artifact_for(best), self.out))
                       if best is not None and type(self.target).export is not Target.export else None)
             best_onnx = None
-            if best is not None:  # the original: its file, byte for byte
-                best_onnx = (self.base.path.read_bytes() if not best.genotype and self.base.path is not None
-                             else self.model_for(best).SerializeToString())
+            if best is not None:  # the original: its file, byte for byte (weights inlined if it has external data)
+                best_onnx = (_original_onnx(self.base.path) if not best.genotype and self.base.path is not None
+                             else self.model_for(best))
             report_exit = write_outputs(self.out, report, best, self.store.records(), store_path=self.store.path,
                                         best_onnx=best_onnx, export_artifact=export)
         finally:
@@ -260,6 +260,23 @@ class ConcludeSearch:
             self.target.close()
             self.store.close()
         return SearchResult(report=report, exit_code=report_exit, out_dir=self.out, best=best, records=records)
+
+
+def _original_onnx(path: Path) -> Any:
+    """best.onnx when the original is kept: the input file's bytes; where its weights are in external
+    data files next to it (which a copy of the .onnx alone would not find), the model with them
+    inlined (a ModelProto: write_outputs writes it self-contained, or past protobuf's 2 GB limit with
+    its weights in best.onnx.data), as `graphopt export` writes a candidate. The input is only read."""
+    import onnx
+
+    from .runstore.outputs import uses_external_data
+
+    data = path.read_bytes()
+    proto = onnx.load_from_string(data)
+    if not uses_external_data(proto):
+        return data
+    onnx.load_external_data_for_model(proto, str(path.parent))
+    return proto
 
 
 def _one_line(e: BaseException) -> str:

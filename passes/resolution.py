@@ -14,7 +14,9 @@ Choices: `cropS` (centre crop to S x S: a Slice; objects keep their apparent siz
 Touvron et al. 2019) and `resizeS` (bilinear down-sampling to S x S: a Resize, antialiased at
 opset >= 18; opset >= 13 only). The sizes are H - 16, H - 32, H - 48, H - 64 (multiples of 16
 below the input size, at least H / 2): 208 / 192 / 176 / 160 for 224. Resize is offered at the
-two middle sizes only (crop measured better on EfficientNet-Lite0, docs/effnet_moves.md).
+two middle sizes only (crop measured better on EfficientNet-Lite0, docs/effnet_moves.md). An
+image whose shorter side is below 31 has no such size (16 - 16 = 0, 28 - 16 = 12 < 14): it is a
+rejection ("too small to reduce"), not a site offering only 'keep'.
 
 The move is approximate: the network sees less of the image (crop) or a coarser one (resize);
 the driver's fidelity judges it, and recovery (`--recover-top K --recover-train all`) distils
@@ -144,22 +146,39 @@ def _region(graph, inp) -> tuple[list, str | None]:
     return nodes, None
 
 
-def _sites(graph) -> tuple[list[tuple["gs.Variable", list]], list[tuple[str, str]]]:
+def _sites(graph) -> tuple[list[tuple["gs.Variable", list, tuple[Choice, ...]]], list[tuple[str, str]]]:
+    """(input, region, choices) of each site, and (input, why) of each image-like input that is not one."""
     sites, rejected = [], []
     for t in graph.inputs:
         why = _image_input(t)
         if why is None:
             nodes, why = _region(graph, t)
             if why is None:
-                sites.append((t, nodes))
-                continue
+                h, w = (int(d) for d in t.shape[2:])
+                choices = _choices(h, w, _opset(graph))
+                if len(choices) > 1:
+                    sites.append((t, nodes, choices))
+                    continue
+                why = _too_small(h, w)
         rejected.append((t.name, f"input {t.name}: {why}"))
     return sites, rejected
 
 
+def _sizes_offered(side: int) -> list[int]:
+    return [side - s for s in _STEPS if side - s >= max(8, side // 2)]
+
+
+def _too_small(h: int, w: int) -> str:
+    least = next(side for side in range(16, 1024) if _sizes_offered(side))
+    return (f"spatial size {h}x{w} is too small to reduce: every size offered (the shorter side less "
+            f"{', '.join(map(str, _STEPS))}) must be at least half of it, which needs a shorter side of "
+            f"{least} or more")
+
+
 def _choices(h: int, w: int, opset: int) -> tuple[Choice, ...]:
+    """'keep' plus the crops / resizes offered at H x W: only 'keep' where the image is too small."""
     side = min(h, w)
-    sizes = [side - s for s in _STEPS if side - s >= max(8, side // 2)]
+    sizes = _sizes_offered(side)
     out: list[Choice] = ["keep"] + [f"crop{s}" for s in sizes]
     if opset >= 13:
         out += [f"resize{side - s}" for s in _RESIZE_STEPS if side - s >= max(8, side // 2)]
@@ -297,11 +316,9 @@ class InputResolution(Pass):
     def sites(self, graph: "gs.Graph") -> list[Site]:
         found, _ = _sites(graph)
         out = []
-        for t, nodes in found:
-            h, w = t.shape[2:]
+        for t, nodes, choices in found:  # an input too small to reduce is a rejection, not a site
             out.append(Site(key=f"resolution:{t.name}", pass_name=self.name,
-                            nodes=tuple(n.name for n in t.outputs),
-                            choices=_choices(int(h), int(w), _opset(graph)), cost=_cost(nodes),
+                            nodes=tuple(n.name for n in t.outputs), choices=choices, cost=_cost(nodes),
                             note=f"image input {t.name} {list(t.shape)}: {len(nodes)} nodes see its size, "
                                  f"up to a global pool (approximate: crops or down-samples the image)"))
         return out

@@ -286,3 +286,46 @@ def test_pick_candidates_with_a_task_metric_in_points():
                                           (4, "ok", 100.0, 50.0))]
     picked = [r.id for r in pick_candidates(recs, 5, base, min_fidelity=99.0, cost=lambda r: {2: 9.0, 3: 8.0}.get(r.id))]
     assert picked == [2, 3]  # 4 scores what the original scores: exact, nothing to recover
+
+
+@pytest.mark.parametrize("size", [16, 28, 30])
+def test_an_image_too_small_to_reduce_is_a_rejection_not_a_site(size):
+    """Below a shorter side of 31 no size (side - 16, ...) is at least half the side: the pass offers
+    no site (a Site with only 'keep' is refused) and says why; at 31 / 32 the crop to 15 / 16 is offered."""
+    base = load_proto(cnn(size))
+    p = InputResolution()
+    assert p.sites(base.graph()) == []
+    (rej,) = p.rejections(base.graph())
+    assert rej[0] == "x" and f"spatial size {size}x{size} is too small to reduce" in rej[1], rej
+    assert "shorter side of 31 or more" in rej[1]
+    for big, crop in ((31, "crop15"), (32, "crop16")):
+        (site,) = p.sites(load_proto(cnn(big)).graph())
+        assert site.choices == ("keep", crop)
+
+
+def test_cli_inspect_and_run_on_a_16x16_model(tmp_path):
+    """`graphopt inspect` and `graphopt run --passes resolution` on conftest's 16x16 conv-BN model
+    (a global pool, so the region is size-agnostic) crashed with 'needs keep plus at least one choice'."""
+    import json
+
+    from conftest import conv_bn_model, file_sha, run_cli
+
+    path = tmp_path / "cb16.onnx"
+    onnx.save(conv_bn_model(size=16), path)
+    sha = file_sha(path)
+    res = run_cli("inspect", path, "--passes", "resolution", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)["passes"]["resolution"]
+    assert info["sites"] == []
+    assert [r["node"] for r in info["rejected"]] == ["x"]
+    assert "16x16 is too small to reduce" in info["rejected"][0]["why"]
+    text = run_cli("inspect", path, "--passes", "resolution")
+    assert text.returncode == 0 and "resolution: 0 sites" in text.stdout and "too small to reduce" in text.stdout
+
+    out = tmp_path / "out"
+    res = run_cli("run", path, "--target", "ort", "--passes", "resolution", "--budget", "1", "--confirm-rounds", "0",
+                  "--out", out, "-q")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["space"]["sites"] == 0 and report["status"] == "ok"
+    assert (out / "best.onnx").is_file() and file_sha(path) == sha

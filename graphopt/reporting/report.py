@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE
-from ..runstore.outputs import atomic_write_bytes, atomic_write_json
+from ..runstore.outputs import atomic_write_bytes, atomic_write_json, atomic_write_model
 from .pareto import front_ids
 
 if TYPE_CHECKING:
+    import onnx
+
     from ..genotype import SearchSpace
     from ..modelio.ir import LoadedModel
     from ..runstore.store import Record
@@ -215,14 +217,22 @@ def build_report(run: RunSummary, records: list["Record"], best: "Record | None"
 
 
 def write_outputs(out: Path, report: dict[str, Any], best: "Record | None", records: list["Record"], *,
-                  store_path: Path, best_onnx: bytes | None,
+                  store_path: Path, best_onnx: "bytes | onnx.ModelProto | None",
                   export_artifact: Callable[[], list[Path]] | None = None) -> int:
-    """best.onnx (`best_onnx`: the best candidate's bytes), the target's artifact (`export_artifact`:
-    writes it, None when the target exports nothing) and report.json, each written atomically."""
+    """best.onnx (`best_onnx`: the file's bytes, or a ModelProto written self-contained, or past
+    protobuf's 2 GB limit with its weights in best.onnx.data next to it), the target's artifact
+    (`export_artifact`: writes it, None when the target exports nothing) and report.json, each
+    written atomically."""
     outputs = report["outputs"]
     outputs["store"] = str(store_path)
     if best is not None:
-        outputs["best_onnx"] = str(atomic_write_bytes(out / "best.onnx", best_onnx))
+        if isinstance(best_onnx, bytes):
+            outputs["best_onnx"] = str(atomic_write_bytes(out / "best.onnx", best_onnx))
+        else:
+            path, data = atomic_write_model(out / "best.onnx", best_onnx)
+            outputs["best_onnx"] = str(path)
+            if data is not None:
+                outputs["best_onnx_data"] = str(data)
         if export_artifact is not None:
             try:
                 outputs["artifact"] = [str(p) for p in export_artifact()]

@@ -31,7 +31,7 @@ log = logging.getLogger("graphopt")
 
 LOCK_NAME = ".graphopt.lock"
 # every file a run (or `graphopt report`) writes directly in --out; an input must not be one of them
-OUTPUT_NAMES = frozenset({"best.onnx", "report.json", "report.html", "runs.sqlite", "runs.sqlite-wal",
+OUTPUT_NAMES = frozenset({"best.onnx", "best.onnx.data", "report.json", "report.html", "runs.sqlite", "runs.sqlite-wal",
                           "runs.sqlite-shm", "runs.sqlite-journal", "model.so", "model.tar", LOCK_NAME})
 EXIT_TERMINATED = 143  # 128 + SIGTERM: what `timeout`, docker, systemd and CI expect
 # a --shape whose synthetic inputs (plus one sample's largest activation) need more than this
