@@ -269,3 +269,14 @@ def test_checker_message_whole(tmp_path):
     onnx.save(helper.make_model(g), bad)
     res = run_cli("run", bad, "--target", "ort", "--out", tmp_path / "o")
     _assert_clean_failure(res, 2, "fails onnx.checker", "is not output of any previous nodes", "fix the exporter")
+
+
+def test_out_in_the_way_is_found_before_the_search(convbn_path, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    res = run_cli("run", convbn_path, "--target", "ort", "--out", afile)
+    _assert_clean_failure(res, 2, f"--out {afile}: exists and is a file, not a directory")
+    (tmp_path / "o" / "best.onnx").mkdir(parents=True)
+    res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--out", tmp_path / "o")
+    _assert_clean_failure(res, 2, "best.onnx there is a directory, where the run writes a file")
+    assert not (tmp_path / "o" / "runs.sqlite").exists()  # refused before anything ran

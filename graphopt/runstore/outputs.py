@@ -13,6 +13,8 @@ from ..errors import UsageError
 
 def prepare_out_dir(out: str | Path) -> Path:
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is a file, not a directory; choose a directory path")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -25,6 +27,10 @@ def prepare_out_dir(out: str | Path) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise UsageError(f"--out {out}: not writable ({e.strerror}); choose a writable path") from None
+    for name in ("best.onnx", "best.onnx.data", "report.json", "report.html"):  # found now, not after the search
+        if (out / name).is_dir():
+            raise UsageError(f"--out {out}: {name} there is a directory, where the run writes a file; move it "
+                             "away or choose another --out")
     return out
 
 
