@@ -280,3 +280,10 @@ def test_out_in_the_way_is_found_before_the_search(convbn_path, tmp_path):
     res = run_cli("run", convbn_path, "--target", "ort", "--budget", "1", "--out", tmp_path / "o")
     _assert_clean_failure(res, 2, "best.onnx there is a directory, where the run writes a file")
     assert not (tmp_path / "o" / "runs.sqlite").exists()  # refused before anything ran
+
+
+def test_runs_on_a_missing_folder_says_so(tmp_path):
+    res = run_cli("runs", tmp_path / "nodir")
+    _assert_clean_failure(res, 2, f"{tmp_path / 'nodir'}: no such directory; pass the --out directory of a run")
+    res = run_cli("runs", tmp_path)
+    _assert_clean_failure(res, 2, "holds no run store (runs.sqlite)")

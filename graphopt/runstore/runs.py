@@ -14,6 +14,8 @@ SORT_KEYS = ("id", "latency", "fidelity", "size")
 
 def open_store(out_dir: str | Path) -> RunStore:
     path = Path(out_dir) / RunStore.FILENAME
+    if not Path(out_dir).is_dir():
+        raise UsageError(f"{out_dir}: no such directory; pass the --out directory of a run")
     if not path.is_file():
         raise UsageError(f"{out_dir} holds no run store ({RunStore.FILENAME}); pass the --out directory of a run")
     return RunStore(path, readonly=True)  # listing, exporting and re-rendering never write the store
