@@ -110,7 +110,7 @@ class RunConfig:
                              + ("" if gate.similarity else " (or a finite value of the metric)"))
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise UsageError(f"--max-drop {self.max_drop}: must be a number >= 0 (points of the metric)")
-        if self.max_drop is not None and gate.similarity and self.max_drop >= 1.0:
+        if self.max_drop is not None and (gate.similarity or not gate.units) and self.max_drop >= 1.0:
             raise UsageError(f"--max-drop {self.max_drop}: the gate's metric {self.metric} runs from 0 to 1, so this "
                              "leaves no gate; give a drop in its units (e.g. 0.01), or a task metric in points "
                              "(--metric imagenet_top1 --max-drop 1.0)")

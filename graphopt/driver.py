@@ -98,7 +98,7 @@ class Search(PipelinedSearch, ConcludeSearch):
         from .evaluation.metrics import gate_threshold
 
         self.min_required = gate_threshold(cfg.min_fidelity, cfg.max_drop, self.checker.reference_value,
-                                           self.checker.metric_obj.similarity)
+                                           self.checker.metric_obj.similarity, self.checker.metric_obj.units)
         self.ctx = move_context(self.base, self.splits, cfg.pass_options, cfg.finetune_steps, cfg.seed,
                                 run_dir=self.out)
         try:

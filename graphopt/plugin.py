@@ -39,8 +39,8 @@ class Option:
 
     `type` is int, float, bool, str or list; `choices` limits a str option; `minimum` an int or
     float one. The registry checks --pass-opt / --target-opt / --strategy-opt values against the
-    table before anything runs (graphopt.registry.check_options); `graphopt list` shows it. The
-    value reaches the plugin as the user gave it (the plugin converts it as before)."""
+    table before anything runs (graphopt.registry.check_options); `graphopt list` shows it. A value
+    reaches the plugin as typed and only when given: read ctx.options.get(name, default)."""
 
     name: str
     type: Any = str

@@ -14,9 +14,11 @@ from .errors import UsageError
 
 
 class Registry:
-    def __init__(self, kind: str, group: str, builtins: dict[str, str], discover: str | None = None):
+    def __init__(self, kind: str, group: str, builtins: dict[str, str], discover: str | None = None,
+                 base: str | None = None):
         self.kind = kind  # "pass", "target", "strategy"
         self.group = group  # entry-point group
+        self._base = base  # "module:Class" an entry point's class must derive from (None: any object)
         self._builtins = dict(builtins)
         self._extra: dict[str, Any] = {}
         self._discover = discover  # a package whose modules register themselves (see _discovered)
@@ -65,10 +67,26 @@ class Registry:
         eps = self._entry_points()
         if name in eps:
             try:
-                return eps[name].load()
+                obj = eps[name].load()
             except Exception as e:
                 raise UsageError(f"{self.kind} {name!r} (entry point {eps[name].value}) failed to load: {e}") from None
+            return self._checked(obj, name, f"{self.kind} {name!r} (entry point {eps[name].value})")
         raise UsageError(f"unknown {self.kind} {name!r}; valid {self.kind} names: {', '.join(self.names())}")
+
+    def _checked(self, obj: Any, name: str, where: str) -> Any:
+        """A third party's class: derived from the kind's base class, with `name` its registered name
+        (the driver looks the plugin up by its class's name: a mismatch failed every candidate)."""
+        if self._base is None:
+            return obj
+        mod, _, attr = self._base.partition(":")
+        base = getattr(importlib.import_module(mod), attr)
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise UsageError(f"{where} is {obj!r}, not a subclass of {mod}.{attr}: point the entry point at your "
+                             f"{attr} class")
+        if getattr(obj, "name", None) != name:
+            raise UsageError(f"{where}: its class {obj.__name__} says name = {getattr(obj, 'name', None)!r}; the "
+                             f"entry point's name and the class's `name` must be the same ({name!r})")
+        return obj
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)
@@ -85,7 +103,9 @@ class Registry:
         out = []
         for name in self.names():
             try:
-                desc = (getattr(self.get(name), "description", "") or "").strip().splitlines()[0:1]
+                obj = self.get(name)  # a plugin metric function: its docstring, as the report uses
+                doc = obj.__doc__ if callable(obj) and not isinstance(obj, type) else ""
+                desc = (getattr(obj, "description", "") or doc or "").strip().splitlines()[0:1]
                 out.append((name, desc[0] if desc else ""))
             except Exception as e:  # a broken plugin must not hide the others
                 out.append((name, f"(failed to load: {e})"))
@@ -111,19 +131,19 @@ PASSES = Registry("pass", "graphopt.passes", {
     "resolution": "graphopt.passes.resolution:InputResolution",
     "trim_padding": "graphopt.passes.trim_padding:TrimPadding",
     "width": "graphopt.passes.width:WidthPrune",
-}, discover="graphopt.passes")
+}, discover="graphopt.passes", base="graphopt.plugin:Pass")
 TARGETS = Registry("target", "graphopt.targets", {
     "cuda": "graphopt.targets.cuda:CudaTarget",
     "ort": "graphopt.targets.ort:OrtTarget",
     "rpi4": "graphopt.targets.rpi4:Rpi4Target",
     "x86": "graphopt.targets.x86:X86Target",
-})
+}, base="graphopt.plugin:Target")
 STRATEGIES = Registry("strategy", "graphopt.strategies", {
     "evolutionary": "graphopt.search.evolutionary:EvolutionarySearch",
     "grid": "graphopt.search.grid:GridSearch",
     "random": "graphopt.search.random:RandomSearch",
     "sensitivity": "graphopt.search.sensitivity:SensitivitySearch",
-})
+}, base="graphopt.plugin:Strategy")
 
 METRICS = Registry("metric", "graphopt.metrics", {  # graphopt/evaluation/metrics.py: how candidates are judged
     "agreement_top1": "graphopt.evaluation.metrics:agreement_top1",

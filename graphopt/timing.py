@@ -72,6 +72,8 @@ def measure_feeds(target: Any, artifact: Any, feeds: Sequence[Mapping[str, Any]]
         m = target.measure_feeds(artifact, feeds)
     elif len(feeds) == 1 or getattr(target, "static_shapes", False) or not value_dependent:
         m = target.measure(artifact, feeds[0])
+        if not isinstance(m, Measurement):  # a plugin's slip, named (it surfaced as an AttributeError here)
+            raise TypeError(f"{type(target).__name__}.measure() returned {type(m).__name__}, not a Measurement")
     else:
         ms = [target.measure(artifact, f) for f in feeds]
         meds = [x.latency.median_ms for x in ms]

@@ -287,3 +287,30 @@ def test_runs_on_a_missing_folder_says_so(tmp_path):
     _assert_clean_failure(res, 2, f"{tmp_path / 'nodir'}: no such directory; pass the --out directory of a run")
     res = run_cli("runs", tmp_path)
     _assert_clean_failure(res, 2, "holds no run store (runs.sqlite)")
+
+
+def test_a_target_whose_measure_returns_no_measurement(convbn_path, tmp_path):
+    """A plugin's slip is named in each candidate's error, and exit 3 points at those errors."""
+    from graphopt.api import optimize
+    from graphopt.plugin import Artifact, Target
+    from graphopt.registry import TARGETS
+
+    class Sloppy(Target):
+        name = "sloppy"
+
+        def compile(self, model, workdir):
+            return Artifact(target=self.name, handle=None)
+
+        def measure(self, artifact, inputs):
+            return 1.5
+
+    TARGETS.register("sloppy", Sloppy)
+    try:
+        res = optimize(convbn_path, "sloppy", passes="conv_bn", budget=1, out=tmp_path / "o")
+    finally:
+        TARGETS.unregister("sloppy")
+    assert res.exit_code == 3 and all(r.status == "failed" for r in res.records)
+    assert res.records[0].error == "measure: TypeError: Sloppy.measure() returned float, not a Measurement"
+    assert res.report["why"] == ("no candidate met every constraint: 2 of 2 failed to build or run (the original: "
+                                 "measure: TypeError: Sloppy.measure() returned float, not a Measurement); each "
+                                 "candidate's error is in report.html and `graphopt runs OUT_DIR`")

@@ -248,6 +248,8 @@ def test_entry_point_metric_is_listed(monkeypatch):
 def test_gate_threshold_absolute_and_relative():
     assert gate_threshold(None, None, 1.0, similarity=True) == 0.99
     assert gate_threshold(None, None, 87.4, similarity=False) == pytest.approx(86.4)
+    # a plugin function that declares no units is on a 0..1 scale: 1 point is 0.01, not the whole range
+    assert gate_threshold(None, None, 0.93, similarity=False, units="") == pytest.approx(0.92)
     assert gate_threshold(None, 0.5, 81.97, similarity=False) == pytest.approx(81.47)
     assert gate_threshold(0.9, 0.05, 1.0) == pytest.approx(0.95)  # both: the stricter
     assert gate_threshold(85.0, 0.5, 87.4, similarity=False) == pytest.approx(86.9)

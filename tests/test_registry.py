@@ -149,3 +149,26 @@ def test_broken_plugin_does_not_hide_others(tmp_path):
     assert "Traceback" not in res.stderr
     res = _cli(env, "run", model, "--target", "ort", "--passes", "conv_bn", "--budget", "2", "--out", tmp_path / "o2")
     assert res.returncode == 0, res.stderr  # the broken plugin does not stop runs that do not use it
+
+
+def test_a_plugin_class_that_does_not_fit_its_entry_point_is_refused(plugin_env, tmp_path):
+    """An entry point whose name differs from its class's `name` (the run failed every candidate with
+    KeyError and exited 0), or that points at something other than a Pass: exit 2, saying what to fix."""
+    site = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0])
+    (site / "ext_graphopt_plugins-0.1.dist-info" / "entry_points.txt").write_text(textwrap.dedent("""\
+        [graphopt.passes]
+        dropid = ext_graphopt_plugins:DropIdentity
+        notapass = ext_graphopt_plugins:CountingTarget
+        """))
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), model)
+    res = _cli(plugin_env, "run", model, "--target", "ort", "--passes", "dropid", "--out", tmp_path / "o")
+    assert res.returncode == 2, res.stderr
+    assert ("pass 'dropid' (entry point ext_graphopt_plugins:DropIdentity): its class DropIdentity says name = "
+            "'drop_identity'; the entry point's name and the class's `name` must be the same ('dropid')") in res.stderr
+    res = _cli(plugin_env, "run", model, "--target", "ort", "--passes", "notapass", "--out", tmp_path / "o")
+    assert res.returncode == 2, res.stderr
+    assert "not a subclass of graphopt.plugin.Pass: point the entry point at your Pass class" in res.stderr
+    assert "Traceback" not in res.stderr

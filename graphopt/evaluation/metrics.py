@@ -19,7 +19,10 @@ On unlabelled data `imagenet_top1` is `soft_top1`: the top-1 estimated from the 
 attribute says which quantity a value is on given data (Metric.basis). Third parties register
 entry points in the group `graphopt.metrics` (a function, or a Metric), or pass `--metric
 module:function` / `--metric path/to/file.py:function`. A function's first docstring line is
-its definition in the report; set `fn.units = "%"` (or "points") to say how it reads.
+its definition in the report; set `fn.units = "%"` (or "points") to say how it reads: without
+units a value is on a 0..1 scale, and the default gate is the original's score less 0.01 (with
+units, less 1 point). Set `fn.similarity = True` for a metric that compares candidate and
+original only (the original scores 1.0): its default gate is 0.99.
 """
 
 from __future__ import annotations
@@ -286,18 +289,21 @@ def resolve_metric(spec: Any) -> Metric:
 
 
 def gate_threshold(min_fidelity: float | None, max_drop: float | None, original_value: float,
-                   similarity: bool = True) -> float:
+                   similarity: bool = True, units: str = "%") -> float:
     """The value a candidate's metric must reach: the larger of --min-fidelity (absolute) and the
     original's own score minus --max-drop (relative, NNCF accuracy-control style). Neither given:
-    0.99 for a similarity metric, the original's score minus 1 point for a task metric."""
+    0.99 for a similarity metric, the original's score minus 1 point for a task metric: 1.0 in
+    "%" or "points", 0.01 on a 0..1 scale (units "": a plugin function that declares none)."""
     bounds = [b for b in (min_fidelity, None if max_drop is None else original_value - max_drop) if b is not None]
     if bounds:
         return max(bounds)
-    return DEFAULT_MIN_FIDELITY if similarity else original_value - DEFAULT_MAX_DROP
+    if similarity:
+        return DEFAULT_MIN_FIDELITY
+    return original_value - (DEFAULT_MAX_DROP if units else DEFAULT_MAX_DROP / 100)
 
 
 DEFAULT_MIN_FIDELITY = 0.99
-DEFAULT_MAX_DROP = 1.0
+DEFAULT_MAX_DROP = 1.0  # points of a metric in "%" or "points"
 
 
 __all__ = ["DEFAULT", "LABEL_BASIS", "METRICS", "Metric", "SOFT_BASIS", "agreement_top1", "as_metric",

@@ -146,8 +146,10 @@ def why_infeasible(run: RunSummary, records: list["Record"]) -> str:
         "failed": "failed to build or run" + (f" (the original: {base.error})" if base is not None
                                                 and base.status == "failed" and base.error else ""),
     }
-    return ("no candidate met every constraint: " + "; ".join(f"{c} of {n} {words[k]}" for k, c in why.items())
-            + "; loosen the constraint or pass other --passes")
+    fix = "loosen the constraint or pass other --passes" if set(why) - {"failed"} else \
+        "each candidate's error is in report.html and `graphopt runs OUT_DIR`"
+    return "no candidate met every constraint: " + "; ".join(f"{c} of {n} {words[k]}" for k, c in why.items()) \
+        + f"; {fix}"
 
 
 def build_report(run: RunSummary, records: list["Record"], best: "Record | None") -> dict[str, Any]:
