@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.testing import pass_contract
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "models" / "efficientnet_lite0.onnx"
@@ -150,17 +151,8 @@ def net_model(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, {"x": [2, 4, 12, 12]}, ["logits", "f"], inits)
 
 
-def run_ort_unoptimized(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
-def random_feeds(loaded, seed: int = 123) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {i.name: rng.normal(0, 1, i.shape).astype(i.dtype) for i in loaded.inputs}
+# onnxruntime without its graph optimizations, and seeded random inputs: the pass contract's own
+run_ort_unoptimized, random_feeds = pass_contract.run_unoptimized, pass_contract.random_feeds
 
 
 def embedding_model(vocab: int = 1000, dim: int = 64, seq: int = 16):
