@@ -400,7 +400,13 @@ class Search(PipelinedSearch, ConcludeSearch):
             self.baseline, cached = self.evaluate(Genotype())
             self._progress(0, self.baseline, cached)
             if cached and self._pairs_with(self.baseline):  # resumed: build the original to pair with, here
-                self.artifact_for(self.baseline)  # (_pair runs in the measuring thread and compiles nothing)
+                try:  # (_pair runs in the measuring thread and compiles nothing)
+                    self.artifact_for(self.baseline)
+                except TargetUnreachable:
+                    raise
+                except Exception as e:  # noqa: BLE001 - then candidates are ranked unpaired
+                    log.warning("paired timing: could not build the original again (%s); candidates are ranked on "
+                                "their own measurements", _one_line(e))
             pipelined = self.cfg.jobs > 1 or self.cfg.compile_workers > 1 or bool(self.cfg.cluster)
             if pipelined:
                 self._run_pipelined(budget, done)
