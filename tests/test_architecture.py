@@ -193,3 +193,13 @@ def test_the_core_loads_no_subsystem_at_import():
     assert not extra, ("core modules import subsystems at module level (import them inside the function "
                        "that uses them, or under `if TYPE_CHECKING:` for annotations): "
                        + ", ".join(f"{a} -> {b}" for a, b in extra))
+
+
+def test_every_subsystem_ships_in_the_wheel():
+    """pyproject.toml lists packages by hand: a subpackage missing there imports from a checkout (an
+    editable install) and is absent from a built wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    missing = sorted(f"graphopt.{s}" for s in subsystems() if f"graphopt.{s}" not in listed)
+    assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {', '.join(missing)}"
